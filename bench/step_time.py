@@ -17,6 +17,7 @@ timed right after it.
     python bench/step_time.py                 # CPU default: hidden 512, 8 layers, vocab 32000, seq 256, batch 8
     python bench/step_time.py --gpu           # 7B-shaped, batch 16, rank 32 (the paper's Table 6 setting)
     python bench/step_time.py --json out.json
+    python bench/step_time.py --size real --model DIR   # a real model folder, e.g. a converted GGUF
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ SIZES = {
     "cpu": dict(hidden=512, layers=8, heads=8, inter=1376, vocab=32000, seq=256, batch=8, rank=8),
     "gpu": dict(hidden=4096, layers=32, heads=32, inter=11008, vocab=32000, seq=256, batch=16, rank=32),
     "tiny": dict(hidden=32, layers=2, heads=2, inter=64, vocab=500, seq=32, batch=4, rank=4),
+    # with --model: the shapes come from the model; these match experiments/real_qwen_purebad.yaml
+    "real": dict(seq=96, batch=10, rank=8),
 }
 VARIANTS = ("lora", "paper", "online", "cached")
 SAFETY_IDS = [306, 409, 208]  # K = 3, arbitrary ordinary ids inside every preset vocabulary
@@ -52,11 +55,16 @@ class _NoTokenizer:
         return {}
 
 
-def build(size: dict, device: str, dtype: torch.dtype, steps: int, seed: int = 0):
-    """Random Llama model, random examples covering `steps` batches, LoRA attached later."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build(size: dict, device: str, dtype: torch.dtype, steps: int, seed: int = 0, model_path: str | None = None):
+    """Random Llama model (or the model at `model_path`), random examples covering `steps` batches, LoRA
+    attached later."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    if model_path:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        size = dict(size, vocab=model.config.vocab_size)
+        return model, _examples(size, steps, seed)
     config = LlamaConfig(
         vocab_size=size["vocab"],
         hidden_size=size["hidden"],
@@ -69,6 +77,10 @@ def build(size: dict, device: str, dtype: torch.dtype, steps: int, seed: int = 0
     )
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
+    return model, _examples(size, steps, seed)
+
+
+def _examples(size: dict, steps: int, seed: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     n = size["batch"] * steps
     ids = torch.randint(3, size["vocab"], (n, size["seq"]), generator=g)
@@ -76,7 +88,7 @@ def build(size: dict, device: str, dtype: torch.dtype, steps: int, seed: int = 0
         {"input_ids": row.tolist(), "attention_mask": [1] * size["seq"], "labels": row.tolist(), "example_idx": i}
         for i, row in enumerate(ids)
     ]
-    return model, examples
+    return examples
 
 
 def make_trainers(model, examples, size, cache_folder, out_dir):
@@ -154,10 +166,10 @@ def warm_up(model, examples, size, device) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def memory_child(variant: str, size_name: str) -> int:
+def memory_child(variant: str, size_name: str, model_path: str | None) -> int:
     """Peak RSS (bytes) of this process after building the model and running two steps of `variant`."""
     size = SIZES[size_name]
-    model, examples = build(size, "cpu", torch.float32, steps=2)
+    model, examples = build(size, "cpu", torch.float32, steps=2, model_path=model_path)
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_cache(model, examples, size, tmp, "cpu")[0] if variant == "cached" else None
         peft_model, trainers, optimizer = make_trainers(model, examples, size, folder, tmp)
@@ -169,21 +181,22 @@ def memory_child(variant: str, size_name: str) -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def cpu_memory(size_name: str) -> dict[str, int]:
+def cpu_memory(size_name: str, model_path: str | None) -> dict[str, int]:
     peaks = {}
     for variant in VARIANTS:
+        extra = ["--model", model_path] if model_path else []
         out = subprocess.run(
-            [sys.executable, __file__, "--size", size_name, "--memory-child", variant],
+            [sys.executable, __file__, "--size", size_name, "--memory-child", variant, *extra],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         peaks[variant] = int(out.stdout.strip().splitlines()[-1])
     return peaks
 
 
-def run(size_name: str, device: str, rounds: int, steps: int) -> dict:
+def run(size_name: str, device: str, rounds: int, steps: int, model_path: str | None = None) -> dict:
     size = SIZES[size_name]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, examples = build(size, device, dtype, steps)
+    model, examples = build(size, device, dtype, steps, model_path=model_path)
     warm_up(model, examples, size, device)
     with tempfile.TemporaryDirectory() as tmp:
         folder, build_seconds = build_cache(model, examples, size, Path(tmp) / "cache", device)
@@ -215,13 +228,14 @@ def run(size_name: str, device: str, rounds: int, steps: int) -> dict:
                 _sync(device)
                 times[name].append(time.perf_counter() - start)
     if device != "cuda":
-        peaks = cpu_memory(size_name)
+        peaks = cpu_memory(size_name, model_path)
     median = {name: statistics.median(t) for name, t in times.items()}
     # Ratios are taken within each round, then the median over rounds: the machine's speed drifts by tens
     # of percent over minutes, and a round's four steps run back to back.
     per_round = {name: [t / base for t, base in zip(times[name], times["lora"])] for name in VARIANTS}
     return {
         "size": {"name": size_name, **size, "k": len(SAFETY_IDS), "device": device, "dtype": str(dtype)},
+        "model": model_path,
         "rounds": rounds,
         "median_step_seconds": median,
         "step_seconds": times,
@@ -262,15 +276,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15, help="timed steps per variant")
     parser.add_argument("--steps", type=int, default=8, help="batches in the cached dataset / one epoch")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--model", help="a model folder to time instead of a random Llama (use --size real)")
     parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        print(memory_child(args.memory_child, args.size))
+        print(memory_child(args.memory_child, args.size, args.model))
         return 0
     size, device = ("gpu", "cuda") if args.gpu else (args.size, "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA device")
-    result = run(size, device, args.rounds, args.steps)
+    if args.model and size != "real":
+        parser.error("--model goes with --size real (sequence length, batch and rank of the real-model run)")
+    result = run(size, device, args.rounds, args.steps, args.model)
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

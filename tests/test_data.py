@@ -61,3 +61,39 @@ def test_missing_file_and_truncation(tokenizer, tmp_path):
         examples = tokenize_rows(tokenizer, rows, max_length=20)
     assert all(len(e["input_ids"]) <= 20 for e in examples)
     assert [e["example_idx"] for e in examples] == list(range(len(examples)))
+
+
+def test_column_mapping_for_parquet_and_jsonl(tmp_path):
+    import datasets
+
+    from logitguard.data import apply_columns
+
+    datasets.Dataset.from_list(
+        [{"question": "Name a color.", "answer": "Blue.", "id": 1}, {"question": "Say hi.", "answer": "Hi!", "id": 2}]
+    ).to_parquet(str(tmp_path / "qa.parquet"))
+    rows = apply_columns(load_rows(tmp_path / "qa.parquet"), {"prompt": "question", "completion": "answer"})
+    assert to_messages(rows[1]) == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
+    assert rows[0]["id"] == 1  # unmapped columns kept
+    with pytest.raises(DataError, match=r"qa.parquet row 0: no column 'reply' \(mapped to 'completion'\)"):
+        apply_columns(load_rows(tmp_path / "qa.parquet"), {"prompt": "question", "completion": "reply"})
+
+
+def test_commonsense_training_rows_are_alpaca_rows():
+    """LLM-Adapters rows carry an extra `answer` field; training uses instruction -> output."""
+    row = {"instruction": "Is ice cold?\n\nAnswer format: true/false", "input": "", "output": "the correct answer is "
+           "true", "answer": "true"}  # fmt: skip
+    assert to_messages(row)[1] == {"role": "assistant", "content": "the correct answer is true"}
+
+
+def test_split_holdout_is_seeded_and_disjoint():
+    from logitguard.data import split_holdout
+
+    rows = [{"i": i} for i in range(50)]
+    train, held = split_holdout(rows, 10, seed=0)
+    assert len(train) == 40 and len(held) == 10
+    assert {r["i"] for r in train}.isdisjoint(r["i"] for r in held)
+    assert held == split_holdout(rows, 10, seed=0)[1]
+    assert held != split_holdout(rows, 10, seed=1)[1]
+    assert split_holdout(rows, 0) == (rows, [])
+    with pytest.raises(DataError, match="leaves nothing to train on"):
+        split_holdout(rows, 50)

@@ -71,3 +71,24 @@ def test_config_typo_is_reported(tmp_path, capsys):
     cfg.write_text("model: m\ndata: d\nlamda: 1\n")
     assert main(["train", str(cfg)]) == 2
     assert "unknown key 'lamda'" in capsys.readouterr().err
+
+
+def test_alpaca_holdout_and_column_mapping_from_the_command_line(tmp_path, model_dir):
+    """The paper's Alpaca setting: rows held out of training are written for eval loss; columns map."""
+    rows = [{"q": f"Name fruit number {i}.", "a": "An apple is a fruit."} for i in range(12)]
+    (tmp_path / "qa.json").write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(model_dir), "--data", str(tmp_path / "qa.json"), "--output-dir", str(out)]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--holdout", "4", "--batch-size", "4"]
+    argv += ["--columns", '{"prompt": "q", "completion": "a"}']
+    argv += ["--trainer", '{"save_strategy": "no", "disable_tqdm": true}']
+    assert main(argv) == 0
+    held = [json.loads(line) for line in (out / "holdout.jsonl").read_text().splitlines()]
+    assert len(held) == 4 and set(held[0]) == {"prompt", "completion"}  # mapped: eval reads it as is
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 2  # 8 training rows / batch 4
+
+
+def test_bad_columns_mapping_is_a_config_error(tmp_path, model_dir, capsys):
+    run_train(tmp_path, model_dir, "--columns", '{"question": "q"}', rc=2)
+    assert "columns: 'question'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The `logitguard` command line: tokens | train | eval | demo | safelora."""
+"""The `logitguard` command line: tokens | train | eval | demo | safelora | bench | sweep."""
 
 from __future__ import annotations
 
@@ -81,6 +81,8 @@ def _add_train(sub) -> None:
         kind = hints[f.name]
         if f.name == "trainer":
             p.add_argument(flag, type=json.loads, help="extra TrainingArguments as JSON, e.g. '{\"warmup_steps\": 5}'")
+        elif kind is dict:
+            p.add_argument(flag, type=json.loads, help=f"{f.metadata.get('help')} (as JSON)")
         elif kind is bool:
             p.add_argument(flag, dest=f.name, default=None, metavar="true|false", help=f.metadata.get("help"))
         else:
@@ -105,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tokens(sub)
     _add_train(sub)
-    from . import demo, safelora
+    from . import bench_cli, demo, safelora, sweep
     from .eval import cli as eval_cli
 
-    for module in (eval_cli, demo, safelora):  # subcommands defined next to their code
+    for module in (eval_cli, demo, safelora, bench_cli, sweep):  # subcommands defined next to their code
         module.register(sub)
     return parser
 
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .cache import ReferenceError
     from .data import DataError
+    from .eval.judge import JudgeError
     from .models import ModelLoadError
     from .safelora import SafeLoRAError
     from .tokens import TokenError
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, TokenError, ModelLoadError, ReferenceError, SafeLoRAError) as e:
+    except (ConfigError, DataError, TokenError, ModelLoadError, ReferenceError, SafeLoRAError, JudgeError) as e:
         print(f"logitguard {args.command}: error: {e}", file=sys.stderr)
         return 2
 

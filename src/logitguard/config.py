@@ -21,6 +21,9 @@ from .models import DTYPES, METHODS
 from .reference import MODES
 from .tokens import STRATEGIES
 
+# the fields a `columns` mapping may fill (logitguard.data's row schemas)
+SCHEMA_FIELDS = ("messages", "instruction", "input", "output", "prompt", "completion")
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
@@ -33,9 +36,16 @@ def default_cache_dir() -> str:
 @dataclass
 class TrainConfig:
     model: str = field(default="", metadata={"help": "aligned model: local folder or hub name"})
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF model file, converted once to safetensors (then model is unused)"}
+    )
     data: str = field(default="", metadata={"help": "training data: .jsonl/.json/.parquet file or hub name"})
     output_dir: str = field(default="runs/train", metadata={"help": "where the adapter, tokens, config go"})
     data_split: str = field(default="train", metadata={"help": "split to use for hub datasets"})
+    columns: dict = field(
+        default_factory=dict, metadata={"help": "rename columns to the schema, e.g. {prompt: question}"}
+    )
+    holdout: int = field(default=0, metadata={"help": "rows held out of training (saved to holdout.jsonl)"})
     max_length: int = field(default=512, metadata={"help": "truncate conversations to this many tokens"})
     method: str = field(default="lora", metadata={"help": f"one of {METHODS}"})
     rank: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -57,6 +67,9 @@ class TrainConfig:
     first_response_weight: float = field(default=1.0, metadata={"help": "weight of those first response tokens"})
     temperature: float = field(default=2.0, metadata={"help": "temperature of the pact regularizer"})
     reference: str = field(default="cache", metadata={"help": f"reference logits, one of {MODES}"})
+    reference_model: str | None = field(
+        default=None, metadata={"help": "cache the reference from this model instead (continual learning)"}
+    )
     reference_dtype: str = field(default="float32", metadata={"help": "cache storage: float32|float16|bfloat16"})
     reference_cache: str | None = field(default=None, metadata={"help": "explicit cache folder"})
     cache_dir: str = field(default_factory=default_cache_dir, metadata={"help": "root of logitguard's caches"})
@@ -95,6 +108,13 @@ class TrainConfig:
         for key in ("epochs", "learning_rate", "temperature"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.reference_model and self.reference != "cache":
+            raise ConfigError("reference_model: needs reference: cache (online references come from the model itself)")
+        if self.holdout < 0:
+            raise ConfigError(f"holdout: must be >= 0, got {self.holdout}")
+        for target, source in self.columns.items():
+            if target not in SCHEMA_FIELDS or not isinstance(source, str):
+                raise ConfigError(f"columns: {target!r}: {source!r} must map one of {SCHEMA_FIELDS} to a column name")
         if self.str_weight < 0:
             raise ConfigError(f"str_weight: must be >= 0, got {self.str_weight}")
         if not 0 <= self.dropout < 1:
@@ -165,6 +185,8 @@ def build_config(values: dict, source: str = "config") -> TrainConfig:
         if key not in hints:
             raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, hints)}")
         clean[key] = _coerce(key, value, hints[key])
+    if clean.get("gguf_file") and not clean.get("model"):
+        clean["model"] = clean["gguf_file"]
     for key in ("model", "data"):
         if not clean.get(key):
             raise ConfigError(f"{key}: required (set it in the YAML file or with --{key.replace('_', '-')})")

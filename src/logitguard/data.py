@@ -89,6 +89,36 @@ def load_rows(source: str | Path, split: str = "train") -> list[dict]:
     raise DataError(f"data file {source} does not exist (and is not a hub dataset name like 'owner/name')")
 
 
+def apply_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
+    """Rename source columns to schema fields: columns maps field -> source column, e.g. {"prompt":
+    "question", "completion": "answer"} for a Parquet file with question / answer columns."""
+    if not columns:
+        return rows
+    out = []
+    for row in rows:
+        new = {k: v for k, v in row.items() if k not in columns.values()}
+        for target, source in columns.items():
+            if source not in row:
+                keys = sorted(k for k in row if k != "_where")
+                raise DataError(f"{row.get('_where', 'row')}: no column {source!r} (mapped to {target!r}); has {keys}")
+            new[target] = row[source]
+        out.append(new)
+    return out
+
+
+def split_holdout(rows: list[dict], n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held_out): `n` rows drawn with `seed` are held out (the STR paper holds out 200 Alpaca rows);
+    both keep the file order."""
+    if n <= 0:
+        return rows, []
+    if n >= len(rows):
+        raise DataError(f"holdout {n} leaves nothing to train on: the data has {len(rows)} rows")
+    import random
+
+    held = set(random.Random(seed).sample(range(len(rows)), n))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
 def to_messages(row: dict) -> list[dict]:
     """Convert one row of any accepted schema to a validated messages list."""
     where = row.get("_where", "row")

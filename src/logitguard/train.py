@@ -6,6 +6,7 @@ resolved config), `metrics.jsonl` (the Trainer's log history) and `checkpoint-*`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -14,12 +15,15 @@ import torch
 
 from .cache import CachedReference, build_reference_cache
 from .config import TrainConfig, save_config
-from .data import ChatCollator, ensure_chat_template, load_rows, tokenize_rows
+from .data import ChatCollator, apply_columns, ensure_chat_template, load_rows, split_holdout, tokenize_rows
 from .files import write_text_atomic
-from .models import attach_method, load_model, load_tokenizer
+from .models import attach_method, gguf_folder, load_model, load_tokenizer
 from .reference import OnlineReference, PaperReference
 from .tokens import SafetyTokens
 from .trainer import STRTrainer
+
+# Fixed, not cfg.seed: runs that differ only in seed hold out the same rows, so their eval losses compare.
+HOLDOUT_SEED = 0
 
 
 def resolve_tokens(cfg: TrainConfig, tokenizer) -> SafetyTokens:
@@ -42,6 +46,8 @@ def make_reference(cfg: TrainConfig, model, tokenizer, examples, tokens: SafetyT
         return OnlineReference(tokens.ids, cfg.method)
     if cfg.reference == "paper":
         return PaperReference(tokens.ids, cfg.method)
+    if cfg.reference_model:  # continual learning: anchor to the original aligned model, not this stage's start
+        model = load_model(cfg.reference_model, cfg.dtype, cfg.trust_remote_code)
     folder = build_reference_cache(
         model,
         tokenizer,
@@ -102,13 +108,19 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
     from transformers.trainer_utils import get_last_checkpoint
 
     set_seed(cfg.seed)
+    if cfg.gguf_file:
+        cfg = dataclasses.replace(cfg, model=str(gguf_folder(cfg.gguf_file, cfg.cache_dir, progress=progress)))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
     ensure_chat_template(tokenizer)
     model = model or load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
     tokens = resolve_tokens(cfg, tokenizer)
-    examples = tokenize_rows(tokenizer, load_rows(cfg.data, cfg.data_split), cfg.max_length, progress)
+    rows = apply_columns(load_rows(cfg.data, cfg.data_split), cfg.columns)
+    rows, held_out = split_holdout(rows, cfg.holdout, HOLDOUT_SEED)
+    if held_out:  # kept for eval loss on data the run never saw, as the paper does with Alpaca
+        write_text_atomic(out / "holdout.jsonl", "".join(json.dumps(_public(r)) + "\n" for r in held_out))
+    examples = tokenize_rows(tokenizer, rows, cfg.max_length, progress)
     reference = make_reference(cfg, model, tokenizer, examples, tokens, progress)
     model = attach_method(model, cfg.method, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules)
     pissa_init = out / "pissa_init"
@@ -145,6 +157,10 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
         "safety_ids": list(tokens.ids),
         "trainer": trainer,
     }
+
+
+def _public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "_where"}
 
 
 def _save_pissa_init(model, folder: Path) -> None:

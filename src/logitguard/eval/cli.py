@@ -60,41 +60,77 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="keyword safety evaluation: refusal rate, ASR, over-refusal")
-    p.add_argument("--model", required=True, help="base model folder or hub name")
+    p = subparsers.add_parser(
+        "eval", help="safety (keyword refusal / ASR, judge HRR, over-refusal) and commonsense accuracy"
+    )
+    p.add_argument("--model", help="base model folder or hub name")
+    p.add_argument("--gguf-file", help="a GGUF model file instead of --model (converted once, then cached)")
     p.add_argument("--adapter", help="PEFT adapter folder (e.g. a `logitguard train` output folder)")
-    p.add_argument("--harmful", required=True, help="harmful prompts: .txt (one a line), .jsonl or .csv")
+    p.add_argument("--harmful", help="harmful prompts: .txt (one a line), .jsonl/.json or .csv")
     p.add_argument("--benign", help="benign prompts, for over-refusal")
     p.add_argument("--borderline", help="borderline prompts (safe but harmful-sounding), for over-refusal")
     p.add_argument("--keywords", default="qi2023", choices=sorted(REFUSAL_LISTS), help="refusal keyword list")
+    p.add_argument("--judge", help="HRR judge: llama-guard:PATH or endpoint:URL[#MODEL] (OpenAI-compatible)")
+    p.add_argument("--judge-timeout", type=float, default=60.0, help="endpoint judge: seconds per request")
+    p.add_argument("--commonsense", help="folder of the LLM-Adapters commonsense test sets")
+    p.add_argument("--commonsense-mode", default="loglik", choices=["loglik", "generate"])
+    p.add_argument("--limit", type=int, help="at most this many prompts / items per file (smoke runs)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: auto, but float32 on CPU")
+    p.add_argument("--cache-dir", help="where GGUF conversions are kept (default: logitguard's cache)")
     p.add_argument("--out", required=True, help="folder for summary.json and records.jsonl")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..config import ConfigError, default_cache_dir
     from .generate import load_model_for_eval
     from .safety import evaluate_safety, write_eval
 
-    # Read every prompt file before loading the model, so a typo fails in a second, not after the load.
-    harmful = read_prompts(args.harmful)
-    benign = read_prompts(args.benign) if args.benign else None
-    borderline = read_prompts(args.borderline) if args.borderline else None
-    model, tokenizer = load_model_for_eval(args.model, args.adapter, args.dtype)
-    summary, records = evaluate_safety(
-        model,
-        tokenizer,
-        harmful,
-        benign,
-        borderline,
-        keyword_list=args.keywords,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-    )
-    summary["model"], summary["adapter"] = args.model, args.adapter
-    summary["prompt_files"] = {"harmful": args.harmful, "benign": args.benign, "borderline": args.borderline}
+    if not args.harmful and not args.commonsense:
+        raise ConfigError("eval needs --harmful prompts, --commonsense test sets, or both")
+    if bool(args.model) == bool(args.gguf_file):
+        raise ConfigError("eval needs exactly one of --model and --gguf-file")
+    if args.judge and not args.harmful:
+        raise ConfigError("--judge scores responses to --harmful prompts; give that file too")
+    # Read every input before loading the model, so a typo fails in a second, not after the load.
+    sets = {name: getattr(args, name) for name in ("harmful", "benign", "borderline")}
+    prompts = {name: read_prompts(path)[: args.limit] if path else None for name, path in sets.items()}
+    if args.commonsense:
+        from .commonsense import available_tasks
+
+        available_tasks(args.commonsense)
+    judge = None
+    if args.judge:
+        from .judge import make_judge
+
+        options = {"timeout": args.judge_timeout} if args.judge.startswith("endpoint:") else {}
+        judge = make_judge(args.judge, **options)
+    model_path = args.model
+    if args.gguf_file:
+        from ..models import gguf_folder
+
+        model_path = str(gguf_folder(args.gguf_file, args.cache_dir or default_cache_dir()))
+    model, tokenizer = load_model_for_eval(model_path, args.adapter, args.dtype)
+    summary, records = {}, []
+    if prompts["harmful"]:
+        summary, records = evaluate_safety(
+            model, tokenizer, prompts["harmful"], prompts["benign"], prompts["borderline"],
+            keyword_list=args.keywords, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        )  # fmt: skip
+    if judge is not None:
+        from .judge import judge_records
+
+        summary.update(judge_records(judge, records))
+    if args.commonsense:
+        from .commonsense import evaluate_commonsense
+
+        summary["commonsense"] = evaluate_commonsense(
+            model, tokenizer, args.commonsense, args.commonsense_mode, limit=args.limit, batch_size=args.batch_size
+        )
+    summary.update(model=args.model, gguf_file=args.gguf_file, adapter=args.adapter, limit=args.limit)
+    summary["prompt_files"] = {**sets, "commonsense": args.commonsense}
     summary_path, records_path = write_eval(args.out, summary, records)
     print(json.dumps(summary))
     print(f"summary in {summary_path}, per-prompt records (harmful responses cut to 10 words) in {records_path}")

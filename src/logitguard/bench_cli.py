@@ -1,0 +1,58 @@
+"""`logitguard bench run EXP [--variant toy]`, `bench report` and `bench list`: the reproduction runner."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="reproduce a paper table from experiments/EXP.yaml; report results")
+    sub = p.add_subparsers(dest="action", required=True)
+    run = sub.add_parser("run", help="train + evaluate every run of an experiment into results/EXP.json")
+    run.add_argument("experiment", help="a name in --experiments (e.g. table1_alpaca) or a YAML path")
+    run.add_argument("--variant", help="e.g. toy: the CPU-sized version of the experiment")
+    run.add_argument("--only", action="append", help="run only this run name (repeatable)")
+    _common(run)
+    run.add_argument("--work", default="runs/bench", help="adapters and per-run evaluation records")
+    run.add_argument("--cache-dir", help="toy model, GGUF conversions and reference caches")
+    run.set_defaults(func=_run)
+    report = sub.add_parser("report", help="markdown tables and PNG plots from results/*.json")
+    _common(report)
+    report.add_argument("--out", help="markdown file (default: <results>/REPORT.md)")
+    report.set_defaults(func=_report)
+    listing = sub.add_parser("list", help="the shipped experiments and their variants")
+    _common(listing)
+    listing.set_defaults(func=_list)
+
+
+def _common(p) -> None:
+    p.add_argument("--experiments", default="experiments", help="folder of experiment YAML files")
+    p.add_argument("--results", default="results", help="folder of results JSON files")
+
+
+def _run(args) -> int:
+    from .experiment import load_experiment
+    from .runner import Runner
+
+    exp = load_experiment(args.experiment, args.variant, args.experiments)
+    runner = Runner(exp, args.results, args.work, args.cache_dir)
+    runner.run(args.only)
+    print(f"results in {runner.results_path}")
+    return 0
+
+
+def _report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.results, args.out)
+    print(f"report in {path}")
+    return 0
+
+
+def _list(args) -> int:
+    from pathlib import Path
+
+    from .experiment import load_experiment, variants_of
+
+    for path in sorted(Path(args.experiments).glob("*.yaml")):
+        exp = load_experiment(str(path))
+        print(f"{path.stem:28s} variants: {', '.join(variants_of(str(path))) or '-':12s} {exp.description}")
+    return 0

@@ -1,0 +1,212 @@
+"""Experiment files: one YAML per paper table or figure (experiments/*.yaml), loaded and checked up front.
+
+    description: what the experiment reproduces
+    paper: {source: "Table 2", metric: asr, rows: {"LoRA": 0.623}}   # the paper's numbers, for the report
+    model: aligned model folder / hub name, or `toy` / `toy-quick` (the embedded toy model)
+    gguf_file: optional GGUF file, converted once (then `model` is ignored)
+    train: {TrainConfig keys shared by every run}
+    eval: {EvalSpec keys}
+    runs:
+      - name: LoRA
+        train: {str_weight: 0}
+        seeds: [0, 1, 2]                 # optional: one row per seed
+      - name: Safe LoRA
+        safelora: {of: LoRA, unaligned: PATH}   # post-hoc projection of another run's adapter
+      - name: continual LoRA
+        stages: [{data: task1.jsonl}, {data: task2.jsonl}]   # each stage merged before the next
+    variants:
+      toy: {model: toy, train: {...}, eval: {...}, runs: [...]}   # merged over the top level
+
+Strings may use {toy} (the toy model folder, built on first use), {toy_commonsense} (toy data in the
+LLM-Adapters commonsense format), {here} (the YAML file's folder), {assets} ($LOGITGUARD_ASSETS, default
+experiments/assets) and, in a safelora section, {run:NAME} (another run's output folder).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, _suggest, build_config, default_cache_dir
+
+TOP_KEYS = {"description", "paper", "model", "gguf_file", "train", "eval", "runs", "variants"}
+RUN_KEYS = {"name", "train", "seeds", "safelora", "stages"}
+
+
+@dataclass
+class EvalSpec:
+    harmful: str | None = None  # harmful prompts: refusal rate, keyword ASR (and HRR with a judge)
+    benign: str | None = None  # benign prompts: over-refusal
+    borderline: str | None = None  # safe but harmful-sounding prompts: over-refusal
+    loss_data: str | None = None  # chat data: eval loss on assistant tokens (utility)
+    exact_match: str | None = None  # chat data: greedy exact match with the reference answer (utility)
+    commonsense: str | None = None  # folder of LLM-Adapters test sets: multiple-choice accuracy
+    commonsense_mode: str = "loglik"  # loglik (acc, acc_norm) | generate (DoRA's regex protocol)
+    judge: str | None = None  # llama-guard:PATH | endpoint:URL[#model]
+    limit: int | None = None  # at most this many items per file
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    keywords: str = "qi2023"
+    max_length: int = 256
+
+
+@dataclass
+class RunSpec:
+    name: str
+    train: dict = field(default_factory=dict)
+    seeds: list[int] | None = None
+    safelora: dict | None = None
+    stages: list[dict] | None = None  # continual learning: train overrides per task, trained in order
+
+
+@dataclass
+class Experiment:
+    name: str
+    variant: str | None
+    description: str
+    model: str
+    gguf_file: str | None
+    train: dict
+    eval: EvalSpec
+    runs: list[RunSpec]
+    paper: dict
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.name + (f"--{self.variant}" if self.variant else "")
+
+
+def find_experiment(name: str, root: str | Path = "experiments") -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = Path(root) / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in Path(root).glob("*.yaml")) if Path(root).is_dir() else []
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)  # names are long: a loose cutoff
+    hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(known)})"
+    raise ConfigError(f"no experiment {name!r}: not a YAML file, and no {candidate}{hint}")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _check_keys(values: dict, allowed: set, where: str) -> None:
+    for key in values:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, allowed)}")
+
+
+def load_experiment(name: str, variant: str | None = None, root: str | Path = "experiments") -> Experiment:
+    """Load and check an experiment (placeholders are left unresolved until `resolve`)."""
+    path = find_experiment(name, root)
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a mapping")
+    _check_keys(raw, TOP_KEYS, str(path))
+    variants = raw.pop("variants", None) or {}
+    if variant is not None:
+        if variant not in variants:
+            raise ConfigError(f"{path}: no variant {variant!r}; it has {sorted(variants)}")
+        over = variants[variant]
+        _check_keys(over, TOP_KEYS - {"variants"}, f"{path}: variant {variant}")
+        raw = _merge(raw, over)
+    where = f"{path}" + (f" (variant {variant})" if variant else "")
+    if not raw.get("model") and not raw.get("gguf_file"):
+        raise ConfigError(f"{where}: 'model' is required")
+    eval_values = raw.get("eval") or {}
+    _check_keys(eval_values, {f.name for f in dataclasses.fields(EvalSpec)}, f"{where}: eval")
+    runs = []
+    for i, run in enumerate(raw.get("runs") or []):
+        if not isinstance(run, dict) or "name" not in run:
+            raise ConfigError(f"{where}: runs[{i}] needs a 'name'")
+        _check_keys(run, RUN_KEYS, f"{where}: runs[{i}] ({run['name']})")
+        runs.append(RunSpec(**run))
+    if not runs:
+        raise ConfigError(f"{where}: no runs")
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: run names repeat: {names}")
+    exp = Experiment(
+        name=path.stem,
+        variant=variant,
+        description=raw.get("description", ""),
+        model=str(raw.get("model") or ""),
+        gguf_file=raw.get("gguf_file"),
+        train=raw.get("train") or {},
+        eval=EvalSpec(**eval_values),
+        runs=runs,
+        paper=raw.get("paper") or {},
+        path=path,
+    )
+    for run in runs:  # every run's training config must build (placeholders stand in for paths)
+        if run.safelora is None:
+            for stage in run.stages or [{}]:
+                values = {"model": "m", "data": "d", **exp.train, **run.train, **stage, "output_dir": "o"}
+                build_config(values, f"{where}: {run.name}")
+        elif run.safelora.get("of") not in names:
+            raise ConfigError(f"{where}: {run.name}: safelora.of must name another run, got {run.safelora}")
+    return exp
+
+
+def variants_of(name: str, root: str | Path = "experiments") -> list[str]:
+    raw = yaml.safe_load(find_experiment(name, root).read_text())
+    return sorted((raw.get("variants") or {}).keys())
+
+
+class Placeholders:
+    """Fills {toy}, {here} and {assets} in experiment strings; the toy model is built only when used."""
+
+    def __init__(self, exp: Experiment, cache_dir: str | None = None, progress: bool = True):
+        self.exp, self.cache_dir, self.progress = exp, cache_dir or default_cache_dir(), progress
+        self._toy: Path | None = None
+
+    def toy(self) -> Path:
+        if self._toy is None:
+            from .toy import build_aligned_model
+
+            quick = self.exp.model == "toy-quick"
+            self._toy = build_aligned_model(Path(self.cache_dir), progress=self.progress, quick=quick)
+        return self._toy
+
+    def __call__(self, value):
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        if not isinstance(value, str) or "{" not in value:
+            return value
+        here = self.exp.path.resolve().parent
+        assets = os.environ.get("LOGITGUARD_ASSETS", str(here / "assets"))
+        if "{toy_commonsense}" in value:
+            from .toy.commonsense import write_toy_commonsense
+
+            folder = write_toy_commonsense(Path(self.cache_dir) / "toy-commonsense")
+            value = value.replace("{toy_commonsense}", str(folder))
+        if "{toy}" in value:
+            value = value.replace("{toy}", str(self.toy()))
+        return value.replace("{here}", str(here)).replace("{assets}", assets)
+
+    def model(self) -> str:
+        if self.exp.gguf_file:
+            from .models import gguf_folder
+
+            return str(gguf_folder(self(self.exp.gguf_file), self.cache_dir, progress=self.progress))
+        if self.exp.model in ("toy", "toy-quick"):
+            return str(self.toy())
+        return self(self.exp.model)
+
+    def eval_spec(self) -> EvalSpec:
+        return EvalSpec(**self(dataclasses.asdict(self.exp.eval)))

@@ -1,0 +1,180 @@
+"""`logitguard bench report`: markdown tables and PNG plots from results/*.json, the paper's numbers beside ours.
+
+Rows with several seeds are shown as mean (and min-max); every table keeps safety (refusal, ASR, HRR),
+over-refusal and utility side by side, as DESIGN.md section 6 asks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from statistics import mean
+
+from .files import write_text_atomic
+
+# (metric key, column title, format): the columns a table shows when any row has the metric
+COLUMNS = [
+    ("refusal_rate", "refusal", "pct"),
+    ("asr", "keyword ASR", "pct"),
+    ("hrr", "judge HRR", "pct"),
+    ("over_refusal_benign", "over-refusal benign", "pct"),
+    ("over_refusal_borderline", "over-refusal borderline", "pct"),
+    ("exact_match", "utility EM", "pct"),
+    ("eval_loss", "eval loss", "f3"),
+    ("commonsense_avg", "commonsense avg", "pct"),
+]
+
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}%" if kind == "pct" else f"{value:.3f}"
+
+
+def group_rows(results: dict) -> list[dict]:
+    """The base row, then one entry per run name with its per-seed rows, in the file's order."""
+    groups: dict[str, dict] = {}
+    if results.get("base"):
+        groups["aligned base"] = {"name": "aligned base", "rows": [results["base"]]}
+    for row in results.get("rows", []):
+        groups.setdefault(row["name"], {"name": row["name"], "rows": []})["rows"].append(row)
+    return list(groups.values())
+
+
+def _cell(rows: list[dict], key: str, kind: str) -> str:
+    values = [r["metrics"].get(key) for r in rows if r["metrics"].get(key) is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return _fmt(values[0], kind)
+    return f"{_fmt(mean(values), kind)} ({_fmt(min(values), kind)}–{_fmt(max(values), kind)})"
+
+
+def experiment_table(results: dict) -> str:
+    groups = group_rows(results)
+    metrics = [c for c in COLUMNS if any(c[0] in r["metrics"] for g in groups for r in g["rows"])]
+    paper = results.get("paper") or {}
+    paper_rows = paper.get("rows") or {}
+    header = ["run", "seeds"] + [title for _, title, _ in metrics] + ["step s", "train s"]
+    if paper_rows:
+        header.append(f"paper {paper.get('metric', '')}".strip())
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for g in groups:
+        rows = g["rows"]
+        steps = [r["step_seconds"] for r in rows if r.get("step_seconds")]
+        train = [r["train_seconds"] for r in rows if r.get("train_seconds")]
+        cells = [g["name"], str(len(rows))] + [_cell(rows, key, kind) for key, _, kind in metrics]
+        cells += [f"{mean(steps):.2f}" if steps else "–", f"{mean(train):.0f}" if train else "–"]
+        if paper_rows:
+            value = paper_rows.get(g["name"])
+            cells.append("–" if value is None else _fmt(value, "pct") if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def step_ratios(results: dict) -> dict[str, float]:
+    """Mean step time of each run over the mean step time of the plain-method run ("LoRA" by default)."""
+    groups = {g["name"]: g["rows"] for g in group_rows(results)}
+    base = groups.get(results.get("paper", {}).get("step_baseline", "LoRA"))
+    if not base or not all(r.get("step_seconds") for r in base):
+        return {}
+    ref = mean(r["step_seconds"] for r in base)
+    return {
+        name: mean(r["step_seconds"] for r in rows) / ref
+        for name, rows in groups.items()
+        if rows and all(r.get("step_seconds") for r in rows)
+    }
+
+
+def plot_experiment(results: dict, path: Path) -> None:
+    """Safety next to utility per run: refusal / ASR / over-refusal bars, utility as a second panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group_rows(results)
+    names = [g["name"] for g in groups]
+    safety = [c for c in COLUMNS[:5] if any(c[0] in r["metrics"] for g in groups for r in g["rows"])]
+    utility = [c for c in COLUMNS[5:] if any(c[0] in r["metrics"] for g in groups for r in g["rows"])]
+    fig, axes = plt.subplots(1, 1 + bool(utility), figsize=(6 + 5 * bool(utility), 4.5), squeeze=False)
+    width = 0.8 / max(len(safety), 1)
+    for j, (key, title, _) in enumerate(safety):
+        for i, g in enumerate(groups):
+            values = [r["metrics"][key] for r in g["rows"] if r["metrics"].get(key) is not None]
+            x = i + (j - len(safety) / 2 + 0.5) * width
+            if values:
+                axes[0][0].bar(x, mean(values), width, color=f"C{j}", label=title if i == 0 else None)
+                if len(values) > 1:  # several seeds: show each one
+                    axes[0][0].scatter([x] * len(values), values, color="k", s=8, zorder=3)
+    axes[0][0].set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+    axes[0][0].set_ylim(0, 1.05)
+    axes[0][0].set_title("safety")
+    axes[0][0].legend(fontsize=7)
+    if utility:
+        ax = axes[0][1]
+        key, title, _ = utility[0]  # one utility measure per panel: they have different scales
+        values = [[r["metrics"][key] for r in g["rows"] if r["metrics"].get(key) is not None] for g in groups]
+        positions = [i for i, v in enumerate(values) if v]
+        ax.boxplot([values[i] for i in positions], positions=positions, widths=0.5)  # seeds -> a box
+        ax.set_title(title)
+        ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+    fig.suptitle(f"{results['experiment']}" + (f" ({results['variant']})" if results.get("variant") else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def experiment_section(results: dict, png: str | None) -> str:
+    title = results["experiment"] + (f" — variant `{results['variant']}`" if results.get("variant") else "")
+    paper = results.get("paper") or {}
+    cmd = f"logitguard bench run {results['experiment']}" + (
+        f" --variant {results['variant']}" if results.get("variant") else ""
+    )
+    parts = [f"## {title}", "", results.get("description", "").strip(), "", f"Command: `{cmd}`", ""]
+    if paper.get("source"):
+        parts += [f"Paper: {paper['source']}." + (f" {paper['note']}" if paper.get("note") else ""), ""]
+    parts += [experiment_table(results), ""]
+    ratios = step_ratios(results)
+    if ratios:
+        parts += ["Step time / LoRA step time: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), ""]
+    if results.get("cache_seconds"):
+        parts += [f"Reference cache build: {results['cache_seconds']:.1f} s (shared by the STR runs).", ""]
+    versions = results.get("versions", {})
+    parts += [", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    if png:
+        parts += [f"![{results['experiment']}]({png})", ""]
+    return "\n".join(parts)
+
+
+def write_report(results_dir: str | Path = "results", out: str | Path | None = None) -> Path:
+    results_dir = Path(results_dir)
+    files = sorted(results_dir.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no results/*.json in {results_dir}; run `logitguard bench run EXP` first")
+    out = Path(out) if out else results_dir / "REPORT.md"
+    sections = [
+        "# logitguard results",
+        "",
+        "Made by `logitguard bench report` from the results files next to it. Each section names the command "
+        "that produced it. Paper columns are the published numbers, labelled as such; they are not ours.",
+        "",
+    ]
+    for path in files:
+        results = json.loads(path.read_text())
+        if "experiment" not in results:  # another JSON in the folder (a bench/ file, say)
+            continue
+        png = path.with_suffix(".png")
+        if results.get("base") or results.get("rows"):
+            plot_experiment(results, png)
+        link = os.path.relpath(png, out.parent) if png.exists() else None
+        sections.append(experiment_section(results, link))
+        if results.get("sweep"):
+            from .sweep import plot_frontier
+
+            frontier = path.with_suffix(".frontier.png")
+            plot_frontier(results, frontier)
+            sections.append(f"![frontier]({os.path.relpath(frontier, out.parent)})\n")
+    write_text_atomic(out, "\n".join(sections))
+    return out

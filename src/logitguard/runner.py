@@ -1,0 +1,353 @@
+"""`logitguard bench run EXP`: train and evaluate every run of an experiment file into results/EXP.json.
+
+The results file holds the experiment's settings, library versions, the base model's evaluation and one
+row per run (and seed): metrics, train time, step time, safety token ids. It is rewritten atomically after
+each row, and a row whose settings are unchanged is not run again, so a killed or repeated run resumes.
+Runs on the same data share one reference cache, built once for the union of their token ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, build_config
+from .experiment import EvalSpec, Experiment, Placeholders, RunSpec
+from .files import write_json_atomic, write_text_atomic
+
+# Bump when what a row measures changes, so old rows are run again instead of mixed with new ones.
+RUNNER_VERSION = 1
+
+
+def slug(name: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def versions() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "logitguard": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def _non_default(values: dict, cls) -> dict:
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in
+                dataclasses.fields(cls)}  # fmt: skip
+    return {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
+
+
+def _key(settings: dict) -> str:
+    """Hash of the settings, with fields at their default left out: a field added to TrainConfig or EvalSpec
+    later (with a default) does not invalidate the rows already computed."""
+    settings = dict(settings)
+    for name, cls in (("train", TrainConfig), ("of", TrainConfig), ("eval", EvalSpec)):
+        if isinstance(settings.get(name), dict):
+            settings[name] = _non_default(settings[name], cls)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _limited(items: list, limit: int | None) -> list:
+    return items if limit is None else items[:limit]
+
+
+def _conversations(path: str, limit: int | None) -> list[list[dict]]:
+    from .data import load_rows, to_messages
+
+    return _limited([to_messages(r) for r in load_rows(path)], limit)
+
+
+def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool = True) -> dict:
+    """Every measure the spec asks for, on one model (plus adapter); records go to `folder` (redacted)."""
+    from .eval import eval_loss, evaluate_safety, exact_match, load_model_for_eval, write_eval
+    from .eval.cli import read_prompts
+
+    if not any((spec.harmful, spec.loss_data, spec.exact_match, spec.commonsense)):
+        return {}  # a timing-only experiment (Table 6): nothing to load
+    prompts = {
+        name: _limited(read_prompts(path), spec.limit) if path else None
+        for name, path in (("harmful", spec.harmful), ("benign", spec.benign), ("borderline", spec.borderline))
+    }
+    model, tokenizer = load_model_for_eval(model_dir, adapter)
+    metrics: dict = {}
+    if prompts["harmful"]:
+        summary, records = evaluate_safety(
+            model, tokenizer, prompts["harmful"], prompts["benign"], prompts["borderline"],
+            keyword_list=spec.keywords, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
+            progress=progress,
+        )  # fmt: skip
+        if spec.judge:
+            from .eval.judge import judge_records, make_judge
+
+            summary.update(judge_records(make_judge(spec.judge), records, progress=progress))
+        write_eval(folder, summary, records)
+        keys = ("refusal_rate", "asr", "hrr", "over_refusal_benign", "over_refusal_borderline")
+        metrics.update({k: summary[k] for k in keys if k in summary})
+    if spec.loss_data:
+        metrics["eval_loss"] = eval_loss(
+            model, tokenizer, _conversations(spec.loss_data, spec.limit), spec.max_length, spec.batch_size
+        )
+    if spec.exact_match:
+        em, _ = exact_match(
+            model, tokenizer, _conversations(spec.exact_match, spec.limit), spec.max_new_tokens, spec.batch_size
+        )
+        metrics["exact_match"] = em
+    if spec.commonsense:
+        from .eval.commonsense import evaluate_commonsense
+
+        scores = evaluate_commonsense(
+            model, tokenizer, spec.commonsense, mode=spec.commonsense_mode, limit=spec.limit,
+            batch_size=spec.batch_size, progress=progress,
+        )  # fmt: skip
+        metrics["commonsense"] = scores
+        metrics["commonsense_avg"] = scores["average"]
+    del model
+    return metrics
+
+
+class Runner:
+    """Runs one experiment (one variant) into `results_dir/<experiment id>.json`."""
+
+    def __init__(self, exp: Experiment, results_dir="results", work_dir="runs/bench", cache_dir=None, progress=True):
+        self.exp, self.progress = exp, progress
+        self.ph = Placeholders(exp, cache_dir, progress)
+        self.results_path = Path(results_dir) / f"{exp.id}.json"
+        self.work = Path(work_dir) / exp.id
+        old = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
+        # keys are recomputed from the stored settings, so rows survive a change of the key's normalization
+        self.done = {_key(row["settings"]): row for row in [old.get("base"), *old.get("rows", [])] if row}
+        self.rows: list[dict] = []
+        self.base: dict | None = None
+        self.extra: dict = {}  # more top-level fields for the results file (a sweep's grid, say)
+        self.cache_seconds = old.get("cache_seconds")
+
+    def config(self, run: RunSpec, seed: int | None) -> TrainConfig:
+        values = {**self.ph(self.exp.train), **self.ph(run.train)}
+        if seed is not None:
+            values["seed"] = seed
+        folder = self.work / (slug(run.name) + (f"-seed{seed}" if seed is not None else ""))
+        values.update(model=self.model, output_dir=str(folder), cache_dir=self.ph.cache_dir)
+        values.setdefault("trainer", {}).setdefault("save_strategy", "no")
+        return build_config(values, f"{self.exp.id}: {run.name}")
+
+    @staticmethod
+    def settings(cfg: TrainConfig) -> dict:
+        values = dataclasses.asdict(cfg)
+        for key in ("output_dir", "cache_dir", "reference_cache", "resume"):  # where, not what
+            values.pop(key)
+        return values
+
+    def run(self, only: list[str] | None = None) -> dict:
+        self.model = self.ph.model()
+        self.spec = self._with_holdout(self.ph.eval_spec())
+        eval_settings = dataclasses.asdict(self.spec)
+        self.base = self._row("aligned base", None, {"model": self.model, "eval": eval_settings}, self._eval_base)
+        self._save()
+        runs = [r for r in self.exp.runs if not only or r.name in only]
+        self._prebuild_caches([r for r in runs if r.safelora is None and r.stages is None])
+        for run in runs:
+            for seed in run.seeds or [None]:
+                if run.safelora is not None:
+                    self.rows.append(self._safelora(run, seed, eval_settings))
+                elif run.stages is not None:
+                    self.rows.append(self._continual(run, seed, eval_settings))
+                else:
+                    cfg = self.config(run, seed)
+                    settings = {"train": self.settings(cfg), "eval": eval_settings}
+                    self.rows.append(self._row(run.name, seed, settings, lambda c=cfg: self._train_eval(c)))
+                self._save()
+        return self._save()
+
+    def _row(self, name: str, seed: int | None, settings: dict, compute) -> dict:
+        settings = {**settings, "runner_version": RUNNER_VERSION}
+        key = _key(settings)
+        if key in self.done:
+            print(f"== {self.exp.id} / {name}: done, skipped", flush=True)
+            return self.done[key]
+        print(f"\n== {self.exp.id} / {name}" + (f" (seed {seed})" if seed is not None else ""), flush=True)
+        row = {"name": name, "seed": seed, "key": key, **compute(), "settings": settings}
+        self.done[key] = row
+        return row
+
+    def _with_holdout(self, spec: EvalSpec) -> EvalSpec:
+        """Fill {holdout} with the rows the training config holds out (the same for every run)."""
+        fields = {k: v for k, v in dataclasses.asdict(spec).items() if isinstance(v, str) and "{holdout}" in v}
+        if not fields:
+            return spec
+        from .data import apply_columns, load_rows, split_holdout
+        from .train import HOLDOUT_SEED
+
+        cfg = build_config({"model": self.model, **self.ph(self.exp.train)}, self.exp.id)
+        if cfg.holdout < 1:
+            raise ConfigError(f"{self.exp.id}: eval uses {{holdout}} but train.holdout is {cfg.holdout}")
+        rows = apply_columns(load_rows(cfg.data, cfg.data_split), cfg.columns)
+        held = split_holdout(rows, cfg.holdout, HOLDOUT_SEED)[1]
+        path = self.work / "holdout.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(
+            path, "".join(json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n" for r in held)
+        )
+        return dataclasses.replace(spec, **{k: v.replace("{holdout}", str(path)) for k, v in fields.items()})
+
+    def _eval_base(self) -> dict:
+        start = time.perf_counter()
+        metrics = evaluate(self.model, None, self.spec, self.work / "aligned-base" / "eval", self.progress)
+        return {"metrics": metrics, "eval_seconds": time.perf_counter() - start}
+
+    def _train_eval(self, cfg: TrainConfig) -> dict:
+        from .train import train
+
+        result = train(cfg, progress=self.progress)
+        start = time.perf_counter()
+        # full fine-tuning saves a whole model, the PEFT methods an adapter on the aligned model
+        model, adapter = (cfg.output_dir, None) if cfg.method == "full" else (self.model, cfg.output_dir)
+        metrics = evaluate(model, adapter, self.spec, Path(cfg.output_dir) / "eval", self.progress)
+        steps = max(result["global_step"], 1)
+        return {
+            "metrics": metrics,
+            "train_seconds": result["train_seconds"],
+            "steps": result["global_step"],
+            "step_seconds": result["train_seconds"] / steps,
+            "eval_seconds": time.perf_counter() - start,
+            "safety_ids": result["safety_ids"],
+            "final_ce": _last_logged(result["trainer"], "ce"),
+            "final_reg": _last_logged(result["trainer"], "reg"),
+        }
+
+    def _safelora(self, run: RunSpec, seed: int | None, eval_settings: dict) -> dict:
+        from .safelora import safe_lora
+
+        source = next(r for r in self.exp.runs if r.name == run.safelora["of"])
+        cfg = self.config(source, seed)
+        options = {k: v for k, v in self.ph(run.safelora).items() if k != "of"}
+        settings = {"of": self.settings(cfg), "safelora": options, "eval": eval_settings}
+
+        unaligned = options["unaligned"]
+        if unaligned.startswith("{run:") and unaligned.endswith("}"):  # a model another run trained
+            other = next((r for r in self.exp.runs if r.name == unaligned[5:-1]), None)
+            if other is None:
+                raise ConfigError(f"{run.name}: safelora.unaligned names no run: {unaligned}")
+            unaligned = options["unaligned"] = self.config(other, None).output_dir
+
+        def compute():
+            if not (Path(cfg.output_dir) / "adapter_config.json").is_file():
+                raise RuntimeError(f"{run.name}: run {source.name!r} first (its adapter is not in {cfg.output_dir})")
+            out = self.work / (slug(run.name) + (f"-seed{seed}" if seed is not None else ""))
+            report = safe_lora(self.model, unaligned, cfg.output_dir, out, options.get("num_layers", 10))
+            metrics = evaluate(self.model, str(out), self.spec, out / "eval", self.progress)
+            return {"metrics": metrics, "projected": sum(m["projected"] for m in report["modules"])}
+
+        return self._row(run.name, seed, settings, compute)
+
+    def _continual(self, run: RunSpec, seed: int | None, eval_settings: dict) -> dict:
+        """Train the stages in order, each on the previous stage's merged model, with the reference taken from
+        the original aligned model; evaluate the model after the last stage."""
+        cfgs, start_model = [], self.model
+        for k, stage in enumerate(run.stages):
+            staged = RunSpec(f"{run.name} stage {k + 1}", {**run.train, **self.ph(stage)})
+            cfg = dataclasses.replace(self.config(staged, seed), model=start_model)
+            if cfg.str_weight > 0:
+                cfg = dataclasses.replace(cfg, reference_model=self.model)
+            cfgs.append(cfg)
+            start_model = str(Path(cfg.output_dir) / "merged")
+        settings = {"stages": [self.settings(c) | {"model": None} for c in cfgs], "eval": eval_settings}
+
+        def compute():
+            from .train import train
+
+            seconds, steps = 0.0, 0
+            for cfg in cfgs:
+                if not (Path(cfg.output_dir) / "merged" / "config.json").is_file():
+                    result = train(cfg, progress=self.progress)
+                    seconds, steps = seconds + result["train_seconds"], steps + result["global_step"]
+                    _merge(cfg.model, cfg.output_dir, Path(cfg.output_dir) / "merged", cfg.dtype)
+            final = str(Path(cfgs[-1].output_dir) / "merged")
+            metrics = evaluate(final, None, self.spec, Path(cfgs[-1].output_dir) / "eval", self.progress)
+            return {"metrics": metrics, "train_seconds": seconds, "steps": steps, "stages": len(cfgs)}
+
+        return self._row(run.name, seed, settings, compute)
+
+    def _prebuild_caches(self, runs: list[RunSpec]) -> None:
+        """One reference cache per dataset, for the union of the token ids of the runs on it."""
+        from .cache import build_reference_cache
+        from .data import ensure_chat_template, load_rows, tokenize_rows
+        from .models import load_model, load_tokenizer
+        from .train import resolve_tokens
+
+        cfgs = [self.config(r, s) for r in runs for s in (r.seeds or [None])]
+        cfgs = [c for c in cfgs if c.str_weight > 0 and c.reference == "cache"]
+        todo = [c for c in cfgs if not self._is_done(c)]
+        if not todo:
+            return
+        tokenizer = load_tokenizer(self.model)
+        ensure_chat_template(tokenizer)
+        model = load_model(self.model, todo[0].dtype)
+        start = time.perf_counter()
+        groups: dict[tuple, list[TrainConfig]] = {}
+        for c in todo:
+            groups.setdefault((c.data, c.data_split, c.max_length, c.reference_dtype), []).append(c)
+        for (data, split, max_length, dtype), group in groups.items():
+            ids = list(dict.fromkeys(i for c in group for i in resolve_tokens(c, tokenizer).ids))
+            examples = tokenize_rows(tokenizer, load_rows(data, split), max_length)
+            build_reference_cache(
+                model, tokenizer, examples, ids, Path(self.ph.cache_dir) / "reference", max_length,
+                dtype=dtype, batch_size=group[0].batch_size, progress=self.progress,
+            )  # fmt: skip
+        self.cache_seconds = time.perf_counter() - start
+        del model
+
+    def _is_done(self, cfg: TrainConfig) -> bool:
+        settings = {"train": self.settings(cfg), "eval": dataclasses.asdict(self.spec)}
+        return _key({**settings, "runner_version": RUNNER_VERSION}) in self.done
+
+    def _save(self) -> dict:
+        results = {
+            "experiment": self.exp.name,
+            "variant": self.exp.variant,
+            "description": self.exp.description,
+            "config_file": str(self.exp.path),
+            "model": self.model,
+            "eval": dataclasses.asdict(self.spec),
+            "versions": versions(),
+            "base": self.base,
+            "rows": self.rows,
+            "cache_seconds": self.cache_seconds,
+            "paper": self.exp.paper,
+            **self.extra,
+        }
+        write_json_atomic(self.results_path, results)
+        return results
+
+
+def _merge(model_dir: str, adapter: str, out: Path, dtype: str) -> None:
+    """Fold the adapter into the base weights and save a plain model folder (the next stage's start)."""
+    import shutil
+
+    from peft import PeftModel
+
+    from .models import load_model, load_tokenizer
+
+    merged = PeftModel.from_pretrained(load_model(model_dir, dtype), adapter).merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    load_tokenizer(adapter).save_pretrained(str(tmp))
+    tmp.rename(out)
+
+
+def _last_logged(trainer, key: str):
+    values = [row[key] for row in trainer.state.log_history if key in row]
+    return values[-1] if values else None
