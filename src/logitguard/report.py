@@ -42,6 +42,11 @@ def group_rows(results: dict) -> list[dict]:
     return list(groups.values())
 
 
+def _has(groups: list[dict], key: str) -> bool:
+    """Whether any row measured `key` (a prompt set that was not given leaves it None)."""
+    return any(r["metrics"].get(key) is not None for g in groups for r in g["rows"])
+
+
 def _cell(rows: list[dict], key: str, kind: str) -> str:
     values = [r["metrics"].get(key) for r in rows if r["metrics"].get(key) is not None]
     if not values:
@@ -53,7 +58,7 @@ def _cell(rows: list[dict], key: str, kind: str) -> str:
 
 def experiment_table(results: dict) -> str:
     groups = group_rows(results)
-    metrics = [c for c in COLUMNS if any(c[0] in r["metrics"] for g in groups for r in g["rows"])]
+    metrics = [c for c in COLUMNS if _has(groups, c[0])]
     paper = results.get("paper") or {}
     paper_rows = paper.get("rows") or {}
     header = ["run", "seeds"] + [title for _, title, _ in metrics] + ["step s", "train s"]
@@ -96,8 +101,8 @@ def plot_experiment(results: dict, path: Path) -> None:
 
     groups = group_rows(results)
     names = [g["name"] for g in groups]
-    safety = [c for c in COLUMNS[:5] if any(c[0] in r["metrics"] for g in groups for r in g["rows"])]
-    utility = [c for c in COLUMNS[5:] if any(c[0] in r["metrics"] for g in groups for r in g["rows"])]
+    safety = [c for c in COLUMNS[:5] if _has(groups, c[0])]
+    utility = [c for c in COLUMNS[5:] if _has(groups, c[0])]
     fig, axes = plt.subplots(1, 1 + bool(utility), figsize=(6 + 5 * bool(utility), 4.5), squeeze=False)
     width = 0.8 / max(len(safety), 1)
     for j, (key, title, _) in enumerate(safety):
@@ -111,7 +116,8 @@ def plot_experiment(results: dict, path: Path) -> None:
     axes[0][0].set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
     axes[0][0].set_ylim(0, 1.05)
     axes[0][0].set_title("safety")
-    axes[0][0].legend(fontsize=7)
+    if safety:
+        axes[0][0].legend(fontsize=7)
     if utility:
         ax = axes[0][1]
         key, title, _ = utility[0]  # one utility measure per panel: they have different scales
