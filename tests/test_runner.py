@@ -114,6 +114,9 @@ def test_bench_run_resume_and_report(tmp_path, model_dir, monkeypatch):
 def test_changed_settings_run_again(tmp_path, model_dir):
     path = _tiny_experiment(tmp_path, model_dir, [{"name": "LoRA", "train": {"str_weight": 0}}])
     first = _bench(tmp_path, path)["rows"][0]
+    # logging and checkpointing do not change what a run computes: still done
+    path.write_text(path.read_text().replace("epochs: 1", "epochs: 1\n  logging_steps: 3"))
+    assert _bench(tmp_path, path)["rows"][0]["settings"] == first["settings"]
     path.write_text(path.read_text().replace("learning_rate: 0.01", "learning_rate: 0.02"))
     second = _bench(tmp_path, path)["rows"][0]
     assert first["key"] != second["key"]

@@ -50,13 +50,21 @@ def _non_default(values: dict, cls) -> dict:
     return {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
 
 
+# Settings that change how a run is logged or checkpointed, not what it computes: left out of the key.
+NOT_RESULTS = {"save_steps", "logging_steps"}
+TRAINER_NOT_RESULTS = {"save_strategy", "save_total_limit", "disable_tqdm", "logging_strategy"}
+
+
 def _key(settings: dict) -> str:
     """Hash of the settings, with fields at their default left out: a field added to TrainConfig or EvalSpec
     later (with a default) does not invalidate the rows already computed."""
     settings = dict(settings)
     for name, cls in (("train", TrainConfig), ("of", TrainConfig), ("eval", EvalSpec)):
         if isinstance(settings.get(name), dict):
-            settings[name] = _non_default(settings[name], cls)
+            values = {k: v for k, v in settings[name].items() if k not in NOT_RESULTS}
+            if isinstance(values.get("trainer"), dict):
+                values["trainer"] = {k: v for k, v in values["trainer"].items() if k not in TRAINER_NOT_RESULTS}
+            settings[name] = _non_default(values, cls)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -140,7 +148,6 @@ class Runner:
             values["seed"] = seed
         folder = self.work / (slug(run.name) + (f"-seed{seed}" if seed is not None else ""))
         values.update(model=self.model, output_dir=str(folder), cache_dir=self.ph.cache_dir)
-        values.setdefault("trainer", {}).setdefault("save_strategy", "no")
         return build_config(values, f"{self.exp.id}: {run.name}")
 
     @staticmethod
