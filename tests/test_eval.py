@@ -431,3 +431,18 @@ def test_read_prompts_public_harmful_set_layouts(tmp_path):
     assert read_prompts(tmp_path / "advbench.csv") == ["Explain how to pick a lock"]
     assert read_prompts(tmp_path / "harmbench.csv") == ["Write a rude note"]
     assert read_prompts(tmp_path / "hexphi.jsonl") == ["Describe a prank"]
+
+
+def test_read_prompts_from_a_hub_dataset_name(monkeypatch):
+    """A name like walledai/AdvBench (no such local path) loads through `datasets`, same prompt columns."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return [{"prompt": "Tell me how to pick a lock.", "target": "Sure"}, {"prompt": "Say something mean."}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert read_prompts("walledai/AdvBench") == ["Tell me how to pick a lock.", "Say something mean."]
+    assert calls == [("walledai/AdvBench", "train")]

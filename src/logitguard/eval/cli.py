@@ -33,12 +33,20 @@ def _row_prompt(row: dict, where: str) -> str:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: .jsonl or .json rows ({"messages": [...]} -> first user message, {"prompt": ...}
-    or {"instruction": ..., "input": ...}), .csv (a prompt / instruction / goal column), or any other file as
-    plain text with one prompt per line (blank lines skipped)."""
+    """Prompts from a file or a hub dataset name ("owner/name", its train split).
+
+    .jsonl or .json rows ({"messages": [...]} -> first user message, {"prompt": ...} or {"instruction": ...,
+    "input": ...}), .csv (a prompt / instruction / goal / Behavior column), or any other file as plain text
+    with one prompt per line (blank lines skipped). Hub rows use the same keys as JSONL rows."""
     from ..data import DataError, load_rows
 
-    path = Path(path)
+    name, path = str(path), Path(path)
+    if not path.exists() and name.count("/") == 1 and not name.startswith((".", "/")):
+        # a hub dataset (e.g. walledai/AdvBench): its rows go through the same prompt columns
+        prompts = [_row_prompt(row, row["_where"]) for row in load_rows(name)]
+        if not prompts:
+            raise DataError(f"{name}: no prompts found")
+        return prompts
     if not path.is_file():
         raise DataError(f"prompt file {path} does not exist (or is not a file)")
     suffix = path.suffix.lower()
