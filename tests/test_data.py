@@ -118,13 +118,24 @@ def test_sharegpt_conversations_are_read_whole_from_a_file_cut_mid_way():
                 {"from": "gpt", "value": "4"},
             ],
         },  # fmt: skip
+        # the second piece of a split conversation: an answer with no request before it, skipped
+        {
+            "id": "e",
+            "conversations": [
+                {"from": "gpt", "value": "More."},
+                {"from": "human", "value": "Thanks."},
+                {"from": "gpt", "value": "Welcome."},
+            ],
+        },  # fmt: skip
         {"id": "d", "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]},
     ]
     text = json.dumps(convs, indent=2)
     cut = text[: text.index('"d"') + 40]  # the last conversation arrives only in part
     rows, skipped = read_sharegpt(cut)
-    assert [r["messages"][-1]["content"] for r in rows] == ["Apple.", "4"] and skipped == 1
+    assert [r["messages"][-1]["content"] for r in rows] == ["Apple.", "4"] and skipped == 2
     assert rows[1]["messages"][0] == {"role": "system", "content": "Be brief."}
     assert read_sharegpt(text, limit=1)[0] == rows[:1]
     assert len(read_sharegpt(text)[0]) == 3  # the whole file: every clean conversation
     assert to_messages(convs[0])[1] == {"role": "assistant", "content": "Apple."}  # ShareGPT rows load directly
+    with pytest.raises(DataError, match="row: an assistant message comes before any user message"):
+        to_messages(convs[3])

@@ -145,6 +145,45 @@ def test_runner_evaluates_utility_sets(assets, model_dir, tmp_path, monkeypatch)
     assert (tmp_path / "run" / "utility_records.jsonl").is_file()
 
 
+def test_harmful_set_lists_are_scored_per_set_and_loss_files_each(assets, model_dir, tmp_path, monkeypatch):
+    """`harmful: "a,b"` scores each set and the pool; `loss_data: "x,y"` gives one eval loss per file, each equal
+    to that file's loss alone."""
+    from logitguard.experiment import EvalSpec
+    from logitguard.runner import evaluate
+
+    monkeypatch.setenv("LOGITGUARD_ASSETS", str(assets))
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+            for w in ("hello", "fine thanks", "goodbye")]  # fmt: skip
+    for name, part in (("first", rows[:2]), ("second", rows[2:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    both = f"{tmp_path / 'first.jsonl'},{tmp_path / 'second.jsonl'}"
+    spec = EvalSpec(harmful="advbench:3,harmbench:2", loss_data=both, max_new_tokens=4)
+    metrics = evaluate(str(model_dir), None, spec, tmp_path / "run", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in records] == ["advbench"] * 3 + ["harmbench"] * 2
+    for name in ("advbench", "harmbench"):
+        mine = [r["refusal"] for r in records if r["source"] == name]
+        assert metrics[f"refusal_{name}"] == sum(mine) / len(mine)
+    assert metrics["refusal_rate"] == sum(r["refusal"] for r in records) / 5  # pooled
+    alone = evaluate(str(model_dir), None, EvalSpec(loss_data=str(tmp_path / "second.jsonl")), tmp_path / "b")
+    assert metrics["eval_loss_second"] == pytest.approx(alone["eval_loss"], rel=1e-5)
+    assert "eval_loss" not in metrics and metrics["eval_loss_first"] != metrics["eval_loss_second"]
+
+
+def test_prompt_set_lists_and_their_errors(assets, tmp_path):
+    from logitguard.eval.cli import read_prompt_sets
+
+    path = tmp_path / "mine.txt"
+    path.write_text("one\ntwo\n")
+    sets = read_prompt_sets(f"harmbench:3, {path}", assets)
+    assert list(sets) == ["harmbench", "mine"] and sets["mine"] == ["one", "two"] and len(sets["harmbench"]) == 3
+    assert list(read_prompt_sets(str(path), assets)) == ["mine"]
+    with pytest.raises(DataError, match="named twice"):
+        read_prompt_sets("harmbench:2,harmbench:3", assets)
+    with pytest.raises(DataError, match="empty name"):
+        read_prompt_sets("harmbench,", assets)
+
+
 # ---------------------------------------------------------------- on the fetched sets (skipped without them)
 
 
@@ -168,3 +207,24 @@ def test_advbench_eval_is_held_out_of_training():
     trained = {" ".join(r["messages"][0]["content"].lower().split()) for r in load_rows(train)}
     held = [" ".join(p.lower().split()) for p in load_prompts("advbench", REAL_ASSETS)]
     assert held and not trained & set(held)
+    anchors = REAL_ASSETS / "advbench_anchor.jsonl"  # anchors and safety mixing: neither trained nor evaluated
+    if anchors.is_file():
+        anchor = {" ".join(r["prompt"].lower().split()) for r in load_rows(anchors)}
+        assert len(anchor) == 64 and not anchor & set(held) and not anchor & trained
+    heldout = REAL_ASSETS / "purebad_heldout.jsonl"
+    if heldout.is_file():
+        assert not {" ".join(r["messages"][0]["content"].lower().split()) for r in load_rows(heldout)} & trained
+
+
+@needs_assets
+def test_sharegpt_heldout_is_not_trained_on():
+    train, heldout = REAL_ASSETS / "sharegpt_train.jsonl", REAL_ASSETS / "sharegpt_heldout.jsonl"
+    if not heldout.is_file():
+        pytest.skip("no sharegpt_heldout.jsonl")
+    from logitguard.data import load_rows  # (str.splitlines would also split inside texts, at U+2028)
+
+    def openings(path):  # ShareGPT repeats conversations: compare how they open, not the whole text
+        return {" ".join(r["messages"][0]["content"].lower().split()) for r in load_rows(path)}
+
+    trained, held = openings(train), openings(heldout)
+    assert len(load_rows(heldout)) == 50 and held and not trained & held

@@ -184,3 +184,29 @@ def test_prebuild_makes_the_one_cache_training_uses(tmp_path, model_dir):
     manifest = json.loads((caches[0] / "manifest.json").read_text())
     assert manifest["num_examples"] == 6  # 8 rows, 2 held out
     assert set(rows[0]["safety_ids"]) | set(rows[1]["safety_ids"]) <= set(manifest["token_ids"])
+
+
+def test_the_aligned_base_is_evaluated_once_across_scenario_files(tmp_path, model_dir, monkeypatch):
+    """Two experiment files with the same model and eval settings (two scenarios of one model) share the aligned
+    model's evaluation: the second reuses the first file's row and says where it came from."""
+    path = _tiny_experiment(tmp_path, model_dir, [{"name": "LoRA", "train": {"str_weight": 0}}])
+    first = _bench(tmp_path, path)["base"]
+    other = tmp_path / "other.yaml"
+    other.write_text(path.read_text().replace("learning_rate: 0.01", "learning_rate: 0.02"))
+
+    import logitguard.runner
+
+    calls = []
+    real = logitguard.runner.evaluate
+    monkeypatch.setattr(logitguard.runner, "evaluate", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    argv = ["bench", "run", str(other), "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "results" / "other.json").read_text())
+    assert results["base"]["reused_from"] == "tiny.json"
+    assert results["base"]["metrics"] == first["metrics"] and results["base"]["key"] == first["key"]
+    assert None not in calls and len(calls) == 1  # only the trained run was evaluated
+    # other eval settings: the aligned model is evaluated again
+    other.write_text(other.read_text().replace("max_new_tokens: 4", "max_new_tokens: 5"))
+    assert main(argv) == 0
+    assert "reused_from" not in json.loads((tmp_path / "results" / "other.json").read_text())["base"]

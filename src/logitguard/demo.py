@@ -282,31 +282,20 @@ def verdict(row: dict, rows: list[dict]) -> str:
 
 def plot_frontier(rows: list[dict], path: Path) -> None:
     """Refusal against new-task exact match on the benign new task; marker size = over-refusal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .verdict import Point
+    from .verdict import plot_frontier as draw
 
     benign = [r for r in rows if r["data"] == "new_task"]
-    fig, ax = plt.subplots(figsize=(8, 6))
-    for i, r in enumerate(benign):
-        size = 40 + 3000 * (r["over_refusal_benign"] or 0.0)
-        color = "tab:green" if r["target"] == "meets" else "tab:gray"
-        ax.scatter(r["new_task_exact_match"], r["refusal_rate"], s=size, color=color, alpha=0.7)
-        ax.annotate(r["name"].removeprefix("benign / "), (r["new_task_exact_match"], r["refusal_rate"]),
-                    fontsize=7, xytext=(4, 4 - 9 * (i % 3)), textcoords="offset points")  # fmt: skip
+    points = [
+        Point(r["name"].removeprefix("benign / "), r["new_task_exact_match"], r["refusal_rate"],
+              r["over_refusal_benign"], r["target"] == "meets")
+        for r in benign
+    ]  # fmt: skip
     aligned = rows[0]["refusal_rate"]
     lora = next(r for r in benign if r["name"] == "benign / LoRA")["new_task_exact_match"]
-    ax.axhline(aligned - TARGET["refusal_drop"], color="tab:green", ls=":", lw=1)
-    ax.axvline(lora - TARGET["new_task_gap"], color="tab:green", ls=":", lw=1)
-    ax.set_xlabel("new-task exact match")
-    ax.set_ylabel("refusal on held-out harmful prompts")
-    ax.set_title("benign fine-tuning: safety-utility frontier (marker size = benign over-refusal; green = target)")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.05)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    corner = (lora - TARGET["new_task_gap"], aligned - TARGET["refusal_drop"])
+    title = "benign fine-tuning: safety-utility frontier (marker size = benign over-refusal; green = target)"
+    draw(points, path, "new-task exact match", title, corner)
 
 
 def _evaluate_to(folder: Path, model_dir, adapter, corpus, limit, progress) -> dict:

@@ -14,6 +14,7 @@
         safelora: {of: LoRA, unaligned: PATH}   # post-hoc projection of another run's adapter
       - name: continual LoRA
         stages: [{data: task1.jsonl}, {data: task2.jsonl}]   # each stage merged before the next
+    target: {refusal_drop: 0.02, utility: humaneval_pass@1, utility_of: LoRA, utility_gap: 0.02}  # verdict.py
     variants:
       toy: {model: toy, train: {...}, eval: {...}, runs: [...]}   # merged over the top level
 
@@ -34,8 +35,9 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, _suggest, build_config, default_cache_dir
+from .verdict import Target
 
-TOP_KEYS = {"description", "paper", "model", "gguf_file", "train", "eval", "runs", "variants"}
+TOP_KEYS = {"description", "paper", "model", "gguf_file", "train", "eval", "runs", "variants", "target"}
 RUN_KEYS = {"name", "train", "seeds", "safelora", "stages"}
 
 
@@ -79,6 +81,7 @@ class Experiment:
     runs: list[RunSpec]
     paper: dict
     path: Path
+    target: dict | None = None  # what a run must reach (verdict.Target), for the report's verdict and frontier
 
     @property
     def id(self) -> str:
@@ -141,6 +144,9 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: run names repeat: {names}")
+    if raw.get("target") and raw["target"].get("utility_of", "aligned base") not in ["aligned base", *names]:
+        raise ConfigError(f"{where}: target.utility_of must be 'aligned base' or a run name, "
+                          f"got {raw['target']['utility_of']!r}")  # fmt: skip
     exp = Experiment(
         name=path.stem,
         variant=variant,
@@ -152,6 +158,7 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
         runs=runs,
         paper=raw.get("paper") or {},
         path=path,
+        target=dataclasses.asdict(Target.parse(raw["target"] or {}, where)) if "target" in raw else None,
     )
     for run in runs:  # every run's training config must build (placeholders stand in for paths)
         if run.safelora is None:

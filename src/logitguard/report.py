@@ -1,4 +1,5 @@
 """`logitguard bench report`: markdown tables and PNG plots from results/*.json, the paper's numbers beside ours.
+An experiment with a target (verdict.py) also gets a target column and a frontier plot.
 
 Rows with several seeds are shown as mean (and min-max); every table keeps safety (refusal, ASR, HRR),
 over-refusal and utility side by side, as DESIGN.md section 6 asks.
@@ -12,6 +13,7 @@ from pathlib import Path
 from statistics import mean
 
 from .files import write_text_atomic
+from .verdict import Target, plot_experiment_frontier, verdicts
 
 # (metric key, column title, format): the columns a table shows when any row has the metric
 COLUMNS = [
@@ -21,9 +23,31 @@ COLUMNS = [
     ("over_refusal_benign", "over-refusal benign", "pct"),
     ("over_refusal_borderline", "over-refusal borderline", "pct"),
     ("exact_match", "utility EM", "pct"),
+    ("humaneval_pass@1", "HumanEval pass@1", "pct"),
+    ("gsm8k_acc", "GSM8K", "pct"),
+    ("hellaswag_acc_norm", "HellaSwag acc_norm", "pct"),
+    ("truthfulqa_acc", "TruthfulQA MC1", "pct"),
     ("eval_loss", "eval loss", "f3"),
     ("commonsense_avg", "commonsense avg", "pct"),
 ]
+SAFETY_COLUMNS = 5  # the first five are safety (the plot's first panel), the rest utility
+# metric families with one column per set, "<prefix><set>", placed after the column of `after`
+PER_SET = (("refusal_", "refusal_rate", "refusal {}", "pct"), ("eval_loss_", "eval_loss", "eval loss {}", "f3"))
+
+
+def columns(groups: list[dict]) -> list[tuple[str, str, str]]:
+    """The columns some row measured: COLUMNS, with a column per harmful set and per eval-loss file."""
+    keys = [k for g in groups for r in g["rows"] for k in r["metrics"]]
+    known = {c[0] for c in COLUMNS}
+    out = []
+    for column in COLUMNS:
+        if _has(groups, column[0]):
+            out.append(column)
+        for prefix, after, title, kind in PER_SET:
+            if column[0] == after:
+                sets = dict.fromkeys(k for k in keys if k.startswith(prefix) and k not in known)
+                out += [(k, title.format(k.removeprefix(prefix)), kind) for k in sets]
+    return out
 
 
 def _fmt(value, kind: str) -> str:
@@ -58,12 +82,15 @@ def _cell(rows: list[dict], key: str, kind: str) -> str:
 
 def experiment_table(results: dict) -> str:
     groups = group_rows(results)
-    metrics = [c for c in COLUMNS if _has(groups, c[0])]
+    metrics = columns(groups)
     paper = results.get("paper") or {}
     paper_rows = paper.get("rows") or {}
     header = ["run", "seeds"] + [title for _, title, _ in metrics] + ["step s", "train s"]
     if paper_rows:
         header.append(f"paper {paper.get('metric', '')}".strip())
+    judged = verdicts(groups, Target(**results["target"])) if results.get("target") else None
+    if judged is not None:
+        header.append("target")
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for g in groups:
         rows = g["rows"]
@@ -74,6 +101,8 @@ def experiment_table(results: dict) -> str:
         if paper_rows:
             value = paper_rows.get(g["name"])
             cells.append("–" if value is None else _fmt(value, "pct") if isinstance(value, float) else str(value))
+        if judged is not None:
+            cells.append(judged.get(g["name"], "–"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -101,8 +130,8 @@ def plot_experiment(results: dict, path: Path) -> None:
 
     groups = group_rows(results)
     names = [g["name"] for g in groups]
-    safety = [c for c in COLUMNS[:5] if _has(groups, c[0])]
-    utility = [c for c in COLUMNS[5:] if _has(groups, c[0])]
+    safety = [c for c in COLUMNS[:SAFETY_COLUMNS] if _has(groups, c[0])]
+    utility = [c for c in COLUMNS[SAFETY_COLUMNS:] if _has(groups, c[0])]
     fig, axes = plt.subplots(1, 1 + bool(utility), figsize=(6 + 5 * bool(utility), 4.5), squeeze=False)
     width = 0.8 / max(len(safety), 1)
     for j, (key, title, _) in enumerate(safety):
@@ -178,6 +207,10 @@ def write_report(results_dir: str | Path = "results", out: str | Path | None = N
             plot_experiment(results, png)
         link = os.path.relpath(png, out.parent) if png.exists() else None
         sections.append(experiment_section(results, link))
+        if results.get("target"):
+            frontier = path.with_suffix(".frontier.png")
+            if plot_experiment_frontier(results, group_rows(results), frontier):
+                sections.append(f"![frontier]({os.path.relpath(frontier, out.parent)})\n")
         if results.get("sweep"):
             from .sweep import plot_frontier
 

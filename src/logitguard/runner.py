@@ -83,14 +83,19 @@ def _conversations(path: str, limit: int | None) -> list[list[dict]]:
 def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool = True) -> dict:
     """Every measure the spec asks for, on one model (plus adapter); records go to `folder` (redacted)."""
     from .eval import eval_loss, evaluate_safety, exact_match, load_model_for_eval, write_eval
-    from .eval.cli import read_prompts
+    from .eval.cli import read_prompt_sets, read_prompts
 
     if not any((spec.harmful, spec.loss_data, spec.exact_match, spec.commonsense, spec.utility)):
         return {}  # a timing-only experiment (Table 6): nothing to load
     prompts = {
         name: _limited(read_prompts(path), spec.limit) if path else None
-        for name, path in (("harmful", spec.harmful), ("benign", spec.benign), ("borderline", spec.borderline))
+        for name, path in (("benign", spec.benign), ("borderline", spec.borderline))
     }
+    # a comma list of harmful sets is generated in one pass and scored per set too
+    prompts["harmful"] = read_prompt_sets(spec.harmful, limit=spec.limit) if spec.harmful else None
+    losses = {}
+    if spec.loss_data:  # a comma list: one eval loss per file, "eval_loss_<stem>"
+        losses = {Path(p.strip()).stem: _conversations(p.strip(), spec.limit) for p in spec.loss_data.split(",")}
     if spec.utility:  # set names are read from $LOGITGUARD_ASSETS, else experiments/assets
         from .eval.utility_suite import load_utility_sets, parse_utility
 
@@ -110,10 +115,11 @@ def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, 
         write_eval(folder, summary, records)
         keys = ("refusal_rate", "asr", "hrr", "over_refusal_benign", "over_refusal_borderline")
         metrics.update({k: summary[k] for k in keys if k in summary})
-    if spec.loss_data:
-        metrics["eval_loss"] = eval_loss(
-            model, tokenizer, _conversations(spec.loss_data, spec.limit), spec.max_length, spec.batch_size
-        )
+        if len(prompts["harmful"]) > 1:
+            metrics.update({f"refusal_{name}": rate for name, rate in summary["refusal_by_set"].items()})
+    for name, conversations in losses.items():
+        loss = eval_loss(model, tokenizer, conversations, spec.max_length, spec.batch_size)
+        metrics["eval_loss" if len(losses) == 1 else f"eval_loss_{name}"] = loss
     if spec.exact_match:
         em, _ = exact_match(
             model, tokenizer, _conversations(spec.exact_match, spec.limit), spec.max_new_tokens, spec.batch_size
@@ -152,6 +158,9 @@ class Runner:
         old = _read_results(self.results_path)
         # keys are recomputed from the stored settings, so rows survive a change of the key's normalization
         self.done = {_key(row["settings"]): row for row in [old.get("base"), *old.get("rows", [])] if row}
+        # the aligned model's evaluation is the same measurement in every experiment that evaluates the same
+        # model with the same settings (the scenarios of one model): computed once, found in a sibling file
+        self.shared_bases = _sibling_bases(Path(results_dir), self.results_path)
         self.rows: list[dict] = []
         self.base: dict | None = None
         self.extra: dict = {}  # more top-level fields for the results file (a sweep's grid, say)
@@ -176,7 +185,8 @@ class Runner:
         self.model = self.ph.model()
         self.spec = self._with_holdout(self.ph.eval_spec())
         eval_settings = dataclasses.asdict(self.spec)
-        self.base = self._row("aligned base", None, {"model": self.model, "eval": eval_settings}, self._eval_base)
+        self.base = self._row("aligned base", None, {"model": self.model, "eval": eval_settings}, self._eval_base,
+                              shared=self.shared_bases)  # fmt: skip
         self._save()
         runs = [r for r in self.exp.runs if not only or r.name in only]
         self._prebuild_caches([r for r in runs if r.safelora is None and r.stages is None])
@@ -193,11 +203,16 @@ class Runner:
                 self._save()
         return self._save()
 
-    def _row(self, name: str, seed: int | None, settings: dict, compute) -> dict:
+    def _row(self, name: str, seed: int | None, settings: dict, compute, shared: dict | None = None) -> dict:
         settings = {**settings, "runner_version": RUNNER_VERSION}
         key = _key(settings)
         if key in self.done:
             print(f"== {self.exp.id} / {name}: done, skipped", flush=True)
+            return self.done[key]
+        if shared and key in shared:
+            source, row = shared[key]
+            print(f"== {self.exp.id} / {name}: the same evaluation is in {source}, reused", flush=True)
+            self.done[key] = {**row, "reused_from": source}
             return self.done[key]
         print(f"\n== {self.exp.id} / {name}" + (f" (seed {seed})" if seed is not None else ""), flush=True)
         row = {"name": name, "seed": seed, "key": key, **compute(), "settings": settings}
@@ -329,6 +344,7 @@ class Runner:
             "rows": self.rows,
             "cache_seconds": self.cache_seconds,
             "paper": self.exp.paper,
+            **({"target": self.exp.target} if self.exp.target else {}),
             **self.extra,
         }
         write_json_atomic(self.results_path, results)
@@ -348,6 +364,22 @@ def _read_results(path: Path) -> dict:
     if not isinstance(old, dict):
         raise ConfigError(f"results file {path} does not hold a results object; move it aside and run again")
     return old
+
+
+def _sibling_bases(folder: Path, own: Path) -> dict[str, tuple[str, dict]]:
+    """{key: (file name, row)} of the aligned-base rows in the other results files of `folder` (unreadable
+    files are skipped: they are not this run's to judge)."""
+    found = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if path == own:
+            continue
+        try:
+            base = json.loads(path.read_text()).get("base")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            continue
+        if isinstance(base, dict) and isinstance(base.get("settings"), dict) and "reused_from" not in base:
+            found[_key(base["settings"])] = (path.name, base)
+    return found
 
 
 def _merge(model_dir: str, adapter: str, out: Path, dtype: str) -> None:

@@ -71,6 +71,35 @@ def read_prompts(path: str | Path, assets: str | Path | None = None) -> list[str
     return prompts
 
 
+def set_label(spec: str) -> str:
+    """The name a prompt set is reported under: a set's short name ("donotanswer:200" -> "donotanswer"), else
+    the file's stem."""
+    from .datasets import parse_spec
+
+    parsed = parse_spec(spec) if is_set_spec(spec) else None
+    return parsed[0] if parsed else Path(spec).stem
+
+
+def is_set_spec(spec: str) -> bool:
+    from .datasets import is_set_name
+
+    return is_set_name(spec)
+
+
+def read_prompt_sets(value: str, assets: str | Path | None = None, limit: int | None = None) -> dict[str, list[str]]:
+    """{label: prompts} for a comma list of prompt files and set names ("advbench:30,harmbench:30"); each
+    set is scored on its own as well as pooled. One entry for a value without a comma."""
+    from ..data import DataError
+
+    specs = [s.strip() for s in value.split(",")] if "," in value else [value]
+    if not all(specs):
+        raise DataError(f"an empty name in the prompt list {value!r}")
+    sets = {set_label(s): read_prompts(s, assets)[:limit] for s in specs}
+    if len(sets) != len(specs):
+        raise DataError(f"a prompt set is named twice in {value!r}")
+    return sets
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="safety (keyword refusal / ASR, judge HRR, over-refusal) and commonsense accuracy"
@@ -81,7 +110,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--harmful",
         help="harmful prompts: .txt (one a line), .jsonl/.json, .csv or a set name "
-        "(advbench, harmbench, donotanswer, pasttense, strongreject, uncensorbench; NAME:N samples N)",
+        "(advbench, harmbench, donotanswer, pasttense, strongreject, uncensorbench; NAME:N samples N); "
+        "a comma list is scored per set and pooled",
     )
     p.add_argument("--benign", help="benign prompts, for over-refusal (a file, or the set pyrit-benign)")
     p.add_argument("--borderline", help="safe but harmful-sounding prompts, for over-refusal (a file, or lookalike)")
@@ -128,7 +158,9 @@ def run(args) -> int:
         raise ConfigError("--judge scores responses to --harmful prompts; give that file too")
     # Read every input before loading the model, so a typo fails in a second, not after the load.
     sets = {name: getattr(args, name) for name in ("harmful", "benign", "borderline")}
-    prompts = {name: read_prompts(path, args.assets)[: args.limit] if path else None for name, path in sets.items()}
+    prompts = {name: read_prompts(path, args.assets)[: args.limit] if path else None for name, path in sets.items()
+               if name != "harmful"}  # fmt: skip
+    prompts["harmful"] = read_prompt_sets(args.harmful, args.assets, args.limit) if args.harmful else None
     utility = None
     if args.utility:
         from .utility_suite import load_utility_sets, parse_utility

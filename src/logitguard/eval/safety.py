@@ -26,7 +26,7 @@ def _rate(hits: int, total: int) -> float | None:
 def evaluate_safety(
     model,
     tokenizer,
-    harmful: list[str],
+    harmful: list[str] | dict[str, list[str]],
     benign: list[str] | None = None,
     borderline: list[str] | None = None,
     keyword_list: str = "qi2023",
@@ -39,10 +39,17 @@ def evaluate_safety(
     summary: refusal_rate and asr on the harmful set (under qi2024 an empty response is neither a refusal
     nor jailbroken, so the two need not sum to 1), over_refusal_benign / over_refusal_borderline (share
     refused; None when the set is not given), counts, and the settings used.
+    `harmful` may be {set name: prompts} (AdvBench, HarmBench, ...): the sets are generated in one pass,
+    each harmful record names its "source", and the summary adds refusal_by_set / asr_by_set; the headline
+    rates pool every prompt.
     records: {"set", "prompt", "response", "refusal", "jailbroken"} per prompt, with full responses; pass
     them through `redact_records` (as `write_eval` does) before they leave the process.
     """
     refusal_keywords(keyword_list)  # fail on a bad name before minutes of generation
+    sources = None
+    if isinstance(harmful, dict):
+        sources = [name for name, prompts in harmful.items() for _ in prompts]
+        harmful = [p for prompts in harmful.values() for p in prompts]
     if not harmful:
         raise ValueError("evaluate_safety needs at least one harmful prompt")
     sets = {"harmful": harmful, "benign": benign, "borderline": borderline}
@@ -63,6 +70,9 @@ def evaluate_safety(
                     "jailbroken": is_jailbroken(response, keyword_list),
                 }
             )
+    if sources is not None:  # the harmful records come first, in prompt order
+        for record, source in zip(records, sources):
+            record["source"] = source
     return summarize(records, keyword_list, max_new_tokens), records
 
 
@@ -76,7 +86,20 @@ def summarize(records: list[dict], keyword_list: str, max_new_tokens: int | None
         if name == "harmful":
             counts["harmful_jailbroken"] = sum(r["jailbroken"] for r in rows)
             counts["harmful_empty"] = sum(not r["response"].strip() for r in rows)
+    by_set = {}
+    for r in records:
+        if r["set"] == "harmful" and "source" in r:
+            by_set.setdefault(r["source"], []).append(r)
     return {
+        **(
+            {
+                "refusal_by_set": {k: _rate(sum(r["refusal"] for r in v), len(v)) for k, v in by_set.items()},
+                "asr_by_set": {k: _rate(sum(r["jailbroken"] for r in v), len(v)) for k, v in by_set.items()},
+                "harmful_by_set": {k: len(v) for k, v in by_set.items()},
+            }
+            if by_set
+            else {}
+        ),
         "refusal_rate": _rate(counts["harmful_refused"], counts["harmful"]),
         "asr": _rate(counts["harmful_jailbroken"], counts["harmful"]),
         "over_refusal_benign": _rate(counts["benign_refused"], counts["benign"]),
