@@ -28,11 +28,12 @@ class PrefersToken(torch.nn.Module):
         self.vocab_size, self.token, self.boost = vocab_size, token, boost
         self.device = torch.device("cpu")
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False):
         logits = torch.zeros(*input_ids.shape, self.vocab_size)
         if self.token is not None:
             logits[..., self.token] = self.boost
-        return SimpleNamespace(logits=logits)
+        # no state to keep: the shared-context cache is a stand-in that only needs to be repeatable per choice
+        return SimpleNamespace(logits=logits, past_key_values=SimpleNamespace(batch_repeat_interleave=lambda n: None))
 
 
 def _direct(model, tokenizer, context: str, choice: str) -> float:
@@ -43,7 +44,8 @@ def _direct(model, tokenizer, context: str, choice: str) -> float:
 
 
 def test_choice_logprobs_match_a_direct_log_softmax(model, tokenizer):
-    choices = ["Blue.", "It is green.", "Red"]
+    """The context's shared key/value cache gives each choice the log-likelihood of scoring it whole."""
+    choices = ["Blue.", "It is green.", "Red", "a much longer answer than the others, padded last"]
     item = {"id": "x", "context": "Q: What color is the sky?\nA:", "choices": choices, "gold": 0}
     scores = choice_logprobs(model, tokenizer, item)
     for choice, score in zip(item["choices"], scores):

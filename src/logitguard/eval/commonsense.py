@@ -108,18 +108,31 @@ def option_logprobs(model, tokenizer, item: dict, choices: list[str]) -> list[fl
 
 @torch.inference_mode()
 def continuation_logprobs(model, context: list[int], conts: list[list[int]], pad: int | None = None) -> list[float]:
-    """Sum of log-probabilities of each continuation's tokens after the context tokens (one batched forward)."""
-    seqs = [context + c for c in conts]
-    width = max(map(len, seqs))
+    """Sum of log-probabilities of each continuation's tokens after the context tokens.
+
+    The context runs once and its key/value cache is shared by every continuation (one batched forward of
+    the continuations alone): a TruthfulQA item's six-shot primer is not run again for each of its choices.
+    Equal to scoring context + continuation whole (tests/test_multiple_choice.py checks it to 1e-4).
+    """
+    if not conts or any(not c for c in conts):
+        raise ValueError("continuation_logprobs needs non-empty continuations")
+    device = model.device
+    prefix, last = context[:-1], context[-1:]  # the last context token predicts each continuation's first
+    cache = None
+    if prefix:
+        cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(conts))
+    rows = [last + c[:-1] for c in conts]  # position j predicts c[j]
+    width = max(map(len, rows))
     pad = pad if pad is not None else 0
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=model.device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
-    logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * (len(prefix) + len(r)) + [0] * (width - len(r)) for r in rows], device=device)
+    logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None).logits
+    logprobs = logits.float().log_softmax(-1)
     scores = []
     for row, cont in enumerate(conts):
-        positions = torch.arange(len(context) - 1, len(context) - 1 + len(cont), device=model.device)
-        targets = torch.tensor(cont, device=model.device)
-        scores.append(float(logprobs[row, positions, targets].sum()))
+        targets = torch.tensor(cont, device=device)
+        scores.append(float(logprobs[row, torch.arange(len(cont), device=device), targets].sum()))
     return scores
 
 
