@@ -21,7 +21,7 @@ SHIPPED = sorted(EXPERIMENTS.glob("*.yaml"))
 def test_every_table_and_figure_has_an_experiment():
     names = {p.stem for p in SHIPPED}
     expected = {"table1_alpaca", "table2_purebad", "table3_commonsense", "table4_continual", "table5_lambda",
-                "table6_step_time", "fig3_random_tokens", "real_qwen_purebad"}  # fmt: skip
+                "table6_step_time", "fig3_random_tokens", "real_qwen_purebad", "real_qwen_benign"}  # fmt: skip
     assert expected <= names
 
 
@@ -210,3 +210,16 @@ def test_the_aligned_base_is_evaluated_once_across_scenario_files(tmp_path, mode
     other.write_text(other.read_text().replace("max_new_tokens: 4", "max_new_tokens: 5"))
     assert main(argv) == 0
     assert "reused_from" not in json.loads((tmp_path / "results" / "other.json").read_text())["base"]
+
+
+def test_only_adds_rows_and_keeps_the_others(tmp_path, model_dir):
+    """`--only` runs the named runs and keeps the file's other rows; a name that is no run is a one-line error."""
+    runs = [{"name": "LoRA", "train": {"str_weight": 0}}, {"name": "STR(I)", "train": {"safety_words": ["I"]}}]
+    path = _tiny_experiment(tmp_path, model_dir, runs)
+    first = _bench(tmp_path, path, "--only", "STR(I)")
+    assert [r["name"] for r in first["rows"]] == ["STR(I)"]
+    both = _bench(tmp_path, path, "--only", "LoRA")
+    assert [r["name"] for r in both["rows"]] == ["LoRA", "STR(I)"]  # in the file's run order
+    assert both["rows"][1]["key"] == first["rows"][0]["key"]
+    argv = ["bench", "run", str(path), "--results", str(tmp_path / "results"), "--only", "STR(l)"]
+    assert main(argv) == 2  # one line, no traceback (the CLI's error path)

@@ -15,7 +15,7 @@ import platform
 import time
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, build_config
+from .config import ConfigError, TrainConfig, _suggest, build_config
 from .experiment import EvalSpec, Experiment, Placeholders, RunSpec
 from .files import write_json_atomic, write_text_atomic
 
@@ -162,6 +162,9 @@ class Runner:
         # model with the same settings (the scenarios of one model): computed once, found in a sibling file
         self.shared_bases = _sibling_bases(Path(results_dir), self.results_path)
         self.rows: list[dict] = []
+        self.selected: list[str] = []
+        # rows of runs left out by `--only` stay in the file (a partial invocation adds rows, never drops them)
+        self.kept_rows = [r for r in old.get("rows", []) if isinstance(r, dict) and "name" in r]
         self.base: dict | None = None
         self.extra: dict = {}  # more top-level fields for the results file (a sweep's grid, say)
         self.cache_seconds = old.get("cache_seconds")
@@ -182,6 +185,11 @@ class Runner:
         return values
 
     def run(self, only: list[str] | None = None) -> dict:
+        names = [r.name for r in self.exp.runs]
+        for name in only or []:  # before any model is loaded: a typo fails in a second
+            if name not in names:
+                raise ConfigError(f"{self.exp.id}: --only {name!r} names no run{_suggest(name, set(names))}; "
+                                  f"runs: {', '.join(names)}")  # fmt: skip
         self.model = self.ph.model()
         self.spec = self._with_holdout(self.ph.eval_spec())
         eval_settings = dataclasses.asdict(self.spec)
@@ -189,6 +197,7 @@ class Runner:
                               shared=self.shared_bases)  # fmt: skip
         self._save()
         runs = [r for r in self.exp.runs if not only or r.name in only]
+        self.selected = [r.name for r in runs]
         self._prebuild_caches([r for r in runs if r.safelora is None and r.stages is None])
         for run in runs:
             for seed in run.seeds or [None]:
@@ -331,6 +340,13 @@ class Runner:
         settings = {"train": self.settings(cfg), "eval": dataclasses.asdict(self.spec)}
         return _key({**settings, "runner_version": RUNNER_VERSION}) in self.done
 
+    def _all_rows(self) -> list[dict]:
+        """This invocation's rows, plus the earlier rows of the experiment's other runs, in the file's run order."""
+        order = {r.name: i for i, r in enumerate(self.exp.runs)}
+        ran = {r["name"] for r in self.rows} | set(self.selected)
+        kept = [r for r in self.kept_rows if r["name"] in order and r["name"] not in ran]
+        return sorted(self.rows + kept, key=lambda r: order.get(r["name"], len(order)))
+
     def _save(self) -> dict:
         results = {
             "experiment": self.exp.name,
@@ -341,7 +357,7 @@ class Runner:
             "eval": dataclasses.asdict(self.spec),
             "versions": versions(),
             "base": self.base,
-            "rows": self.rows,
+            "rows": self._all_rows(),
             "cache_seconds": self.cache_seconds,
             "paper": self.exp.paper,
             **({"target": self.exp.target} if self.exp.target else {}),
