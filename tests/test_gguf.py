@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -85,11 +86,16 @@ def test_gguf_converts_once_exactly(tmp_path, tokenizer, monkeypatch):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_conversion)
     assert gguf_folder(tmp_path / "tiny.gguf", tmp_path / "cache", progress=False) == folder  # cached
+    # the same bytes fetched again elsewhere (another clone: other path, other mtime) are the same model, so
+    # the folder (each run's `model` setting, part of the runner's keys) stays the same
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "tiny.gguf", tmp_path / "elsewhere" / "tiny.gguf")
+    stat = (tmp_path / "elsewhere" / "tiny.gguf").stat()
+    os.utime(tmp_path / "elsewhere" / "tiny.gguf", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert gguf_folder(tmp_path / "elsewhere" / "tiny.gguf", tmp_path / "cache", progress=False) == folder
     monkeypatch.undo()
 
     write_tiny_gguf(tmp_path / "tiny.gguf", tokenizer, seed=1)  # replaced file: a new conversion
-    stat = (tmp_path / "tiny.gguf").stat()
-    os.utime(tmp_path / "tiny.gguf", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     again = gguf_folder(tmp_path / "tiny.gguf", tmp_path / "cache", progress=False)
     assert again != folder
     assert not torch.equal(load_model(str(again), "float32").lm_head.weight, model.lm_head.weight)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -24,6 +25,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def file_sha256(path: str | Path, piece: int = 1 << 24) -> str:
+    """sha256 of a file's bytes, read in 16 MiB pieces (a GGUF model is gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(piece):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _step(path: Path) -> int:

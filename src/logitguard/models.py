@@ -40,23 +40,27 @@ def _explain(name: str, what: str, err: Exception) -> ModelLoadError:
 def gguf_folder(gguf_path: str, cache_dir: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
     """A safetensors model folder converted once from a GGUF file (transformers dequantizes it).
 
-    The conversion takes a minute for a 0.5B model and the result lives in `cache_dir/gguf/`, keyed by the
-    file's absolute path, size and modification time, so the second load is a plain safetensors load and a
-    replaced GGUF file is converted again. Written to a temporary folder and renamed, so a killed conversion
-    leaves nothing half-done.
+    The conversion takes a minute for a 0.5B model and the result lives in `cache_dir/gguf/`, named by the
+    sha256 of the file's bytes and the dtype, so the second load is a plain safetensors load and a replaced
+    GGUF file is converted again. Content, not path or modification time: the folder's path is the model in
+    every run's settings, so the same file fetched again (another clone, another machine) keeps the runner's
+    finished results and reference caches valid. Hashing costs about a second per GB. Written to a temporary
+    folder and renamed, so a killed conversion leaves nothing half-done.
     """
     import hashlib
     import shutil
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .files import file_sha256
+
     path = Path(gguf_path).expanduser().resolve()
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {gguf_path} does not exist")
     if dtype not in DTYPES or dtype == "auto":
         raise ValueError(f"dtype for a GGUF conversion must be one of float32, bfloat16, float16; got {dtype!r}")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    digest = file_sha256(path)
+    key = hashlib.sha256(f"{digest}|{dtype}".encode()).hexdigest()[:16]
     folder = Path(cache_dir) / "gguf" / f"{path.stem}-{key}"
     if (folder / "config.json").exists():
         return folder
@@ -75,7 +79,7 @@ def gguf_folder(gguf_path: str, cache_dir: str | Path, dtype: str = "float32", p
         del model.config.quantization_config
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    (tmp / "gguf_source.txt").write_text(f"{path}\nsize {stat.st_size}\n")
+    (tmp / "gguf_source.txt").write_text(f"{path}\nsha256 {digest}\n")
     tmp.rename(folder)
     return folder
 
