@@ -16,6 +16,7 @@ point per run, the target's corner drawn), and the demo draws its frontier with 
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
@@ -84,19 +85,25 @@ def plot_frontier(points: list[Point], path: Path, xlabel: str, title: str, corn
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 6))
-    for i, p in enumerate(points):
+    # runs that land on the same point (small sets give equal scores often) share one label
+    labels: dict[tuple[float, float], list[str]] = {}
+    for p in points:
         size = 40 + 3000 * (p.over_refusal or 0.0)
         color = "black" if p.meets is None else "tab:green" if p.meets else "tab:gray"
         ax.scatter(p.utility, p.refusal, s=size, color=color, alpha=0.7, marker="*" if p.meets is None else "o")
-        ax.annotate(p.label, (p.utility, p.refusal), fontsize=7, xytext=(4, 4 - 9 * (i % 3)),
-                    textcoords="offset points")  # fmt: skip
+        labels.setdefault((round(p.utility, 4), round(p.refusal, 4)), []).append(p.label)
+    for i, ((x, y), names) in enumerate(labels.items()):
+        ax.annotate(", ".join(names), (x, y), fontsize=7, xytext=(4, 4 - 9 * (i % 3)), textcoords="offset points")
+    xs = [p.utility for p in points] + ([corner[0]] if corner is not None else [])
     if corner is not None:
         ax.axvline(corner[0], color="tab:green", ls=":", lw=1)
         ax.axhline(corner[1], color="tab:green", ls=":", lw=1)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("refusal on held-out harmful prompts")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=9)
     ax.set_ylim(-0.02, 1.05)
+    # rates: at least 0.2 wide, so that a 2-point gap does not fill the axis
+    ax.set_xlim(max(-0.02, min(xs) - 0.1), min(1.02, max(xs) + 0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
