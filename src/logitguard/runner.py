@@ -343,8 +343,7 @@ class Runner:
     def _all_rows(self) -> list[dict]:
         """This invocation's rows, plus the earlier rows of the experiment's other runs, in the file's run order."""
         order = {r.name: i for i, r in enumerate(self.exp.runs)}
-        ran = {r["name"] for r in self.rows} | set(self.selected)
-        kept = [r for r in self.kept_rows if r["name"] in order and r["name"] not in ran]
+        kept = [r for r in self.kept_rows if r["name"] in order and r["name"] not in self.selected]
         return sorted(self.rows + kept, key=lambda r: order.get(r["name"], len(order)))
 
     def _save(self) -> dict:
