@@ -92,8 +92,12 @@ def plot_frontier(points: list[Point], path: Path, xlabel: str, title: str, corn
         color = "black" if p.meets is None else "tab:green" if p.meets else "tab:gray"
         ax.scatter(p.utility, p.refusal, s=size, color=color, alpha=0.7, marker="*" if p.meets is None else "o")
         labels.setdefault((round(p.utility, 4), round(p.refusal, 4)), []).append(p.label)
-    for i, ((x, y), names) in enumerate(labels.items()):
-        ax.annotate(", ".join(names), (x, y), fontsize=7, xytext=(4, 4 - 9 * (i % 3)), textcoords="offset points")
+    # labels of nearby points are stacked downwards from the highest, so that none is written over another
+    placed: list[tuple[float, float]] = []
+    for x, y in sorted(labels, key=lambda xy: (-xy[1], xy[0])):
+        near = sum(abs(x - px) < 0.03 and abs(y - py) < 0.06 for px, py in placed)
+        placed.append((x, y))
+        ax.annotate(", ".join(labels[x, y]), (x, y), fontsize=7, xytext=(4, 4 - 9 * near), textcoords="offset points")
     xs = [p.utility for p in points] + ([corner[0]] if corner is not None else [])
     if corner is not None:
         ax.axvline(corner[0], color="tab:green", ls=":", lw=1)
