@@ -111,6 +111,30 @@ def test_bench_run_resume_and_report(tmp_path, model_dir, monkeypatch):
     assert (tmp_path / "results" / "tiny.png").stat().st_size > 0
 
 
+def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, model_dir, monkeypatch):
+    """Ctrl-C in the second step: the rerun trains from checkpoint-1, and its per-step time counts only the step
+    it trained (not the two of the whole run)."""
+    from logitguard.trainer import STRTrainer
+
+    path = _tiny_experiment(tmp_path, model_dir, [{"name": "LoRA", "train": {"str_weight": 0, "save_steps": 1}}])
+    loss = STRTrainer.compute_loss
+
+    def interrupted(self, *args, **kwargs):
+        if self.state.global_step == 1:
+            raise KeyboardInterrupt
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(STRTrainer, "compute_loss", interrupted)
+    argv = ["bench", "run", str(path), "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 130
+    assert (tmp_path / "work" / "tiny" / "lora" / "checkpoint-1").is_dir()
+    monkeypatch.setattr(STRTrainer, "compute_loss", loss)
+    row = _bench(tmp_path, path)["rows"][0]
+    assert row["steps"] == 2 and row["resumed_at_step"] == 1
+    assert row["step_seconds"] == row["train_seconds"]  # one step trained by this call
+
+
 def test_changed_settings_run_again(tmp_path, model_dir):
     path = _tiny_experiment(tmp_path, model_dir, [{"name": "LoRA", "train": {"str_weight": 0}}])
     first = _bench(tmp_path, path)["rows"][0]

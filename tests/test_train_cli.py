@@ -51,6 +51,7 @@ def test_resume_from_last_checkpoint(tmp_path, model_dir, capsys):
     out = run_train(tmp_path, model_dir, "--epochs", "2", "--save-steps", "1")
     result = next(json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith('{"output_dir"'))
     assert result["resumed_from"].endswith("checkpoint-2") and result["global_step"] == 4
+    assert result["steps_run"] == 2  # the time measured covers the two steps after the checkpoint only
     assert (out / "checkpoint-4").exists()
 
 

@@ -36,8 +36,9 @@ def file_sha256(path: str | Path, piece: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def _step(path: Path) -> int:
-    return int(path.name.rsplit("-", 1)[1])
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a `checkpoint-N` folder was saved at."""
+    return int(Path(path).name.rsplit("-", 1)[1])
 
 
 def _is_complete(checkpoint: Path) -> bool:
@@ -56,7 +57,7 @@ def checkpoints(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")]
-    return sorted((p for p in found if p.name.rsplit("-", 1)[1].isdigit()), key=_step)
+    return sorted((p for p in found if p.name.rsplit("-", 1)[1].isdigit()), key=checkpoint_step)
 
 
 def last_complete_checkpoint(folder: str | Path) -> Path | None:
@@ -72,7 +73,7 @@ def resume_checkpoint(folder: str | Path) -> str | None:
 
     last = last_complete_checkpoint(folder)
     for p in checkpoints(folder):
-        if (last is None or _step(p) > _step(last)) and not _is_complete(p):
+        if (last is None or checkpoint_step(p) > checkpoint_step(last)) and not _is_complete(p):
             warnings.warn(f"{p} was not saved completely (a run killed while saving it); removing it", stacklevel=2)
             shutil.rmtree(p, ignore_errors=True)  # every rank may try: whichever comes first removes it
     return str(last) if last is not None else None

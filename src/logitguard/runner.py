@@ -264,12 +264,12 @@ class Runner:
         # full fine-tuning saves a whole model, the PEFT methods an adapter on the aligned model
         model, adapter = (cfg.output_dir, None) if cfg.method == "full" else (self.model, cfg.output_dir)
         metrics = evaluate(model, adapter, self.spec, Path(cfg.output_dir) / "eval", self.progress)
-        steps = max(result["global_step"], 1)
         return {
             "metrics": metrics,
-            "train_seconds": result["train_seconds"],
+            "train_seconds": result["train_seconds"],  # a resumed run's: the steps after its checkpoint only
             "steps": result["global_step"],
-            "step_seconds": result["train_seconds"] / steps,
+            "step_seconds": result["train_seconds"] / max(result["steps_run"], 1),
+            **({"resumed_at_step": result["global_step"] - result["steps_run"]} if result["resumed_from"] else {}),
             "eval_seconds": time.perf_counter() - start,
             "safety_ids": result["safety_ids"],
             "final_ce": final["ce"],

@@ -16,7 +16,7 @@ import torch
 from .cache import CachedReference, build_reference_cache
 from .config import ConfigError, TrainConfig, save_config
 from .data import ChatCollator, apply_columns, ensure_chat_template, load_rows, split_holdout, tokenize_rows
-from .files import resume_checkpoint, write_json_atomic, write_text_atomic
+from .files import checkpoint_step, resume_checkpoint, write_json_atomic, write_text_atomic
 from .methods import mixing, salora
 from .models import (
     attach_method,
@@ -280,6 +280,8 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
         "train_seconds": seconds,
         "train_loss": result.training_loss,
         "global_step": trainer.state.global_step,
+        # the steps this call trained (train_seconds covers these only): per-step time stays right on a resume
+        "steps_run": trainer.state.global_step - (checkpoint_step(resume) if resume else 0),
         "resumed_from": resume,
         "safety_ids": list(tokens.ids),
         "safety_monitor": monitor.history if monitor else None,
