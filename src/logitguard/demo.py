@@ -216,7 +216,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, cache_dir: str
             "name": run.name,
             "data": run.data,
             "train_seconds": result["train_seconds"],
-            "step_seconds": result["train_seconds"] / max(1, result["global_step"]),
+            "step_seconds": result["step_seconds"],
             **metrics,
             "safety_ids": result["safety_ids"],
             "settings": settings,

@@ -268,7 +268,7 @@ class Runner:
             "metrics": metrics,
             "train_seconds": result["train_seconds"],  # a resumed run's: the steps after its checkpoint only
             "steps": result["global_step"],
-            "step_seconds": result["train_seconds"] / max(result["steps_run"], 1),
+            "step_seconds": result["step_seconds"],
             **({"resumed_at_step": result["global_step"] - result["steps_run"]} if result["resumed_from"] else {}),
             "eval_seconds": time.perf_counter() - start,
             "safety_ids": result["safety_ids"],

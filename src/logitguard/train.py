@@ -269,6 +269,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
+    steps_run = trainer.state.global_step - (checkpoint_step(resume) if resume else 0)
     _save_outputs(cfg, trainer, model, tokenizer, out, pissa_init)
     if salora_report and trainer.is_world_process_zero():  # B <- C B: a plain LoRA adapter on the aligned model
         salora.fold(model, out, salora_report)
@@ -280,8 +281,10 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
         "train_seconds": seconds,
         "train_loss": result.training_loss,
         "global_step": trainer.state.global_step,
-        # the steps this call trained (train_seconds covers these only): per-step time stays right on a resume
-        "steps_run": trainer.state.global_step - (checkpoint_step(resume) if resume else 0),
+        # the steps this call trained (train_seconds covers these only), so per-step time stays right on a
+        # resume; None when the checkpoint resumed from was the last step
+        "steps_run": steps_run,
+        "step_seconds": seconds / steps_run if steps_run else None,
         "resumed_from": resume,
         "safety_ids": list(tokens.ids),
         "safety_monitor": monitor.history if monitor else None,
