@@ -112,8 +112,8 @@ def test_bench_run_resume_and_report(tmp_path, model_dir, monkeypatch):
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, model_dir, monkeypatch):
-    """Ctrl-C in the second step: the rerun trains from checkpoint-1, and its per-step time counts only the step
-    it trained (not the two of the whole run)."""
+    """Ctrl-C in the second step: the rerun trains from checkpoint-1, and its time is the whole run's (the
+    first step's, recorded with the checkpoint, plus the second's), not only the part after the resume."""
     from logitguard.trainer import STRTrainer
 
     path = _tiny_experiment(tmp_path, model_dir, [{"name": "LoRA", "train": {"str_weight": 0, "save_steps": 1}}])
@@ -130,9 +130,12 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, model_dir, mon
     assert main(argv) == 130
     assert (tmp_path / "work" / "tiny" / "lora" / "checkpoint-1").is_dir()
     monkeypatch.setattr(STRTrainer, "compute_loss", loss)
+    saved = json.loads((tmp_path / "work" / "tiny" / "lora" / "checkpoint-1" / "train_seconds.json").read_text())
     row = _bench(tmp_path, path)["rows"][0]
     assert row["steps"] == 2 and row["resumed_at_step"] == 1
-    assert row["step_seconds"] == row["train_seconds"]  # one step trained by this call
+    # the first step's time (recorded with its checkpoint) plus the second's: the whole run, per step over both
+    assert row["train_seconds"] > saved["seconds"] > 0
+    assert row["step_seconds"] == pytest.approx(row["train_seconds"] / 2)
 
 
 def test_changed_settings_run_again(tmp_path, model_dir):

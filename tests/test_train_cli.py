@@ -46,12 +46,13 @@ def test_train_writes_adapter_tokens_config_metrics(tmp_path, model_dir, capsys)
 
 
 def test_resume_from_last_checkpoint(tmp_path, model_dir, capsys):
-    run_train(tmp_path, model_dir, "--epochs", "1", "--save-steps", "1")
+    first = run_train(tmp_path, model_dir, "--epochs", "1", "--save-steps", "1")
     capsys.readouterr()
+    before = json.loads((first / "checkpoint-2" / "train_seconds.json").read_text())["seconds"]  # rotated later
     out = run_train(tmp_path, model_dir, "--epochs", "2", "--save-steps", "1")
     result = next(json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith('{"output_dir"'))
     assert result["resumed_from"].endswith("checkpoint-2") and result["global_step"] == 4
-    assert result["steps_run"] == 2  # the time measured covers the two steps after the checkpoint only
+    assert result["steps_run"] == 2 and result["train_seconds"] > before > 0  # the first run's time counts
     assert (out / "checkpoint-4").exists()
 
 

@@ -266,7 +266,7 @@ class Runner:
         metrics = evaluate(model, adapter, self.spec, Path(cfg.output_dir) / "eval", self.progress)
         return {
             "metrics": metrics,
-            "train_seconds": result["train_seconds"],  # a resumed run's: the steps after its checkpoint only
+            "train_seconds": result["train_seconds"],  # across a resume (train_clock)
             "steps": result["global_step"],
             "step_seconds": result["step_seconds"],
             **({"resumed_at_step": result["global_step"] - result["steps_run"]} if result["resumed_from"] else {}),

@@ -16,7 +16,7 @@ import torch
 from .cache import CachedReference, build_reference_cache
 from .config import ConfigError, TrainConfig, save_config
 from .data import ChatCollator, apply_columns, ensure_chat_template, load_rows, split_holdout, tokenize_rows
-from .files import checkpoint_step, resume_checkpoint, write_json_atomic, write_text_atomic
+from .files import resume_checkpoint, write_json_atomic, write_text_atomic
 from .methods import mixing, salora
 from .models import (
     attach_method,
@@ -31,6 +31,7 @@ from .models import (
 from .pact import make_pact_reference, pact_settings
 from .reference import OnlineReference, PaperReference
 from .tokens import SafetyTokens
+from .train_clock import TrainClock
 from .trainer import STRTrainer
 
 # Fixed, not cfg.seed: runs that differ only in seed hold out the same rows, so their eval losses compare.
@@ -266,10 +267,10 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
         save_config(cfg, out / "config.yaml")
         if mix_report:
             write_json_atomic(out / "safety_mix.json", mix_report)
-    start = time.perf_counter()
+    clock = TrainClock(resume)
+    trainer.add_callback(clock)
     result = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - start
-    steps_run = trainer.state.global_step - (checkpoint_step(resume) if resume else 0)
+    timing = clock.result(trainer.state.global_step)
     _save_outputs(cfg, trainer, model, tokenizer, out, pissa_init)
     if salora_report and trainer.is_world_process_zero():  # B <- C B: a plain LoRA adapter on the aligned model
         salora.fold(model, out, salora_report)
@@ -278,13 +279,9 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
     trainer.accelerator.wait_for_everyone()
     return {
         "output_dir": str(out),
-        "train_seconds": seconds,
+        **timing,  # train_seconds and step_seconds over the whole run, across a resume; steps_run
         "train_loss": result.training_loss,
         "global_step": trainer.state.global_step,
-        # the steps this call trained (train_seconds covers these only), so per-step time stays right on a
-        # resume; None when the checkpoint resumed from was the last step
-        "steps_run": steps_run,
-        "step_seconds": seconds / steps_run if steps_run else None,
         "resumed_from": resume,
         "safety_ids": list(tokens.ids),
         "safety_monitor": monitor.history if monitor else None,
