@@ -121,6 +121,8 @@ class SafetyTokens:
     rows: tuple[dict, ...] = field(default=(), compare=False)
     # PACT's token weights v, one per id (`tokens mine --rule pact`); None: unweighted
     weights: tuple[float, ...] | None = None
+    # how a mined set was mined (rule, refusal filter, pairs file and its sha256): provenance, not identity
+    mining: dict | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if not self.ids:
@@ -230,6 +232,8 @@ class SafetyTokens:
             del d["weights"]
         else:
             d["weights"] = list(self.weights)
+        if self.mining is None:
+            del d["mining"]
         return d
 
     def save(self, path: str | Path) -> None:
@@ -260,6 +264,7 @@ class SafetyTokens:
             allow_punctuation=bool(d.get("allow_punctuation", False)),
             rows=tuple(d.get("rows", ())),
             weights=None if weights is None else tuple(float(w) for w in weights),
+            mining=d.get("mining"),
         )
 
     def check_against(self, tokenizer) -> None:
