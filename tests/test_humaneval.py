@@ -1,7 +1,8 @@
 """HumanEval scoring and its sandbox: a known-correct completion passes and a known-wrong one fails; a completion
 that loops forever is stopped by the time limit, one that allocates too much by the memory limit, one that
 opens a socket finds no network (a local server sees no connection), one that writes outside its folder or
-starts a process is refused. Both network layers (namespace and guard) are tested on their own."""
+starts a process is refused. Both network layers (namespace and guard) are tested on their own; the filesystem
+layers are tested in test_sandbox.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from fake_assets import FETCH_REASON, HAS_REAL_ASSETS, REAL_ASSETS
 
 from logitguard.eval.humaneval import build_program, evaluate_humaneval, execute, extract_code
-from logitguard.eval.sandbox import network_isolation, run_python
+from logitguard.eval.sandbox import mount_isolation, network_isolation, run_python
 
 PROBLEM = {
     "task_id": "Toy/0",
@@ -91,16 +92,22 @@ def test_memory_limit_stops_a_large_allocation():
 @pytest.mark.parametrize("isolation", ["auto", "guard"])
 def test_no_network(server, isolation):
     (record,) = execute([PROBLEM], [socket_completion(server.getsockname()[1])], isolation=isolation)
-    assert record["status"] == "failed" and "not allowed" in record["detail"]  # the guard refuses the import
+    assert record["status"] == "failed" and record["detail"] == "PermissionError"  # the guard refuses the import
     assert _no_connection(server)
 
 
-def test_the_network_namespace_alone_has_no_network(server):
-    if not network_isolation():
-        pytest.skip("no network namespace on this machine (unshare -rn)")
-    program = build_program(PROBLEM, socket_completion(server.getsockname()[1]))
-    result = run_python(program, isolation="netns", guard=False)
-    assert result.status == "failed" and "Network is unreachable" in result.detail and result.isolation == "netns"
+@pytest.mark.parametrize("isolation", ["netns", "mountns"])
+def test_a_namespace_alone_has_no_network(server, isolation):
+    if not (network_isolation() if isolation == "netns" else mount_isolation()):
+        pytest.skip(f"no {isolation} on this machine")
+    port = server.getsockname()[1]
+    program = (  # exit status 3: the kernel says the network is unreachable (detail carries no message text)
+        "import errno, socket, sys\ntry:\n"
+        f"    socket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'x')\n"
+        "except OSError as e:\n    sys.exit(3 if e.errno == errno.ENETUNREACH else 4)\n"
+    )
+    result = run_python(program, isolation=isolation, guard=False)
+    assert result.returncode == 3 and result.detail == "exit status 3" and result.isolation == isolation
     assert _no_connection(server)
     # the same program does reach the server outside the sandbox: the test would notice a broken namespace
     control = socket.create_connection(server.getsockname(), timeout=2)
@@ -142,6 +149,7 @@ def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
     problems = load_set("humaneval", REAL_ASSETS)
     canonical = execute(problems, [p["canonical_solution"] for p in problems])
     assert sum(r["passed"] for r in canonical) == 164
+    assert mount_isolation() is False or {r["isolation"] for r in canonical} == {"mountns"}
     fenced = execute(problems, [f"```python\n{p['prompt']}{p['canonical_solution']}```" for p in problems])
     assert sum(r["passed"] for r in fenced) == 164  # the full-function form of the same solutions
     assert not any(r["passed"] for r in execute(problems, ["    pass\n"] * len(problems)))

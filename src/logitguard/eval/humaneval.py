@@ -1,5 +1,6 @@
 """HumanEval pass@1 for chat models: a greedy completion per problem, executed against the problem's tests in
-the sandbox (logitguard.eval.sandbox: a subprocess per problem with time, memory, file and network limits).
+the sandbox (logitguard.eval.sandbox: a subprocess per problem with time, memory and file limits, no network, and
+a filesystem of its own that holds none of the user's files).
 
 The model is asked, through its chat template, to complete the function and answer with one Python code
 block. The program run is the problem's prompt (imports, helpers, the signature and docstring), then the

@@ -1,0 +1,212 @@
+"""The sandbox's filesystem layers (issue 20): a program under evaluation cannot read or list the user's files
+(a token and an SSH key under $HOME, the real home directory, the repository, the parent's working folder and
+environment, the rest of /tmp), neither through the mount namespace alone nor through the guard alone; it runs
+without privileges; `detail` never carries what the program wrote; a missing namespace is recorded and warned
+about, never silent. The network layers and the HumanEval scoring are tested in test_humaneval.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from logitguard.eval import sandbox
+from logitguard.eval.sandbox import mount_isolation, python_paths, run_python
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "hf_" + "Q7x" * 12  # the shape of a Hugging Face token
+KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+needs_mountns = pytest.mark.skipif(not mount_isolation(), reason="no mount namespace on this machine")
+
+# Each check returns what it could read (truthy) or raises OSError. The program prints the names of the checks
+# that read something and exits with status 1 when any did; else it goes on to what follows it.
+_PROBE = """
+import json, os, sys
+paths = json.loads({paths!r})
+
+def listing(path):
+    return [n for n in os.listdir(path) if n not in paths["interpreter"]]
+
+checks = {{
+    "open token": lambda: open(paths["token"]).read(),
+    "os.open token": lambda: os.read(os.open(paths["token"], os.O_RDONLY), 100),
+    "open ssh key": lambda: open(paths["key"], "rb").read(),
+    "list home": lambda: os.listdir(paths["home"]),
+    "scan .ssh": lambda: [e.name for e in os.scandir(paths["ssh"])],
+    "list real home": lambda: listing(paths["real_home"]),
+    "read repo file": lambda: open(paths["repo_file"]).read(),
+    "list repo": lambda: os.listdir(paths["repo"]),
+    "list parent cwd": lambda: os.listdir(paths["cwd"]),
+    "parent environ": lambda: open(f"/proc/{{os.getppid()}}/environ", "rb").read(),
+    "list /tmp": lambda: [n for n in os.listdir("/tmp") if not n.startswith("logitguard-exec-")],
+}}
+if paths["exists"]:  # not audited, so only the mount namespace hides it
+    checks["token exists"] = lambda: os.path.exists(paths["token"]) or os.path.exists(paths["repo_file"])
+leaked = []
+for name, check in checks.items():
+    try:
+        if check():
+            leaked.append(name)
+    except OSError:
+        pass
+print(json.dumps(leaked))
+if leaked:
+    sys.exit(1)
+"""
+
+
+def _interpreter_entries(home: str) -> list[str]:
+    """The first folder of the Python installation below `home` (pyenv, uv), which the namespace must show."""
+    return [Path(p).relative_to(home).parts[0] for p in python_paths() if Path(p).is_relative_to(home)]
+
+
+@pytest.fixture
+def user_files(tmp_path, monkeypatch):
+    """A home with a token and an SSH key, set as $HOME (and the caches) of the parent, as a user's would be."""
+    home = tmp_path / "home"
+    token = home / ".cache" / "huggingface" / "token"
+    key = home / ".ssh" / "id_ed25519"
+    for path, text in ((token, SECRET), (key, KEY)):
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(token.parent))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    real_home = pwd.getpwuid(os.getuid()).pw_dir
+    return {
+        "home": str(home),
+        "token": str(token),
+        "key": str(key),
+        "ssh": str(key.parent),
+        "real_home": real_home,
+        "interpreter": _interpreter_entries(real_home),
+        "repo": str(REPO),
+        "repo_file": str(REPO / "pyproject.toml"),
+        "cwd": os.getcwd(),
+    }
+
+
+def test_the_probe_finds_every_file_outside_the_sandbox(user_files):
+    # the control: run plainly, each check reads something, so an empty list in the sandbox means it held
+    program = _PROBE.format(paths=json.dumps(user_files | {"exists": True}))
+    plain = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    leaked = set(json.loads(plain.stdout))
+    expected = {"open token", "os.open token", "open ssh key", "list home", "scan .ssh", "read repo file"}
+    expected |= {"list repo", "list parent cwd", "parent environ", "list /tmp", "token exists"}
+    assert expected <= leaked and plain.returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("isolation", "guard"),
+    [pytest.param("mountns", False, marks=needs_mountns, id="mount-namespace-alone"), ("guard", True), ("auto", True)],
+)
+def test_user_files_cannot_be_read_or_listed(user_files, isolation, guard):
+    exists = isolation == "mountns" or (isolation == "auto" and mount_isolation())
+    program = _PROBE.format(paths=json.dumps(user_files | {"exists": exists}))
+    result = run_python(
+        program + f"\nraise SystemExit(open({user_files['token']!r}).read())", isolation=isolation, guard=guard
+    )
+    # "exit status 1" would mean a check leaked; else the last line's read fails as well (it would have put the
+    # token in detail before the fix)
+    assert result.detail in ("FileNotFoundError", "PermissionError"), result
+    assert SECRET not in repr(result)
+
+
+@needs_mountns
+def test_the_real_home_shows_only_the_interpreter():
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    allowed = _interpreter_entries(home)
+    theirs = sorted(set(os.listdir(home)) - set(allowed)) if os.path.isdir(home) else []
+    program = f"import os, sys\nnames = os.listdir({home!r}) if os.path.isdir({home!r}) else []\n"
+    program += f"sys.exit(0 if set(names) <= set({allowed!r}) else 1)\n"
+    assert run_python(program, isolation="mountns", guard=False).passed, f"{home} lists more than {allowed}"
+    assert theirs or not os.path.isdir(home)  # the parent does see the user's entries (this machine has some)
+
+
+# Run with guard=False, so that it may use ctypes: no capability in any set, and each call below needs one.
+_NO_PRIVILEGES = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+header, sets = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()  # _LINUX_CAPABILITY_VERSION_3
+held = []
+held.append(libc.capget(header, sets) != 0 or any(sets))
+held.append(libc.umount2(b"/", 2) == 0)  # MNT_DETACH
+held.append(libc.mount(b"tmpfs", b"/usr", b"tmpfs", 0, None) == 0)
+held.append(libc.unshare(0x10000000) == 0)  # a nested user namespace (refused inside a chroot)
+held.append(libc.unshare(0x20000) == 0)  # a new mount namespace
+for attempt in (lambda: os.chroot("/"), lambda: open("/usr/escaped", "w"), lambda: os.chmod("/dev/null", 0o600)):
+    try:
+        attempt()
+        held.append(True)
+    except OSError:
+        held.append(False)
+sys.exit(10 + held.index(True) if any(held) else 0)
+"""
+_IN_NAMESPACE = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
+sandbox = importlib.util.module_from_spec(spec)
+sys.modules["sandbox"] = sandbox
+spec.loader.exec_module(sandbox)
+result = sandbox.run_python(sys.argv[2], isolation="mountns", guard=False)
+print(json.dumps([result.status, result.returncode]))
+"""
+
+
+@needs_mountns
+def test_the_program_has_no_privileges():
+    result = run_python(_NO_PRIVILEGES, isolation="mountns", guard=False)
+    assert result.passed, result
+
+
+@needs_mountns
+def test_no_privileges_as_root_of_a_user_namespace_that_maps_root_alone():
+    # as under `unshare -r` (rootless tools, some CI sandboxes): there is no nobody to run as, so the program
+    # runs as root with every capability dropped
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-r", "true"]).returncode != 0:
+        pytest.skip("no `unshare -r` on this machine")
+    cmd = ["unshare", "-r", sys.executable, "-c", _IN_NAMESPACE, sandbox.__file__, _NO_PRIVILEGES]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert json.loads(out.stdout) == ["passed", 0], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        f"raise SystemExit({SECRET!r})",
+        f"raise ValueError({SECRET!r})",
+        f"raise type({SECRET!r}, (Exception,), {{}})()",
+        f"import sys\nsys.stderr.write({SECRET!r})\nsys.exit(2)",
+        f"import sys\nprint('Traceback (most recent call last):', file=sys.stderr)\nprint({SECRET + ': x'!r}, "
+        "file=sys.stderr)\nsys.exit(1)",
+        f"import sys\nprint({SECRET!r}, file=sys.stderr)\nraise KeyError({SECRET!r})",
+    ],
+    ids=["SystemExit", "ValueError", "own-class", "stderr", "forged-traceback", "stderr-then-KeyError"],
+)
+def test_detail_never_carries_the_programs_output(program):
+    result = run_python(program)
+    assert result.status == "failed" and SECRET not in result.detail and "Q7x" not in result.detail
+    assert result.detail in ("exit status 1", "exit status 2", "ValueError", "KeyError")
+
+
+def test_a_missing_namespace_is_recorded_and_warned_about(monkeypatch, user_files):
+    monkeypatch.setattr(sandbox, "mount_isolation_problem", lambda: "unshare: Operation not permitted (test)")
+    sandbox._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="no mount namespace .*test.*can see this user's files"):
+        result = run_python(f"print(open({user_files['token']!r}).read())")
+    assert result.isolation in ("netns", "guard") and result.detail == "PermissionError"  # the guard still refuses
+    with pytest.raises(RuntimeError, match="no mount namespace"):
+        run_python("pass", isolation="mountns")
+
+
+@needs_mountns
+def test_a_failed_setup_raises_instead_of_running_with_less(monkeypatch):
+    monkeypatch.setattr(sandbox, "python_paths", lambda: ["/nonexistent/logitguard-python"])
+    with pytest.raises(RuntimeError, match="sandbox setup failed: .*mount"):
+        run_python("pass")
