@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LogitguardError
+from .logit_transform import IDENTITY, LogitTransform, logit_transform
 
 MODES = ("cache", "online", "paper")
 
@@ -53,28 +54,52 @@ def adapter_disabled(model: nn.Module):
 
 
 def head_supports_rows(model: nn.Module) -> bool:
-    """Whether logits = head(hidden) is a plain linear map, so K logits can come from K head rows.
+    """Whether logits = transform(head(hidden)) with a plain linear head, so K logits can come from K head rows and
+    the cross-entropy from chunks of positions (the model's elementwise logit transform is applied in both).
 
-    Not so when the head itself carries an adapter, or the model rescales / soft-caps its logits.
+    Not so when the head itself carries an adapter.
     """
-    lm = unwrap(model)
-    head = lm.get_output_embeddings()
-    config = getattr(lm, "config", None)
-    rescaled = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
-    return isinstance(head, nn.Linear) and not hasattr(head, "base_layer") and not rescaled
+    head = unwrap(model).get_output_embeddings()
+    return isinstance(head, nn.Linear) and not hasattr(head, "base_layer")
 
 
-def logits_from_hidden(hidden: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(B, T, H) @ (K, H).T -> (B, T, K) in the hidden state's dtype."""
-    out = hidden @ rows.to(hidden.dtype).T
-    return out + bias.to(out.dtype) if bias is not None else out
+def _autocast_off(device: torch.device):
+    """A region where autocast does not re-cast operands (a no-op on a device without autocast, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `t` runs in: autocast's where it is on for t's device, else t's own."""
+    kind = t.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return t.dtype
+
+
+def logits_from_hidden(
+    hidden: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform = IDENTITY
+) -> torch.Tensor:
+    """transform((B, T, H) @ (K, H).T + bias) -> (B, T, K) in fp32 on the hidden state's device.
+
+    fp32 whatever the autocast: bf16 logits between 16 and 32 are 0.125 apart, coarser than the regularizer's
+    signal, and with K columns the fp32 matmul costs little. `rows` may sit on another device (the head's).
+    """
+    with _autocast_off(hidden.device):
+        out = hidden.float() @ rows.to(hidden.device, torch.float32).T  # (B, T, K)
+        if bias is not None:
+            out = out + bias.to(hidden.device, torch.float32)
+        return transform(out)
 
 
 class HeadTap(dict):
     """What one forward of the model yields for the loss, computed inside the output head's own forward.
 
-    Keys after the forward: `safety` (B, T, K) logits of the safety ids (differentiable), and when labels were
-    given `ce_sum` (fp32 sum of next-token NLL over labels != -100) and `ce_tokens` (their count).
+    Keys after the forward: `safety` (B, T, K) fp32 logits of the safety ids (differentiable), and when labels were
+    given `ce_sum` (fp32 sum of next-token NLL over labels != -100) and `ce_tokens` (their count). All of them on
+    the device of the ids / labels given, wherever the head sits; the logits are the model's own (after its
+    soft-cap or scale, see logit_transform.py), so ce_sum / ce_tokens is the model's `outputs.loss`.
     """
 
 
@@ -93,13 +118,16 @@ def head_tap(
     then computes the K safety logits from K head rows and the cross-entropy in chunks of positions
     (`chunked_nll`). Both run while the head's forward is in progress, which is when FSDP and DeepSpeed ZeRO-3
     hold its full weight (outside it the weight is a shard), and the forward hook is prepended so it runs before
-    ZeRO-3's hook releases the weight. Otherwise (soft-capped or scaled logits, an adapter on the head, the
-    paper's formulation) the head runs as usual and both values come from its (B, T, V) output.
+    ZeRO-3's hook releases the weight. Otherwise (an adapter on the head, the paper's formulation) the head runs as
+    usual and both values come from its (B, T, V) output. Either way the model's own logit transform (Gemma-2's
+    soft-cap, Cohere's and Granite's scales) is applied as its forward applies it after the head.
 
     `labels` (B, T) are the unshifted labels: logits at position t predict labels[t + 1].
     """
     tap = HeadTap()
-    head = unwrap(model).get_output_embeddings()
+    lm = unwrap(model)
+    head = lm.get_output_embeddings()
+    transform = logit_transform(lm)
     from_rows = not full_logits and head_supports_rows(model)
     box: dict[str, torch.Tensor] = {}
 
@@ -109,25 +137,30 @@ def head_tap(
 
     def forward_hook(module, _args, output):
         if from_rows:
-            hidden = box.pop("hidden")  # (B, T, H)
+            # The hidden state is on the last layer's device; with device_map="auto" the head may be on another
+            # GPU (its own hook moves its input there only inside its forward). Indexing and the chunked CE run
+            # on the weight's device, the K logits on the hidden's (K rows are cheap to move, the head is not).
+            hidden, weight, bias = box.pop("hidden"), module.weight, module.bias  # hidden (B, T, H)
             if ids is not None:
-                bias = module.bias[ids] if module.bias is not None else None
-                tap["safety"] = logits_from_hidden(hidden, module.weight[ids], bias)  # (B, T, K)
+                at = ids.to(weight.device)
+                rows, row_bias = weight[at], bias[at] if bias is not None else None  # (K, H), (K,)
+                tap["safety"] = logits_from_hidden(hidden, rows, row_bias, transform).to(ids.device)  # (B, T, K)
             if labels is not None:
                 targets = labels[:, 1:].to(hidden.device)
                 mask = targets != -100
-                hidden = hidden[:, :-1][mask]  # (N, H): only positions that predict a label
-                tap["ce_sum"] = chunked_nll(hidden, module.weight, module.bias, targets[mask], chunk_tokens)
-                tap["ce_tokens"] = mask.sum()
+                picked = hidden[:, :-1][mask].to(weight.device)  # (N, H): only positions that predict a label
+                nll = chunked_nll(picked, weight, bias, targets[mask].to(weight.device), chunk_tokens, transform)
+                tap["ce_sum"] = nll.to(labels.device)
+                tap["ce_tokens"] = mask.sum().to(labels.device)
             return output
-        if ids is not None:
-            tap["safety"] = output[..., ids.to(output.device)]  # backward materialises a (B, T, V) gradient
+        if ids is not None:  # backward materialises a (B, T, V) gradient
+            tap["safety"] = transform(output[..., ids.to(output.device)].float()).to(ids.device)
         if labels is not None:
             targets = labels[:, 1:].to(output.device)
-            tap["ce_sum"] = F.cross_entropy(
-                output[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-            )
-            tap["ce_tokens"] = (targets != -100).sum()
+            logits = transform(output[:, :-1].flatten(0, 1).float())  # (B * (T - 1), V)
+            ce = F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
+            tap["ce_sum"] = ce.to(labels.device)
+            tap["ce_tokens"] = (targets != -100).sum().to(labels.device)
         return output
 
     handles = [head.register_forward_hook(forward_hook, prepend=True)]
@@ -145,58 +178,102 @@ CHUNK_LOGITS = 2**25
 
 
 def chunked_nll(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk: int | None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk: int | None,
+    transform: LogitTransform = IDENTITY,
 ) -> torch.Tensor:
-    """Sum over N positions of -log softmax(hidden @ weight.T + bias)[target], in fp32, without (N, V) logits.
+    """Sum over N positions of -log softmax(transform(hidden @ weight.T + bias))[target], in fp32, without (N, V)
+    logits.
 
-    hidden (N, H), weight (V, H), targets (N,). The logits exist one chunk of positions at a time; the gradients
-    with respect to the hidden state (and the weight and bias when they are trained) are computed chunk by chunk
-    in the forward and kept, so backward neither recomputes the logits nor needs the head's weight again (which
-    FSDP and ZeRO-3 have released by then).
+    hidden (N, H) and weight (V, H) on one device, targets (N,). The logits exist one chunk of positions at a time;
+    the gradients with respect to the hidden state (and the weight and bias when they are trained) are computed
+    chunk by chunk in the forward and kept in fp32, so backward neither recomputes the logits nor needs the head's
+    weight again (which FSDP and ZeRO-3 have released by then). The matmuls run in autocast's dtype where autocast
+    is on (else the hidden state's), with the weight cast once.
     """
     chunk = chunk or max(1, CHUNK_LOGITS // weight.shape[0])
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return _ChunkedNLL.apply(hidden, weight, bias, targets, chunk, need)
+    return _ChunkedNLL.apply(hidden, weight, bias, targets, chunk, need, transform)
+
+
+def _grad_hidden(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(n, V) fp32 @ (V, H) in w's dtype -> (n, H) fp32.
+
+    fp16: each row is first scaled by a power of two to its largest entry (exact, undone after), so the small
+    probabilities of a confident model neither underflow nor turn subnormal (the loss scale reaches them only in
+    backward, after this).
+    """
+    if w.dtype == torch.float32:
+        return g @ w
+    if w.dtype != torch.float16:
+        return (g.to(w.dtype) @ w).float()
+    exponent = torch.frexp(g.abs().amax(dim=1, keepdim=True)).exponent  # (n, 1): max |g_row| < 2^exponent
+    return torch.ldexp((torch.ldexp(g, -exponent).to(w.dtype) @ w).float(), exponent)
+
+
+def _add_grad_weight(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w (V, H) fp32 += g.T (V, n) @ h (n, H): the GEMM in bf16 when h is bf16 (tensor cores; its (V, H)
+    result is accumulated into fp32 over the chunks), else in fp32 (fp16 would flush small probabilities)."""
+    if h.dtype == torch.bfloat16:
+        grad_w.add_(g.T.to(h.dtype) @ h)
+    else:
+        grad_w.addmm_(g.T, h.float())
 
 
 class _ChunkedNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, need_grad):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    def forward(ctx, hidden, weight, bias, targets, chunk, need_grad, transform):
+        device = hidden.device
+        dtype = _compute_dtype(hidden)
+        total = torch.zeros((), dtype=torch.float32, device=device)
         want_h = need_grad and hidden.requires_grad
         want_w = need_grad and weight.requires_grad
         want_b = need_grad and bias is not None and bias.requires_grad
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
-        for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start : start + chunk]  # (n, H)
-            t = targets[start : start + chunk]  # (n,)
-            logits = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if not (want_h or want_w or want_b):
-                continue
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
-            g[torch.arange(len(t), device=g.device), t] -= 1.0  # d NLL / d logits
-            if want_h:
-                grad_h[start : start + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            if want_w:
-                grad_w.addmm_(g.T, h.float())
-            if want_b:
-                grad_b += g.sum(dim=0)
+        f32 = dict(dtype=torch.float32, device=device)
+        grad_h = torch.empty(hidden.shape, **f32) if want_h else None  # fp32: an fp16 one would underflow
+        grad_w = torch.zeros(weight.shape, **f32) if want_w else None
+        grad_b = torch.zeros(bias.shape, **f32) if want_b else None
+        # Cast once, and keep autocast from casting again in every chunk (an fp32 frozen head after k-bit
+        # preparation is ~1 GB per cast on Llama-3-8B).
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grads = want_h or want_w or want_b
+        with _autocast_off(device):
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start : start + chunk].to(dtype)  # (n, H)
+                t = targets[start : start + chunk]  # (n,)
+                # the model's own logits (n, V) fp32, and d logits / d head output where gradients are needed
+                logits, slope = transform.apply_(F.linear(h, w, b).float(), slope=grads)
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if not grads:
+                    continue
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
+                g[torch.arange(len(t), device=g.device), t] -= 1.0  # d NLL / d logits
+                g = g.mul_(slope) if not transform.identity else g  # d NLL / d head output
+                if want_h:
+                    grad_h[start : start + chunk] = _grad_hidden(g, w)
+                if want_w:
+                    _add_grad_weight(grad_w, g, h)
+                if want_b:
+                    grad_b += g.sum(dim=0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        # Scaled in fp32 first: grad_out carries fp16's loss scale, which brings small gradients into range.
         return (
-            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+            None if grad_h is None else (grad_h * grad_out).to(h_dtype),
             None if grad_w is None else (grad_w * grad_out).to(w_dtype),
             None if grad_b is None else (grad_b * grad_out).to(b_dtype),
+            None,
             None,
             None,
             None,

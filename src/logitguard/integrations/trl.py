@@ -30,6 +30,7 @@ from trl import SFTConfig, SFTTrainer
 from ..cache import CachedReference, build_reference_cache
 from ..config import ConfigError, check_safety_settings, default_cache_dir
 from ..keyed import KeyedReference
+from ..logit_transform import logit_transform
 from ..reference import OnlineReference, head_supports_rows, logits_from_hidden, unwrap
 from ..trainer import SafetyRegularization
 
@@ -91,7 +92,7 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
         from ..train import resolve_tokens
 
         if self.args.str_weight > 0 and not head_supports_rows(self.model):
-            raise ConfigError("the output head is not a plain linear map (soft-capped or adapted logits); "
+            raise ConfigError("the output head is not a plain linear map (an adapter on lm_head); "
                               "use logitguard's own trainer, which falls back to full logits")  # fmt: skip
         self.safety_tokens = resolve_tokens(self.args, self.processing_class)
         reference = self._make_reference() if self.args.str_weight > 0 else None
@@ -162,6 +163,7 @@ def _backbone_safety_logits(model, ids: torch.Tensor):
 
     lm = unwrap(model)
     head = lm.get_output_embeddings()
+    transform = logit_transform(lm, from_backbone=True)  # soft-cap / scales, as the model's forward applies them
     box: dict[str, torch.Tensor] = {}
 
     def hook(_module, _args, output):
@@ -171,9 +173,10 @@ def _backbone_safety_logits(model, ids: torch.Tensor):
         weight, bias = head.weight, head.bias
         if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
             weight, bias = weight.full_tensor(), bias.full_tensor() if bias is not None else None
+        at = ids.to(weight.device)  # device_map="auto" may put the head on another GPU than the batch
         with maybe_gather_lm_head_ctx(weight, bias):
-            rows, row_bias = weight[ids], bias[ids] if bias is not None else None
-        box["safety"] = logits_from_hidden(hidden, rows.to(hidden.device), row_bias)
+            rows, row_bias = weight[at], bias[at] if bias is not None else None
+        box["safety"] = logits_from_hidden(hidden, rows, row_bias, transform).to(ids.device)  # (B, T, K) fp32
 
     handle = lm.get_decoder().register_forward_hook(hook)
     try:
