@@ -5,6 +5,7 @@ Everything is built offline in a second; nothing is downloaded.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ import torch
 
 # Tiny models run faster on one thread, and the test machines have two cores shared with other work.
 torch.set_num_threads(1)
+
+# In-process tests train on one GPU at most. With two visible, a plain process's TrainingArguments count n_gpu 2,
+# which logitguard refuses (DataParallel: it says to use accelerate launch). device_count asks NVML, which does not
+# initialize CUDA, so the narrowed setting still applies to this process; the tests that start several processes
+# run them on the CPU (gloo).
+if torch.cuda.device_count() > 1:
+    os.environ["CUDA_VISIBLE_DEVICES"] = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
 
 ASSETS = Path(__file__).parent / "assets"
 CHAT_TEMPLATE = (

@@ -17,7 +17,8 @@ def test_two_process_ddp_training(tmp_path, model_dir):
         "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--max-length", "64",
         "--batch-size", "2", "--epochs", "2", "--logging-steps", "1", "--trainer", '{"disable_tqdm": true}',
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # CPU processes on a GPU machine too (conftest leaves at most one GPU visible, and two processes cannot share it)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"output_dir"')]

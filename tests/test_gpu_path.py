@@ -2,7 +2,11 @@
 DataParallel, Trainer flags as config keys."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from test_trainer import lora, make_trainer, one_step_update
 
 from logitguard.cli import main
 from logitguard.config import ConfigError, build_config
-from logitguard.models import load_model, resolve_dtype, resolve_precision
+from logitguard.models import DTYPES, load_model, resolve_dtype, resolve_precision
 from logitguard.tokens import SafetyTokens
 
 
@@ -26,20 +30,36 @@ def test_step_counts_are_summed_on_the_batches_device(model, tokenizer, tmp_path
     assert trainer._step_counts.device.type == "meta"
 
 
+def fake_cuda(monkeypatch, major: int | None) -> None:
+    """A CUDA GPU of compute capability `major`.x (None: none), faked where torch asks the driver, not where
+    logitguard asks torch: whether CUDA is there, the device's properties, and whether a bf16 tensor can be made on
+    it (yes on every CUDA GPU: below 8.0 bf16 is emulated)."""
+    present = major is not None
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: present)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: present)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major, minor=0))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: present)
+
+
 @pytest.mark.parametrize(
-    "precision, dtype, cuda, bf16_ok, method, expect",
+    "precision, dtype, major, method, expect",
     [
-        ("auto", "auto", False, False, "lora", ("fp32", "float32")),  # CPU
-        ("auto", "auto", True, True, "lora", ("bf16", "bfloat16")),  # A100 / H100
-        ("auto", "auto", True, False, "lora", ("fp16", "float16")),  # V100, T4
-        ("auto", "auto", True, False, "full", ("fp16", "float32")),  # trained weights stay fp32 for the scaler
-        ("auto", "float16", False, False, "lora", ("fp16", "float16")),  # a named half dtype picks its precision
-        ("fp32", "auto", True, True, "lora", ("fp32", "float32")),
+        ("auto", "auto", None, "lora", ("fp32", "float32")),  # CPU
+        ("auto", "auto", 8, "lora", ("bf16", "bfloat16")),  # A100
+        ("auto", "auto", 9, "lora", ("bf16", "bfloat16")),  # H100, H200
+        ("auto", "auto", 7, "lora", ("fp16", "float16")),  # V100, T4: bf16 only emulated
+        ("auto", "auto", 7, "full", ("fp16", "float32")),  # trained weights stay fp32 for the scaler
+        ("auto", "auto", 9, "full", ("bf16", "float32")),  # and as master weights under bf16
+        ("auto", "float16", None, "lora", ("fp16", "float16")),  # a named half dtype picks its precision
+        ("fp32", "auto", 9, "lora", ("fp32", "float32")),
     ],
 )
-def test_precision_and_dtype_rules(monkeypatch, precision, dtype, cuda, bf16_ok, method, expect):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+def test_precision_and_dtype_rules(monkeypatch, precision, dtype, major, method, expect):
+    fake_cuda(monkeypatch, major)
+    if major is not None:
+        assert torch.cuda.is_bf16_supported()  # counting emulation, every GPU here would say yes
     resolved = resolve_precision(precision, dtype)
     assert (resolved, resolve_dtype(dtype, resolved, method)) == expect
 
@@ -61,7 +81,10 @@ def test_a_model_stored_in_fp16_is_not_trained_in_pure_fp16(model_dir, tmp_path)
 
     result = train(cfg, progress=False, tokenizer=AutoTokenizer.from_pretrained(model_dir))
     trained = result["trainer"].model
-    assert {p.dtype for p in trained.parameters()} == {torch.float32}  # CPU: fp32 compute, nothing half
+    # what auto picks here, by the function the code asks: fp32 on a CPU, bf16 from compute capability 8.0, else fp16
+    frozen = DTYPES[resolve_dtype("auto", resolve_precision("auto"))]
+    assert {p.dtype for p in trained.parameters() if p.requires_grad} == {torch.float32}  # adapters: fp32
+    assert {p.dtype for p in trained.parameters() if not p.requires_grad} == {frozen}  # never fp16 under fp32 compute
 
 
 def test_bf16_mixed_precision_trains_fp32_adapters_on_bf16_weights(model_dir, tmp_path):
@@ -221,3 +244,152 @@ def test_eval_mode_keeps_4bit_layers_out_of_their_cpu_inference_path():
     with eval_mode(model):
         assert model[1].training
     assert not model.training and not model[1].training  # restored as it was
+
+
+def test_full_fine_tune_in_bf16_keeps_fp32_weights_that_take_tiny_updates(model_dir, tmp_path):
+    """A bf16 weight drops every update below 2^-8 of itself; trained weights stay fp32 and autocast computes in
+    bf16, as the Trainer's mixed precision means."""
+    from safetensors.torch import load_file
+
+    from logitguard.config import load_config
+    from logitguard.train import train
+
+    cfg = load_config(None, {"model": str(model_dir), "data": "tests/assets/chat.jsonl", "method": "full",
+                             "precision": "bf16", "str_weight": 0, "output_dir": str(tmp_path / "o"), "max_length": 64,
+                             "max_steps": 1, "optim": "sgd", "learning_rate": 1e-4, "lr_scheduler_type": "constant",
+                             "save_steps": 100})  # fmt: skip
+    result = train(cfg, progress=False)
+    assert result["trainer"].args.bf16
+    trained = {n: p.detach() for n, p in result["trainer"].model.named_parameters()}
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    original = load_file(model_dir / "model.safetensors")
+    # updates smaller than bf16 could hold (under 2^-9 of the weight: rounding to bf16 would undo them) were kept
+    kept = [((w - original[n]).abs() < original[n].abs() * 2**-9) & (w != original[n]) for n, w in trained.items()]
+    assert sum(int(k.sum()) for k in kept) > 0
+
+
+class FakeZero3Config:
+    """What transformers' DeepSpeed global points to after TrainingArguments under `accelerate launch` with ZeRO-3
+    (an HfDeepSpeedConfig; deepspeed itself is not installed here)."""
+
+    config = {"zero_optimization": {"stage": 3}}
+
+    def is_zero3(self):
+        return True
+
+
+@pytest.fixture
+def zero3_config():
+    from transformers.integrations import deepspeed
+
+    fake = FakeZero3Config()  # held here: transformers keeps only a weak reference
+    deepspeed.set_hf_deepspeed_config(fake)
+    yield fake
+    deepspeed.unset_hf_deepspeed_config()
+
+
+def test_zero3_loads_and_builds_the_cache_from_the_whole_model(zero3_config, model_dir, tmp_path, monkeypatch):
+    """With the config installed, from_pretrained would partition the weights as it loads them (zero.Init; here:
+    fail to import deepspeed). logitguard loads, fingerprints and builds the cache with it unset, and puts it back
+    for the Trainer, whose engine partitions the model."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    import logitguard.train as train_module
+    from logitguard.config import load_config
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def trainer_instead(**kwargs):
+        seen.update(zero3=is_deepspeed_zero3_enabled(), reference=kwargs["reference"], model=kwargs["model"])
+        raise Stop
+
+    monkeypatch.setattr(train_module, "STRTrainer", trainer_instead)
+    cfg = load_config(None, {"model": str(model_dir), "data": "tests/assets/chat.jsonl", "max_length": 64,
+                             "output_dir": str(tmp_path / "o"), "cache_dir": str(tmp_path / "cache")})  # fmt: skip
+    with pytest.raises(Stop):
+        train_module.train(cfg, progress=False)
+    assert seen["zero3"]  # restored before the Trainer
+    assert seen["reference"] is not None and (Path(seen["reference"].folder) / "manifest.json").is_file()
+    assert all(p.numel() > 0 for p in seen["model"].parameters())  # whole, not partitioned
+
+
+@pytest.mark.parametrize("marks", [("ds_id", "ds_status", "ds_shape"), ("ds_shape",)])
+def test_fingerprint_refuses_weights_that_zero3_partitioned(model, marks):
+    from logitguard.cache import model_fingerprint
+    from logitguard.reference import ReferenceError
+
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    values = {"ds_id": 7, "ds_status": "NOT_AVAILABLE", "ds_shape": weight.shape}  # as DeepSpeed marks a partition
+    for name in marks:
+        setattr(weight, name, values[name])
+    weight.data = torch.empty(0, dtype=weight.dtype)  # what a process holds of a partitioned weight outside a gather
+    with pytest.raises(ReferenceError, match="partitioned across processes") as e:
+        model_fingerprint(model)
+    assert "\n" not in str(e.value) and "q_proj" in str(e.value)
+
+
+def test_quantize_under_zero3_is_refused_in_one_line(zero3_config, model_dir, tmp_path):
+    from logitguard.config import load_config
+    from logitguard.train import train
+
+    cfg = load_config(None, {"model": str(model_dir), "data": "tests/assets/chat.jsonl", "quantize": "4bit",
+                             "output_dir": str(tmp_path / "o"), "max_length": 64})  # fmt: skip
+    with pytest.raises(ConfigError, match="quantize: 4bit under DeepSpeed ZeRO-3") as e:
+        train(cfg, progress=False)  # it said the model "could not be fetched from the hub"
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "env, quantize, refusal",
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "4bit", "DeepSpeed ZeRO-3"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "8bit", "cannot be sharded by FSDP"),
+    ],
+)
+def test_quantizations_that_cannot_be_sharded_are_refused(monkeypatch, model_dir, env, quantize, refusal):
+    """The environment `accelerate launch` sets for a ZeRO-3 or an FSDP config."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=refusal):
+        load_model(str(model_dir), "bfloat16", quantize=quantize)
+
+
+def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype(tokenizer, tmp_path, monkeypatch):
+    """FSDP shards floating-point tensors only: the FSDP-QLoRA recipe stores the 4-bit weights in the compute dtype
+    and pins no device map (bitsandbytes places the model on this process's GPU)."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "model"  # bitsandbytes' CPU 4-bit kernel packs 64 output features at a time
+    tiny_llama(len(tokenizer), hidden=64).save_pretrained(model_dir)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with an FSDP config sets it
+    calls, load = [], AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: calls.append(k) or load(cls, *a, **k)))  # fmt: skip
+    model = load_model(str(model_dir), "bfloat16", quantize="4bit", device=torch.device("cpu"))
+    assert "device_map" not in calls[0]
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert type(weight).__name__ == "Params4bit" and weight.dtype == torch.bfloat16
+
+
+def test_help_imports_no_bitsandbytes_and_its_kernel_warning_stays_quiet():
+    """bitsandbytes logs, while it is imported on CPUs with AVX512-BF16 and no `kernels` package, that it could not
+    fetch a CPU kernel; transformers' Trainer imports PEFT, which imports bitsandbytes. `--help` imports neither, and
+    a training command's import (stood in for by the same logger and message) prints nothing."""
+    code = (
+        "import logging, sys\nfrom logitguard.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('bitsandbytes imported:', 'bitsandbytes' in sys.modules)\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('Failed to load CPU gemm_4bit_forward from "
+        "kernels-community: %s. Please make sure you already `pip install kernels`', 'No module named kernels')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage: logitguard" in proc.stdout
+    assert "bitsandbytes imported: False" in proc.stdout
+    assert "gemm_4bit_forward" not in proc.stdout + proc.stderr

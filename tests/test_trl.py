@@ -107,3 +107,42 @@ def test_trl_agrees_with_logitguards_trainer_and_is_invariant_to_accumulation(to
         torch.testing.assert_close(theirs[n], ours[n], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(accumulated[n], ours[n], rtol=1e-4, atol=1e-6)
     assert log["reg"] > 0 and log["ce"] > 0
+
+
+def test_trl_builds_the_cache_where_the_model_trains_under_fsdp_or_deepspeed(model, tokenizer, tmp_path, monkeypatch):
+    """Under FSDP and DeepSpeed the Trainer leaves the model where it was loaded (the CPU; their wrappers place it
+    when prepared), so the cache's forward ran there: hours for an 8B model. The meta device stands in for the GPU."""
+    import logitguard.integrations.trl as integration
+
+    args = config(tmp_path)
+    monkeypatch.setattr(STRSFTConfig, "place_model_on_device", property(lambda self: False))  # as FSDP, DeepSpeed
+    monkeypatch.setattr(STRSFTConfig, "device", property(lambda self: torch.device("meta")))
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def build(aligned, *rest, **kwargs):
+        seen.append({p.device for p in aligned.parameters()})
+        raise Stop
+
+    monkeypatch.setattr(integration, "build_reference_cache", build)
+    with pytest.raises(Stop):
+        STRSFTTrainer(model=lora(model), args=args, train_dataset=Dataset.from_list(CHAT), processing_class=tokenizer)
+    assert seen == [{torch.device("meta")}]
+
+
+def test_another_trl_is_refused_at_import_with_the_fix(monkeypatch):
+    """The integration uses TRL internals: another release failed at the first step, after the cache was built."""
+    import importlib
+    import sys
+
+    import trl
+
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    monkeypatch.delitem(sys.modules, "logitguard.integrations.trl")  # put back as it was after the test
+    refusal = r"supports TRL 1\.16 .* trl 1\.17\.0 is installed; pip install 'trl==1\.16"
+    with pytest.raises(ImportError, match=refusal) as e:
+        importlib.import_module("logitguard.integrations.trl")
+    assert "\n" not in str(e.value)

@@ -1,30 +1,40 @@
 """logitguard: keep a chat model safe while it is fine-tuned (safety token regularization, STR)."""
 
-from .cache import CachedReference, build_reference_cache
-from .config import TrainConfig, load_config
-from .data import ChatCollator, tokenize_conversation, tokenize_rows
-from .keyed import KeyedReference
-from .losses import REGULARIZERS, position_weights, str_loss, str_per_sequence
-from .reference import OnlineReference, PaperReference
-from .tokens import SafetyTokens
-from .trainer import STRTrainer
+import importlib
 
-__all__ = [
-    "CachedReference",
-    "ChatCollator",
-    "KeyedReference",
-    "OnlineReference",
-    "PaperReference",
-    "REGULARIZERS",
-    "STRTrainer",
-    "SafetyTokens",
-    "TrainConfig",
-    "build_reference_cache",
-    "load_config",
-    "position_weights",
-    "str_loss",
-    "str_per_sequence",
-    "tokenize_conversation",
-    "tokenize_rows",
-]
+# Names are imported when first used: `import logitguard` (and every `logitguard` command, which imports the
+# package first) would otherwise import transformers' Trainer, hence PEFT, hence bitsandbytes, whose start-up
+# prints a kernel warning on some CPUs, on the way to `logitguard --help`.
+_WHERE = {
+    "CachedReference": ".cache",
+    "build_reference_cache": ".cache",
+    "TrainConfig": ".config",
+    "load_config": ".config",
+    "ChatCollator": ".data",
+    "tokenize_conversation": ".data",
+    "tokenize_rows": ".data",
+    "KeyedReference": ".keyed",
+    "REGULARIZERS": ".losses",
+    "position_weights": ".losses",
+    "str_loss": ".losses",
+    "str_per_sequence": ".losses",
+    "OnlineReference": ".reference",
+    "PaperReference": ".reference",
+    "SafetyTokens": ".tokens",
+    "STRTrainer": ".trainer",
+}
+
+__all__ = sorted(_WHERE)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_WHERE])

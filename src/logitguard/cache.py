@@ -123,6 +123,18 @@ def config_fingerprint(model: nn.Module) -> str:
     return _sha(type(model).__name__, json.dumps(values, sort_keys=True, default=str))
 
 
+def _refuse_partitioned(model: nn.Module) -> None:
+    """DeepSpeed ZeRO-3 leaves each process an empty tensor in place of a partitioned weight (marked with ds_id,
+    ds_status, ds_shape): hashing it would key the cache to nothing, and the cache's forward would run on nothing."""
+    for name, p in model.named_parameters():
+        if hasattr(p, "ds_id") or hasattr(p, "ds_status") or (p.numel() == 0 and hasattr(p, "ds_shape")):
+            raise ReferenceError(
+                f"cannot fingerprint the model: {name} is partitioned across processes (DeepSpeed ZeRO-3, full "
+                f"shape {tuple(getattr(p, 'ds_shape', ()))}); build the reference cache from the whole model (load it "
+                "before the training arguments exist, as logitguard train does), or use reference: online"
+            )
+
+
 @torch.no_grad()
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over every parameter's and buffer's name, shape, dtype and every byte of its values.
@@ -131,6 +143,7 @@ def model_fingerprint(model: nn.Module) -> str:
     Hashing runs at about 1.7 GB/s per CPU core, tensors in parallel threads (hashlib releases the GIL): 0.7 s for
     a Qwen2.5-0.5B-shaped fp32 model on 2 cores, where the float64 sums and samples it replaces took 2.9 s.
     """
+    _refuse_partitioned(model)
     # An adapter disabled while the cache is built (the TRL integration) is left out, and its wrapper's names are
     # mapped to the plain model's, so the key is the aligned model's either way.
     items = sorted(

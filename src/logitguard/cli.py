@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import typing
@@ -251,6 +252,20 @@ def one_line(message: str) -> str:
     return " ".join(message.split()) or "(no message)"
 
 
+def _kernel_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def quiet_bitsandbytes() -> None:
+    """Drop the one warning bitsandbytes logs while it is imported on CPUs with AVX512-BF16: that it could not fetch
+    an optional CPU 4-bit kernel from the hub (the `kernels` package is not installed). transformers imports PEFT, and
+    PEFT imports bitsandbytes, whenever they are installed, so every training command printed it, quantized or not.
+    Only that message of that logger is dropped; bitsandbytes' other warnings still show."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _kernel_notice not in logger.filters:
+        logger.addFilter(_kernel_notice)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand. Every error logitguard raises for the user to fix (LogitguardError, NonFiniteLossError)
     and every OS error (no such file, permission, disk full) ends as one line on stderr with exit code 2;
@@ -258,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import LogitguardError
     from .losses import NonFiniteLossError
 
+    quiet_bitsandbytes()  # before any command imports transformers' Trainer
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, extra = _split_trainer_flags(parser, argv)

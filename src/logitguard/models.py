@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -124,58 +126,143 @@ def train_device() -> torch.device:
 
 
 def resolve_precision(precision: str, dtype: str = "auto") -> str:
-    """bf16 | fp16 | fp32 for `precision` auto: the half dtype the user named, else bf16 on a GPU that has it, fp16 on
-    other accelerators, fp32 on the CPU (where half-precision autocast is slower, not faster)."""
+    """bf16 | fp16 | fp32 for `precision` auto: the half dtype the user named, else bf16 on a GPU that computes in
+    it (compute capability 8.0 and up), fp16 on other accelerators, fp32 on the CPU (where half-precision autocast is
+    slower, not faster). A T4 or V100 can hold bf16 tensors (emulated), which is not a reason to train in them."""
     if precision != "auto":
         return precision
     if dtype in ("bfloat16", "float16"):
         return "bf16" if dtype == "bfloat16" else "fp16"
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "fp16" if torch.accelerator.is_available() else "fp32"
 
 
 def resolve_dtype(dtype: str, precision: str, method: str = "lora") -> str:
     """The dtype the frozen weights are loaded in. auto: the compute precision's dtype, so a model stored in
     fp16 (Llama-2) is not trained in pure fp16 by accident. Weights that are trained (method full) stay fp32
-    under fp16: the loss scaler unscales fp32 gradients only (LoRA adapters are fp32 through PEFT's own upcast)."""
+    under fp16 and bf16 alike, and autocast computes in half: the loss scaler unscales fp32 gradients only, and a
+    bf16 weight drops every update below 2^-8 of itself (LoRA adapters are fp32 through PEFT's own upcast)."""
     if dtype != "auto":
         return dtype
-    if method == "full" and precision == "fp16":
+    if method == "full" and precision in ("fp16", "bf16"):
         return "float32"
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
 
 
-def quantization_config(quantize: str, compute_dtype: str):
-    """bitsandbytes settings of QLoRA: NF4 with double quantization and the compute dtype, or 8-bit."""
+# --- sharded training: FSDP and DeepSpeed ZeRO-3 ------------------------------------------------------------
+
+_set_aside: list = []  # transformers' DeepSpeed configs that whole_model() has unset, innermost last
+
+
+def _deepspeed_config():
+    """The DeepSpeed config transformers holds now (a weak reference that TrainingArguments sets), or None."""
+    from transformers.integrations import deepspeed
+
+    ref = getattr(deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    return ref() if ref is not None else None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def sharding(args=None) -> str | None:
+    """How training will shard the model's weights across processes: "zero3", "fsdp", or None. Read before any
+    Accelerator exists: from transformers' DeepSpeed config (also one that `whole_model` has set aside), the
+    environment `accelerate launch` sets, and the TrainingArguments `args` (`fsdp`, as torchrun users pass it)."""
+    configs = [_deepspeed_config(), *_set_aside]
+    stage3_env = _env_flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    if stage3_env or any(c is not None and c.is_zero3() for c in configs):
+        return "zero3"
+    if _env_flag("ACCELERATE_USE_FSDP") or getattr(args, "fsdp", None):
+        return "fsdp"
+    return None
+
+
+@contextlib.contextmanager
+def whole_model():
+    """Load, fingerprint and build caches from the whole model in this process, with transformers' DeepSpeed config
+    unset, and put it back after. TrainingArguments installs that config under `accelerate launch` with DeepSpeed
+    whatever `zero3_init_flag` says, and `from_pretrained` then partitions the weights as it loads them (zero.Init):
+    the reference cache would hash empty tensors and run its forward outside the engine. The Trainer's engine
+    partitions the whole model when it is prepared."""
+    from transformers.integrations import deepspeed
+
+    held = _deepspeed_config()
+    deepspeed.unset_hf_deepspeed_config()
+    _set_aside.append(held)
+    try:
+        yield
+    finally:
+        _set_aside.pop()
+        if held is not None:
+            deepspeed.set_hf_deepspeed_config(held)
+
+
+def quantization_config(quantize: str, compute_dtype: str, sharded: str | None = None):
+    """bitsandbytes settings of QLoRA: NF4 with double quantization and the compute dtype, or 8-bit. Under FSDP
+    the 4-bit weights are stored in the compute dtype (bnb_4bit_quant_storage), as the FSDP-QLoRA recipe does: FSDP
+    shards floating-point tensors only, and left as uint8 the 4-bit weights stay whole on every GPU."""
     if quantize == "none":
         return None
     from transformers import BitsAndBytesConfig
 
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
+    compute = DTYPES[compute_dtype] if compute_dtype != "auto" else torch.float32
+    storage = {"bnb_4bit_quant_storage": compute} if sharded == "fsdp" else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=DTYPES[compute_dtype] if compute_dtype != "auto" else torch.float32,
+        bnb_4bit_compute_dtype=compute,
+        **storage,
     )
 
 
-def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, quantize: str = "none", device=None):
+def _check_sharded_quantization(quantize: str, sharded: str | None) -> None:
+    from .config import ConfigError  # here, not at the top: config imports this module
+
+    if quantize == "none" or sharded is None:
+        return
+    if sharded == "zero3":
+        raise ConfigError(
+            f"quantize: {quantize} under DeepSpeed ZeRO-3 is not supported: logitguard loads the model whole to build "
+            "its reference cache, and bitsandbytes weights are partitioned only while they load (zero.Init); use "
+            "FSDP or ZeRO-2 with quantize, or quantize: none under ZeRO-3"
+        )
+    if quantize == "8bit":
+        raise ConfigError("quantize: 8bit weights cannot be sharded by FSDP; use quantize: 4bit (stored in the "
+                          "compute dtype, which FSDP shards) or quantize: none")  # fmt: skip
+
+
+def load_model(
+    name: str,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    quantize: str = "none",
+    device=None,
+    sharded: str | None = "auto",
+):
     """A causal LM from a local folder or hub name. `device`: where to put it (a quantized model is placed
-    while loading, as bitsandbytes quantizes on the target device)."""
+    while loading, as bitsandbytes quantizes on the target device). `sharded`: "fsdp", "zero3" or None, as
+    `sharding(args)` says; "auto" reads it from the environment. A quantized model that FSDP will shard gets no
+    device map (bitsandbytes places it on this process's GPU) and its 4-bit weights in the compute dtype."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    sharded = sharding() if sharded == "auto" else sharded
+    _check_sharded_quantization(quantize, sharded)
     _refuse_remote_code(name, trust_remote_code)
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if quantize != "none":
-        kwargs["quantization_config"] = quantization_config(quantize, dtype)
-        kwargs["device_map"] = {"": torch.device(device) if device is not None else "cpu"}
+        kwargs["quantization_config"] = quantization_config(quantize, dtype, sharded)
+        if sharded is None:
+            kwargs["device_map"] = {"": torch.device(device) if device is not None else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except ImportError as e:

@@ -26,7 +26,9 @@ from .models import (
     process_state,
     resolve_dtype,
     resolve_precision,
+    sharding,
     train_device,
+    whole_model,
 )
 from .pact import make_pact_reference, pact_settings
 from .reference import OnlineReference, PaperReference
@@ -91,14 +93,15 @@ def prebuild_caches(cfgs: list[TrainConfig], progress: bool = True) -> float:
         c = group[0]
         dtype = resolve_dtype(c.dtype, resolve_precision(c.precision, c.dtype), c.method)
         where = (c.reference_model or c.model, dtype, c.quantize)
-        if where not in models:
-            models[where] = load_model(where[0], dtype, c.trust_remote_code, c.quantize, train_device())
-        ids = list(dict.fromkeys(i for r in group for i in resolve_tokens(r, tokenizer).ids))
-        examples = training_examples(c, tokenizer, model=models[where]).examples
-        build_reference_cache(
-            models[where], tokenizer, examples, ids, Path(c.cache_dir) / "reference", c.max_length,
-            dtype=c.reference_dtype, batch_size=c.batch_size, progress=progress,
-        )  # fmt: skip
+        with whole_model():  # as in train(): a whole model, not one partitioned by a DeepSpeed config left installed
+            if where not in models:
+                models[where] = load_model(where[0], dtype, c.trust_remote_code, c.quantize, train_device())
+            ids = list(dict.fromkeys(i for r in group for i in resolve_tokens(r, tokenizer).ids))
+            examples = training_examples(c, tokenizer, model=models[where]).examples
+            build_reference_cache(
+                models[where], tokenizer, examples, ids, Path(c.cache_dir) / "reference", c.max_length,
+                dtype=c.reference_dtype, batch_size=c.batch_size, progress=progress,
+            )  # fmt: skip
     return time.perf_counter() - start
 
 
@@ -217,22 +220,24 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
     ensure_chat_template(tokenizer)
     device = train_device()
     dtype = resolve_dtype(cfg.dtype, resolve_precision(cfg.precision, cfg.dtype), cfg.method)
-    if model is None:
-        model = load_model(cfg.model, dtype, cfg.trust_remote_code, cfg.quantize, device)
-    elif not getattr(model, "is_quantized", False):
-        model = model.to(device)
-    tokens = resolve_tokens(cfg, tokenizer)
-    main = process_state().is_main_process
-    if progress and main:
-        print(tokens.table(), flush=True)
-    data = training_examples(cfg, tokenizer, progress, model)
-    examples, rows, held_out, mix_report = data.examples, data.rows, data.held_out, data.mix_report
-    reference = make_reference(cfg, model, tokenizer, examples, tokens, progress)
-    anchors = make_anchors(cfg, model, tokenizer, tokens)  # from the aligned model, before the adapter
-    model = attach_method(
-        model, cfg.method, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.gradient_checkpointing
-    )
-    model, salora_report = salora.apply(cfg, model, tokenizer, rows, progress)  # SaLoRA's projection and init
+    # Under DeepSpeed ZeRO-3 everything up to the Trainer uses the whole model (its engine partitions it after).
+    with whole_model():
+        if model is None:
+            model = load_model(cfg.model, dtype, cfg.trust_remote_code, cfg.quantize, device, sharding(args))
+        elif not getattr(model, "is_quantized", False):
+            model = model.to(device)
+        tokens = resolve_tokens(cfg, tokenizer)
+        main = process_state().is_main_process
+        if progress and main:
+            print(tokens.table(), flush=True)
+        data = training_examples(cfg, tokenizer, progress, model)
+        examples, rows, held_out, mix_report = data.examples, data.rows, data.held_out, data.mix_report
+        reference = make_reference(cfg, model, tokenizer, examples, tokens, progress)
+        anchors = make_anchors(cfg, model, tokenizer, tokens)  # from the aligned model, before the adapter
+        model = attach_method(
+            model, cfg.method, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.gradient_checkpointing
+        )
+        model, salora_report = salora.apply(cfg, model, tokenizer, rows, progress)  # SaLoRA's projection and init
     trainer = STRTrainer(
         model=model,
         args=args,

@@ -25,14 +25,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import trl
+from packaging.version import Version
 from trl import SFTConfig, SFTTrainer
 
 from ..cache import CachedReference, build_reference_cache
 from ..config import ConfigError, check_safety_settings, default_cache_dir
+from ..errors import LogitguardError
 from ..keyed import KeyedReference
 from ..logit_transform import logit_transform
+from ..models import whole_model
 from ..reference import OnlineReference, head_supports_rows, logits_from_hidden, unwrap
 from ..trainer import SafetyRegularization
+
+# This module reaches into TRL's internals (its fused LM head, `maybe_gather_lm_head_ctx`, how SFTTrainer scales its
+# loss), which change between releases: under another TRL a run would fail at its first step, after the cache build.
+SUPPORTED_TRL = "1.16"
+
+
+class TRLVersionError(LogitguardError, ImportError):
+    """The installed TRL is not the release this integration is written against."""
+
+
+if Version(trl.__version__).release[:2] != Version(SUPPORTED_TRL).release:
+    raise TRLVersionError(
+        f"logitguard.integrations.trl supports TRL {SUPPORTED_TRL} (it relies on TRL's internals), but trl "
+        f"{trl.__version__} is installed; pip install 'trl=={SUPPORTED_TRL}.*'"
+    )
 
 # PEFT initialisations that rewrite the base weights: "adapter disabled" is then not the aligned model.
 _REWRITING_INITS = ("pissa", "olora", "corda", "eva", "loftq")
@@ -113,9 +132,10 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
         ]
         for ex in examples:
             ex["labels"] = ex["input_ids"]
+        self._place_for_cache()
         aligned = self.model.get_base_model() if peft else self.model
         adapter_off = self.model.disable_adapter() if peft else contextlib.nullcontext()
-        with adapter_off:
+        with adapter_off, whole_model():
             folder = build_reference_cache(
                 aligned,
                 self.processing_class,
@@ -130,6 +150,15 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
                 aligned_adapter_disabled=peft,
             )
         return KeyedReference(CachedReference(folder, ids), examples)
+
+    def _place_for_cache(self) -> None:
+        """The cache's forward runs on the device this process trains on. The Trainer has put the model there
+        already, except under FSDP and DeepSpeed, whose wrappers move it when they are prepared: the model is still
+        where it was loaded (the CPU: hours for an 8B model), so it goes to args.device now, where they would take
+        it anyway. A bitsandbytes model was placed while it loaded, and one spread over GPUs stays spread."""
+        if self.place_model_on_device or self.is_model_parallel or getattr(self.model, "is_quantized", False):
+            return
+        self.model.to(self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
