@@ -1,5 +1,9 @@
 """The safety monitor under FSDP1 and FSDP2 on two CPU processes (gloo): no check before the root's first forward,
-then the same greedy answers as the unsharded model, and training goes on afterwards on the same weights."""
+then the same greedy answers as the unsharded model, and training goes on afterwards on the same weights.
+
+The model is sharded by hand as accelerate does it: on CPU processes `accelerate launch` with an FSDP config runs
+DDP (accelerate enables FSDP for accelerator devices only), so the Trainer's FSDP path runs in the GPU check
+(python -m logitguard.gpu_check, FSDP2 step with the monitor on)."""
 
 import json
 import subprocess
@@ -10,6 +14,7 @@ import pytest
 from test_fsdp import ENV, free_port
 
 
+@pytest.mark.slow  # two processes that import torch and transformers: ~20 s each
 @pytest.mark.parametrize("version", [2, 1])
 def test_monitor_generates_under_fsdp_as_the_unsharded_model(version, tokenizer_dir, tmp_path):
     out = tmp_path / "report.json"
