@@ -69,7 +69,8 @@ def gathered_for_generation(model, trainer=None):
     elif version == 2:
         from torch.distributed.fsdp import FSDPModule
 
-        root = next(m for m in model.modules() if isinstance(m, FSDPModule))  # the outermost unit
+        candidates = [m for m in (model, getattr(trainer, "model_wrapped", None)) if m is not None]
+        root = next(m for c in candidates for m in c.modules() if isinstance(m, FSDPModule))  # the outermost unit
         root.unshard()  # not recursive: inner units unshard in their own forward
         try:
             yield
