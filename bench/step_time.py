@@ -1,6 +1,7 @@
 """Step time and peak memory of plain LoRA vs three ways of getting STR's reference logits, and PACT's two.
 
-Variants, all through logitguard's STRTrainer.compute_loss + backward + optimizer step:
+Variants, all through the Trainer's own step (STRTrainer.get_batch_samples, training_step: compute_loss under the
+Trainer's autocast and backward through its accelerator, the non-finite check, the optimizer step):
   lora         plain LoRA (str_weight 0)
   paper        the paper's formulation: extra full-vocabulary forward of the adapter-disabled model per step,
                trained side's K logits gathered from the full logits
@@ -15,14 +16,16 @@ Variants, all through logitguard's STRTrainer.compute_loss + backward + optimize
 The examples are chat-shaped: the first quarter of each sequence is a prompt (labels -100), the rest the response.
 
 Step times are measured interleaved in one process (rotating order each round) and reported as medians
-relative to LoRA. Peak memory: on a GPU, torch.cuda.max_memory_allocated per variant in this process; on
-the CPU, the peak resident set (VmHWM) of a fresh child process per variant running two steps, so that
-allocator reuse between variants cannot hide a difference. The cache build time (fingerprinting, the
-no-grad pass and writing the shards) is reported as a fraction of one LoRA epoch over the same examples,
-timed right after it.
+relative to LoRA. On a GPU the model is built in bf16 on the device and trained as `logitguard train --precision
+bf16` does (bf16 frozen weights, fp32 adapters, bf16 autocast); one GPU is used (the first visible one).
+Peak memory: on a GPU, torch.cuda.max_memory_allocated per variant in this process; on the CPU, the peak
+resident set (VmHWM) of a fresh child process per variant running two steps, so that allocator reuse between
+variants cannot hide a difference. The cache build time (fingerprinting, the no-grad pass and writing the
+shards) is reported as a fraction of one LoRA epoch over the same examples, timed right after it.
 
     python bench/step_time.py                 # CPU default: hidden 512, 8 layers, vocab 32000, seq 256, batch 8
-    python bench/step_time.py --gpu           # 7B-shaped, batch 16, rank 32 (the paper's Table 6 setting)
+    python bench/step_time.py --gpu           # 7B-shaped, batch 16, rank 32 (the paper's Table 6 setting); ~45 GB
+    python bench/step_time.py --gpu --variants lora,cached,online,paper --rounds 8
     python bench/step_time.py --json out.json
     python bench/step_time.py --size real --model DIR   # a real model folder, e.g. a converted GGUF
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -93,8 +97,9 @@ def build(size: dict, device: str, dtype: torch.dtype, steps: int, seed: int = 0
         max_position_embeddings=max(512, size["seq"]),
         tie_word_embeddings=False,
     )
+    # Built in its dtype on its device: a 7B model made in fp32 and then cast holds both copies at once
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
     return model, _examples(size, steps, seed)
 
 
@@ -127,6 +132,8 @@ def _examples(size: dict, steps: int, seed: int) -> list[dict]:
 
 
 def make_trainers(model, examples, size, cache_folder, out_dir, pact_cached=None):
+    """(model, trainers, optimizer): the model with LoRA attached and prepared by the Trainer's accelerator (on a GPU:
+    its forward runs under bf16 autocast, as in `trainer.train()`), one STRTrainer per variant."""
     from transformers import TrainingArguments
 
     from logitguard.anchors import Anchors
@@ -142,7 +149,9 @@ def make_trainers(model, examples, size, cache_folder, out_dir, pact_cached=None
         model, "lora", rank=size["rank"], alpha=2 * size["rank"], dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
     )  # fmt: skip
-    args = TrainingArguments(output_dir=str(out_dir), report_to=[], disable_tqdm=True, save_strategy="no")
+    cuda = next(model.parameters()).device.type == "cuda"
+    args = TrainingArguments(output_dir=str(out_dir), report_to=[], disable_tqdm=True, save_strategy="no", bf16=cuda,
+                             use_cpu=not cuda)  # fmt: skip
     refs = {
         "lora": None,
         "paper": PaperReference(SAFETY_IDS),
@@ -167,14 +176,16 @@ def make_trainers(model, examples, size, cache_folder, out_dir, pact_cached=None
     trainers["anchored"] = STRTrainer(
         model=peft_model, args=args, safety_ids=SAFETY_IDS, reference=None, str_weight=0.0, anchors=anchors
     )
+    peft_model = trainers["lora"].accelerator.prepare_model(peft_model)  # bf16 autocast on a GPU, as train() does
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     return peft_model, trainers, optimizer
 
 
 def step(model, trainer, optimizer, batch) -> None:
-    model.train()
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
+    """One optimizer step the way `trainer.train()` takes it (gradient accumulation 1)."""
+    samples, items = trainer.get_batch_samples(iter([batch]), 1, batch["input_ids"].device)
+    trainer.training_step(model, samples[0], items)  # train mode, autocast, compute_loss, backward
+    trainer.callback_handler.on_pre_optimizer_step(trainer.args, trainer.state, trainer.control)  # non-finite check
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -220,7 +231,8 @@ def build_pact(model, examples, size, root, device):
 
 def warm_up(model, examples, size, device) -> None:
     """One forward and backward before anything is timed: the first pass of a process pays for allocator
-    growth and kernel selection, which would otherwise land on whichever variant runs first."""
+    growth and kernel selection, which would otherwise land on whichever variant runs first. Call it with the
+    adapter attached: before, every base weight would get a gradient (on a 7B model, 13 GB more)."""
     batch = next(batches(examples, size, device))
     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().mean().backward()
     model.zero_grad(set_to_none=True)
@@ -242,9 +254,9 @@ def memory_child(variant: str, size_name: str, model_path: str | None) -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def cpu_memory(size_name: str, model_path: str | None) -> dict[str, int]:
+def cpu_memory(size_name: str, model_path: str | None, variants=VARIANTS) -> dict[str, int]:
     peaks = {}
-    for variant in VARIANTS:
+    for variant in variants:
         extra = ["--model", model_path] if model_path else []
         out = subprocess.run(
             [sys.executable, __file__, "--size", size_name, "--memory-child", variant, *extra],
@@ -254,16 +266,20 @@ def cpu_memory(size_name: str, model_path: str | None) -> dict[str, int]:
     return peaks
 
 
-def run(size_name: str, device: str, rounds: int, steps: int, model_path: str | None = None) -> dict:
+def run(
+    size_name: str, device: str, rounds: int, steps: int, model_path: str | None = None, variants=VARIANTS
+) -> dict:
     size = SIZES[size_name]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, examples = build(size, device, dtype, steps, model_path=model_path)
-    warm_up(model, examples, size, device)
     with tempfile.TemporaryDirectory() as tmp:
         folder, build_seconds = build_cache(model, examples, size, Path(tmp) / "cache", device)
-        pact, pact_build_seconds = build_pact(model, examples, size, Path(tmp) / "cache", device)
+        pact, pact_build_seconds = None, None
+        if any(v.startswith("pact") for v in variants):
+            pact, pact_build_seconds = build_pact(model, examples, size, Path(tmp) / "cache", device)
         peft_model, trainers, optimizer = make_trainers(model, examples, size, folder, tmp, pact)
         data = list(batches(examples, size, device))
+        step(peft_model, trainers["lora"], optimizer, data[0])  # warm-up, with the adapter attached
         # One LoRA epoch over the same examples right after the build: the two are compared back to back
         # because the machine's speed drifts over minutes.
         _sync(device)
@@ -272,16 +288,16 @@ def run(size_name: str, device: str, rounds: int, steps: int, model_path: str | 
             step(peft_model, trainers["lora"], optimizer, batch)
         _sync(device)
         epoch_seconds = time.perf_counter() - start
-        times = {name: [] for name in VARIANTS}
+        times = {name: [] for name in variants}
         peaks = {}
-        for name in VARIANTS:  # warm-up, and GPU peak memory per variant
+        for name in variants:  # warm-up, and GPU peak memory per variant
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             step(peft_model, trainers[name], optimizer, data[0])
             if device == "cuda":
                 peaks[name] = torch.cuda.max_memory_allocated()
         for r in range(rounds):
-            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for name in order:
                 batch = data[(r + 1) % len(data)]
                 _sync(device)
@@ -290,11 +306,11 @@ def run(size_name: str, device: str, rounds: int, steps: int, model_path: str | 
                 _sync(device)
                 times[name].append(time.perf_counter() - start)
     if device != "cuda":
-        peaks = cpu_memory(size_name, model_path)
+        peaks = cpu_memory(size_name, model_path, variants)
     median = {name: statistics.median(t) for name, t in times.items()}
     # Ratios are taken within each round, then the median over rounds: the machine's speed drifts by tens
     # of percent over minutes, and a round's steps run back to back.
-    per_round = {name: [t / base for t, base in zip(times[name], times["lora"])] for name in VARIANTS}
+    per_round = {name: [t / base for t, base in zip(times[name], times["lora"])] for name in variants}
     return {
         "size": {
             "name": size_name,
@@ -309,18 +325,20 @@ def run(size_name: str, device: str, rounds: int, steps: int, model_path: str | 
         "rounds": rounds,
         "median_step_seconds": median,
         "step_seconds": times,
-        "ratio": {name: statistics.median(per_round[name]) for name in VARIANTS},
-        "ratio_quartiles": {name: statistics.quantiles(per_round[name], n=4)[::2] for name in VARIANTS},
+        "variants": list(variants),
+        "ratio": {name: statistics.median(per_round[name]) for name in variants},
+        "ratio_quartiles": {name: statistics.quantiles(per_round[name], n=4)[::2] for name in variants},
         "peak_memory_bytes": peaks,
-        "memory_ratio": {name: peaks[name] / peaks["lora"] for name in VARIANTS},
+        "memory_ratio": {name: peaks[name] / peaks["lora"] for name in variants},
         "cache_build_seconds": build_seconds,
         "lora_epoch_seconds": epoch_seconds,
         "cache_build_epoch_fraction": build_seconds / epoch_seconds,
         # after the STR cache: the full-context cache only gains PACT's ids, the response-only one is new
         "pact_cache_build_seconds": pact_build_seconds,
-        "pact_cache_build_epoch_fraction": pact_build_seconds / epoch_seconds,
+        "pact_cache_build_epoch_fraction": pact_build_seconds / epoch_seconds if pact_build_seconds else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
     }
 
 
@@ -329,7 +347,7 @@ def table(result: dict) -> str:
         "| variant | median step (s) | step time vs LoRA (median, quartiles) | peak memory vs LoRA |",
         "| --- | --- | --- | --- |",
     ]
-    for name in VARIANTS:
+    for name in result["variants"]:
         low, high = result["ratio_quartiles"][name]
         lines.append(
             f"| {name} | {result['median_step_seconds'][name]:.3f} | {result['ratio'][name]:.3f}x "
@@ -339,10 +357,12 @@ def table(result: dict) -> str:
         f"\ncache build: {result['cache_build_seconds']:.2f} s = "
         f"{result['cache_build_epoch_fraction']:.3f} of one LoRA epoch over the same examples"
     )
-    lines.append(
-        f"PACT caches (full context extended to its 50 ids, response only): {result['pact_cache_build_seconds']:.2f} s"
-        f" = {result['pact_cache_build_epoch_fraction']:.3f} of one LoRA epoch"
-    )
+    if result["pact_cache_build_seconds"] is not None:
+        lines.append(
+            f"PACT caches (full context extended to its 50 ids, response only): "
+            f"{result['pact_cache_build_seconds']:.2f} s = "
+            f"{result['pact_cache_build_epoch_fraction']:.3f} of one LoRA epoch"
+        )
     return "\n".join(lines)
 
 
@@ -354,17 +374,26 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="batches in the cached dataset / one epoch")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--model", help="a model folder to time instead of a random Llama (use --size real)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         print(memory_child(args.memory_child, args.size, args.model))
         return 0
     size, device = ("gpu", "cuda") if args.gpu else (args.size, "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--gpu needs a CUDA device")
+    variants = tuple(v for v in VARIANTS if v in args.variants.split(","))  # in the usual order
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown or "lora" not in variants:
+        parser.error(f"--variants: {', '.join(sorted(unknown)) or 'lora is missing'} (ratios are to lora)")
+    if device == "cuda":
+        # One GPU: with several visible, a Trainer in one process would wrap the model in nn.DataParallel. Set
+        # before CUDA starts (the first query below).
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        if not torch.cuda.is_available():
+            parser.error("--gpu needs a CUDA device")
     if args.model and size != "real":
         parser.error("--model goes with --size real (sequence length, batch and rank of the real-model run)")
-    result = run(size, device, args.rounds, args.steps, args.model)
+    result = run(size, device, args.rounds, args.steps, args.model, variants)
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

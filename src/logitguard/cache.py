@@ -539,8 +539,9 @@ def _build_shards(
             logits = frozen_safety_logits(
                 model, batch["input_ids"].to(device), batch["attention_mask"].to(device), ids
             )  # (b, T, K)
-            for row, ex in zip(logits, shard[b : b + batch_size]):
-                pieces.append(row[: len(ex["input_ids"])].to(DTYPES[dtype]).cpu())
+            host = logits.to(DTYPES[dtype]).cpu()  # one transfer per batch, not one per row
+            for row, ex in zip(host, shard[b : b + batch_size]):
+                pieces.append(row[: len(ex["input_ids"])])
             bar.update(len(batch["input_ids"]))
         lengths = torch.as_tensor([0] + [len(p) for p in pieces], dtype=torch.int64)
         tensors = {"logits": torch.cat(pieces).contiguous(), "offsets": torch.cumsum(lengths, 0)}
@@ -627,6 +628,7 @@ class CachedReference:
         self.shard_size = manifest["shard_size"]
         self.num_shards = _n_shards(manifest["num_examples"], self.shard_size)
         self._files: dict[int, tuple] = {}
+        self._ahead: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a batch's input_ids, its reference): prepare
         for s in range(self.num_shards):  # all before training starts: a damaged shard is found now, not mid-run
             name = _shard_name(s)
             if not _verify_shard(self.folder / name, self.manifest["shards"].get(name)):
@@ -652,7 +654,8 @@ class CachedReference:
                 raise self._damaged(name)
             # columns per shard, from the shard's own ids: a shard rebuilt for more ids keeps them in other places
             columns = torch.as_tensor([ids.index(i) for i in self.token_ids], dtype=torch.long)
-            self._files[s] = (f, f.get_slice("logits"), f.get_tensor("offsets"), columns)
+            offsets = f.get_tensor("offsets").numpy()  # host ints: reading a row is no tensor op
+            self._files[s] = (f, f.get_slice("logits"), offsets, columns)
         return self._files[s]
 
     def _refresh(self, name: str) -> None:
@@ -674,21 +677,69 @@ class CachedReference:
         i = idx % self.shard_size
         return logits[int(offsets[i]) : int(offsets[i + 1])][:, columns]
 
+    def read(self, idx: list[int], lengths: list[int], width: int, device: torch.device) -> torch.Tensor:
+        """(B, width, K) reference of examples `idx` (host ints) on `device`, zero past each row's length; each
+        example's cached length must equal its row's `lengths[b]` (its attention mask's sum).
+
+        Filled on the host in pinned memory when `device` is an accelerator, so the copy there is truly
+        asynchronous (from pageable memory the host would wait for the device's queue to drain)."""
+        pinned = device.type == "cuda"
+        out = torch.zeros(len(idx), width, len(self.token_ids), dtype=torch.float32, pin_memory=pinned)
+        for b, (i, n) in enumerate(zip(idx, lengths)):
+            rows = self.rows(i)
+            if len(rows) != n:
+                raise ReferenceError(
+                    f"reference cache {self.folder}: example {i} has {len(rows)} cached positions but the "
+                    f"batch has {n}; the cache does not belong to this data"
+                )
+            out[b, : len(rows)] = rows.float()
+        return out.to(device, non_blocking=True)
+
+    def prepare(self, batches: list[dict]) -> None:
+        """Read the references of one optimizer step's micro-batches ahead, before its first forward, with one
+        transfer of their example indices and lengths to the host (the trainer calls this from
+        get_batch_samples). A `__call__` with one of these batches then returns its reference without the host
+        waiting for the device; reading per micro-batch would wait twice per micro-batch."""
+        self._ahead = []
+        if not batches or any(b.get("example_idx") is None or "attention_mask" not in b for b in batches):
+            return  # __call__ says what is missing
+        sizes = [len(b["example_idx"]) for b in batches]
+        host = _host_ints([b["example_idx"] for b in batches] + [b["attention_mask"].sum(dim=1) for b in batches])
+        idx, lengths = host[: sum(sizes)], host[sum(sizes) :]
+        start = 0
+        for b, n in zip(batches, sizes):
+            mask = b["attention_mask"]
+            out = self.read(idx[start : start + n], lengths[start : start + n], mask.shape[1], mask.device)
+            self._ahead.append((b["input_ids"], out))
+            start += n
+
     def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        ready = take_ahead(self, batch)
+        if ready is not None:
+            return ready
         if batch.get("example_idx") is None:
             raise ReferenceError(
                 "the batch has no 'example_idx', which the reference cache is looked up by: tokenize with "
                 "tokenize_rows and collate with ChatCollator, or use OnlineReference with your own data pipeline"
             )
         mask = batch["attention_mask"]
-        out = torch.zeros(*mask.shape, len(self.token_ids), dtype=torch.float32)
-        lengths = mask.sum(dim=1).tolist()
-        for b, idx in enumerate(batch["example_idx"].tolist()):
-            rows = self.rows(idx)
-            if len(rows) != lengths[b]:
-                raise ReferenceError(
-                    f"reference cache {self.folder}: example {idx} has {len(rows)} cached positions but the "
-                    f"batch has {lengths[b]}; the cache does not belong to this data"
-                )
-            out[b, : len(rows)] = rows.float()
-        return out.to(mask.device, non_blocking=True)
+        host = _host_ints([batch["example_idx"], mask.sum(dim=1)])  # one wait for the device, not two
+        n = len(batch["example_idx"])
+        return self.read(host[:n], host[n:], mask.shape[1], mask.device)
+
+
+def _host_ints(tensors: list[torch.Tensor]) -> list[int]:
+    """The integers of 1-D tensors, concatenated, as host ints: one transfer for all of them."""
+    device = tensors[0].device
+    return torch.cat([t.to(device, torch.int64) for t in tensors]).tolist()
+
+
+def take_ahead(reference, batch: dict) -> torch.Tensor | None:
+    """The reference `prepare` read ahead for this batch (the trainer passes the very tensors it prepared), or
+    None."""
+    ready = getattr(reference, "_ahead", None) or []
+    for i, (key, out) in enumerate(ready):
+        if key is batch.get("input_ids"):
+            del ready[i]
+            return out
+    return None

@@ -12,17 +12,72 @@ rotation as the Trainer's best checkpoint).
 
 Under `accelerate launch` every process runs the check on the same prompts (greedy decoding, so all reach the
 same decision); under FSDP / ZeRO-3 generation needs every rank anyway.
+
+Under FSDP a parameter outside its unit's forward is a shard, and `generate` enters the model below the FSDP root
+(a PEFT model's generate calls the causal LM's), so the root's own parameters (embeddings, head) would stay shards.
+The check therefore gathers them first: FSDP1 under `summon_full_params` of the root (the Trainer's wrapped model:
+attach the monitor to the trainer), FSDP2 by unsharding the root module, which needs the root's first forward to
+have run (FSDP2 makes the first module to run forward its root), so the check before training is skipped under
+FSDP and the curve starts at the first check after it. Generation there runs under no_grad, not inference_mode:
+inference tensors would end up in FSDP's parameter buffers, which the next training step needs with autograd.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
 
 from transformers import TrainerCallback
 
+from .errors import LogitguardError
 from .eval.keyword import is_refusal
+
+
+def fsdp_version(model, trainer=None) -> int | None:
+    """1 or 2 when `model` (or the trainer's wrapped model) is sharded by FSDP1 / FSDP2, else None."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed
+        return None
+    for candidate in (getattr(trainer, "model_wrapped", None), model):
+        for module in candidate.modules() if candidate is not None else ():
+            if isinstance(module, FSDPModule):
+                return 2
+            if isinstance(module, FullyShardedDataParallel):
+                return 1
+    return None
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model, trainer=None):
+    """Within the context, `model.generate` sees whole parameters under FSDP (a no-op otherwise)."""
+    version = fsdp_version(model, trainer)
+    if version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = next((m for m in (getattr(trainer, "model_wrapped", None), model) if isinstance(m, FSDP)), None)
+        if root is None:
+            raise LogitguardError(
+                "the safety monitor needs the FSDP root module to gather the parameters for generation: "
+                "attach it with monitor.attach(trainer)"
+            )
+        # recurse=False: the root's own parameters; each inner unit gathers its own in its forward, as in training
+        with FSDP.summon_full_params(root, writeback=False, recurse=False):
+            yield
+    elif version == 2:
+        from torch.distributed.fsdp import FSDPModule
+
+        candidates = [m for m in (model, getattr(trainer, "model_wrapped", None)) if m is not None]
+        root = next(m for c in candidates for m in c.modules() if isinstance(m, FSDPModule))  # the outermost unit
+        root.unshard()  # not recursive: inner units unshard in their own forward
+        try:
+            yield
+        finally:
+            root.reshard()
+    else:
+        yield
 
 
 class SafetyMonitor(TrainerCallback):
@@ -61,20 +116,28 @@ class SafetyMonitor(TrainerCallback):
     def measure(self, model) -> dict:
         from .eval.generate import generate_responses
 
+        sharded = fsdp_version(model, self.trainer) is not None
         start = time.perf_counter()
         rates = {}
-        for name, prompts in (("refusal", self.harmful), ("over_refusal", self.benign)):
-            if prompts:
-                responses = generate_responses(
-                    model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size, progress=False
-                )
-                rates[name] = sum(map(self.is_refusal, responses)) / len(responses)
+        with gathered_for_generation(model, self.trainer):
+            for name, prompts in (("refusal", self.harmful), ("over_refusal", self.benign)):
+                if prompts:
+                    responses = generate_responses(
+                        model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size, progress=False,
+                        inference_mode=not sharded,
+                    )  # fmt: skip
+                    rates[name] = sum(map(self.is_refusal, responses)) / len(responses)
         rates["seconds"] = time.perf_counter() - start
         return rates
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 0:  # the starting point of the curve (not again on resume)
-            self._check(args, state, control, model)
+        if state.global_step != 0:  # the starting point of the curve (not again on resume)
+            return
+        if fsdp_version(model, self.trainer) is not None:
+            if state.is_world_process_zero:  # FSDP2 cannot generate before the root's first forward (module doc)
+                print(f"safety monitor: under FSDP the first check is at step {self.every}, not before training")
+            return
+        self._check(args, state, control, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0:

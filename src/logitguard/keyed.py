@@ -2,23 +2,29 @@
 
 Each cached example is keyed by a hash of its token ids; a batch row's key is the hash of its unpadded ids. A row
 that is not in the cache (tokenized differently from the data the cache was built from, truncated, packed) is an
-error that says so, never a silent wrong reference.
+error that says so, never a silent wrong reference. The rows are hashed on the host: a batch's ids and mask come
+over in one transfer (per optimizer step when the trainer calls `prepare`), never one per row.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 from torch import nn
 
+from .cache import take_ahead
 from .reference import ReferenceError
 
 
 def token_key(ids) -> bytes:
     """Hash of a sequence of token ids (a list or a 1-D tensor)."""
-    array = torch.as_tensor(ids, dtype=torch.int64).cpu().numpy()
-    return hashlib.blake2b(array.tobytes(), digest_size=16).digest()
+    return _digest(torch.as_tensor(ids, dtype=torch.int64).cpu().numpy())
+
+
+def _digest(array: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(array, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
 class KeyedReference:
@@ -33,21 +39,49 @@ class KeyedReference:
         self.index: dict[bytes, int] = {}
         for i, ex in enumerate(examples):
             self.index.setdefault(token_key(ex["input_ids"]), i)
+        self._ahead: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a batch's input_ids, its reference): prepare
+
+    def prepare(self, batches: list[dict]) -> None:
+        """Match one optimizer step's micro-batches to cached examples and read their references ahead, with one
+        transfer of their ids and masks to the host (the trainer calls this before the step's first forward)."""
+        self._ahead = []
+        if batches and all("example_idx" in b for b in batches):
+            self.reference.prepare(batches)  # batches that carry their index need no matching
+            return
+        if not batches or any("example_idx" in b or "attention_mask" not in b for b in batches):
+            return  # __call__ handles these
+        flat = [t for b in batches for t in (b["input_ids"].flatten(), b["attention_mask"].flatten())]
+        host = torch.cat([t.to(flat[0].device, torch.int64) for t in flat]).cpu()  # the step's one transfer
+        start = 0
+        for b in batches:
+            shape = b["input_ids"].shape
+            ids, mask = host[start : start + shape.numel()], host[start + shape.numel() : start + 2 * shape.numel()]
+            start += 2 * shape.numel()
+            idx, lengths = self._match(ids.view(shape), mask.view(shape))
+            self._ahead.append((b["input_ids"], self.reference.read(idx, lengths, shape[1], b["input_ids"].device)))
 
     def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
         if "example_idx" in batch:
             return self.reference(model, batch)
-        mask = batch["attention_mask"].bool()
-        lengths = mask.sum(dim=1)
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        if not bool((mask == (positions[None, :] < lengths[:, None])).all()):  # each row: ones, then zeros
+        ready = take_ahead(self, batch)
+        if ready is not None:
+            return ready
+        ids, mask = torch.stack([batch["input_ids"], batch["attention_mask"].to(batch["input_ids"].dtype)]).cpu()
+        idx, lengths = self._match(ids, mask)
+        return self.reference.read(idx, lengths, ids.shape[1], batch["input_ids"].device)
+
+    def _match(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Cached example index and length of each row of host tensors `ids`, `mask` (B, T), in numpy (host)."""
+        ids, mask = ids.numpy(), mask.numpy().astype(bool)
+        lengths = mask.sum(axis=1)  # (B,)
+        if not (mask == (np.arange(mask.shape[1])[None, :] < lengths[:, None])).all():  # each row: ones, then zeros
             raise ReferenceError(
                 "the reference cache matches batch rows to cached examples by their tokens, which needs right "
                 "padding and one example per row; use padding_side='right' and no packing / padding-free batches"
             )
         idx = []
-        for row, n in zip(batch["input_ids"], lengths.tolist()):
-            key = token_key(row[:n])
+        for row, n in zip(ids, lengths.tolist()):
+            key = _digest(row[:n])
             if key not in self.index:
                 raise ReferenceError(
                     f"a batch row of {n} tokens is not in the reference cache: the cache was built from other "
@@ -55,5 +89,4 @@ class KeyedReference:
                     "trainer reads"
                 )
             idx.append(self.index[key])
-        keyed = dict(batch, example_idx=torch.as_tensor(idx, dtype=torch.long))
-        return self.reference(model, keyed)
+        return idx, lengths.tolist()

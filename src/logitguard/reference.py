@@ -327,8 +327,13 @@ class OnlineReference:
             )
         self.ids = torch.as_tensor(token_ids, dtype=torch.long)
 
+    def ids_on(self, device: torch.device) -> torch.Tensor:
+        if self.ids.device != device:
+            self.ids = self.ids.to(device)  # once: a copy per step from pageable memory waits for the device
+        return self.ids
+
     def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        ids = self.ids.to(batch["input_ids"].device)
+        ids = self.ids_on(batch["input_ids"].device)
         return frozen_safety_logits(model, batch["input_ids"], batch["attention_mask"], ids)
 
 
@@ -338,5 +343,5 @@ class PaperReference(OnlineReference):
     policy_from_full_logits = True
 
     def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        ids = self.ids.to(batch["input_ids"].device)
+        ids = self.ids_on(batch["input_ids"].device)
         return frozen_safety_logits(model, batch["input_ids"], batch["attention_mask"], ids, full=True)

@@ -26,7 +26,7 @@ import torch
 from transformers import Trainer
 
 from .config import ConfigError
-from .guards import FiniteGradients
+from .guards import FiniteGradients, NonFiniteWatch
 from .losses import NORMALIZATION, REGULARIZERS, check_finite, position_weights
 from .reference import head_tap
 
@@ -64,6 +64,7 @@ class SafetyRegularization:
                 f"the {regularizer} regularizer compares distributions over the safety tokens: it needs >= 2"
             )
         self.safety_ids = torch.as_tensor(list(safety_ids), dtype=torch.long)
+        self._ids_on: dict[torch.device, torch.Tensor] = {}  # safety_ids moved once per device (see safety_ids_on)
         self.reference = reference
         self.str_weight = float(str_weight)
         self.regularizer = REGULARIZERS[regularizer]
@@ -83,8 +84,27 @@ class SafetyRegularization:
             first_response_weight=first_response_weight,
         )
         self._step_counts: torch.Tensor | None = None  # (tokens, sequences, weight) in the current optimizer step
-        self.add_callback(FiniteGradients())  # a diverging step never reaches the weights or a checkpoint
+        # Loss terms flag NaN / inf on the device; the flags and the gradients are read once per optimizer step,
+        # before it: a diverging step never reaches the weights or a checkpoint, no micro-batch waits for the device
+        self._nonfinite = NonFiniteWatch()
+        self.add_callback(FiniteGradients(self._nonfinite))
         self._safety_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def safety_ids_on(self, device: torch.device) -> torch.Tensor:
+        """The safety ids on `device`, copied there once: a copy per micro-batch from pageable host memory makes
+        the host wait for the device each time."""
+        ids = self._ids_on.get(device)
+        if ids is None:
+            ids = self._ids_on[device] = self.safety_ids.to(device)
+        return ids
+
+    def check_term(self, value: torch.Tensor, name: str, mode: str) -> None:
+        """NaN / inf in a loss term: in training, flagged on the device and raised before the optimizer step (by
+        FiniteGradients, naming the term and the step); in evaluation, raised at once."""
+        if mode == "train":
+            self._nonfinite.note(value, name)
+        else:
+            check_finite(value, name, self.state.global_step)
 
     def _weights(self, batch: dict) -> torch.Tensor:
         return position_weights(batch["attention_mask"], batch["labels"], **self.position_kwargs)
@@ -102,6 +122,9 @@ class SafetyRegularization:
             counts = self.accelerator.gather(counts.unsqueeze(0)).sum(dim=0)
         self._step_counts = counts
         self._micro = 0  # micro-batches of this step seen by compute_loss (anchor sampling)
+        prepare = getattr(self.reference, "prepare", None)
+        if prepare is not None and self.str_weight > 0:
+            prepare(batch_samples)  # the step's cached references: one wait for the device, not two per micro-batch
         return batch_samples, num_items
 
     def anchor_term(self, model, device) -> torch.Tensor | None:
@@ -115,7 +138,7 @@ class SafetyRegularization:
         self._micro = micro + 1
         chosen = anchors.sample(self.state.global_step, micro, self.args.process_index)
         term = anchors.term(model, chosen, device)
-        check_finite(term, "anchored regularizer", self.state.global_step)
+        self.check_term(term, "anchored regularizer", "train")
         self._safety_metrics["train"]["anchor"].append(term.detach())
         return anchors.weight * term / max(1, getattr(self, "current_gradient_accumulation_steps", 1))
 
@@ -136,7 +159,7 @@ class SafetyRegularization:
         step = step_wide and mode == "train" and self._step_counts is not None
         total = self._step_counts[which].clamp_min(torch.finfo(torch.float32).tiny) if step else local
         reg = per_seq.sum() / total
-        check_finite(reg, "safety-token regularizer", self.state.global_step)
+        self.check_term(reg, "safety-token regularizer", mode)
         self._safety_metrics[mode]["reg"].append((per_seq.sum() / local).detach())
         return reg
 
@@ -187,7 +210,7 @@ class STRTrainer(SafetyRegularization, Trainer):
         example_idx = inputs.pop("example_idx", None)
         training = model.training
         need_reg = training and self.str_weight > 0
-        ids = self.safety_ids.to(labels.device) if need_reg else None
+        ids = self.safety_ids_on(labels.device) if need_reg else None
         # Full (B, T, V) logits only where something needs them: the paper's gather, metrics on eval predictions
         full = (
             not self.chunked_ce
@@ -197,14 +220,13 @@ class STRTrainer(SafetyRegularization, Trainer):
         with head_tap(model, ids, labels, full_logits=full) as tap:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         ce_sum, local_tokens = tap["ce_sum"], tap["ce_tokens"]
-        step = self.state.global_step
         mode = "train" if training else "eval"
         if training and self._step_counts is not None:
             tokens, scale = self._step_counts[0], self.accelerator.num_processes
         else:
             tokens, scale = local_tokens, 1
         ce = ce_sum / tokens.clamp_min(1)
-        check_finite(ce, "cross-entropy", step)
+        self.check_term(ce, "cross-entropy", mode)
         loss = ce
         self._safety_metrics[mode]["ce"].append((ce_sum / local_tokens.clamp_min(1)).detach())
         if need_reg:

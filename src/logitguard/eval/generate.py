@@ -19,7 +19,6 @@ def _as_messages(prompt: str | list[dict]) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
-@torch.inference_mode()
 def generate_responses(
     model,
     tokenizer,
@@ -28,6 +27,7 @@ def generate_responses(
     batch_size: int = 16,
     greedy: bool = True,
     progress: bool = True,
+    inference_mode: bool = True,
 ) -> list[str]:
     """One response per prompt, in the order given.
 
@@ -35,8 +35,14 @@ def generate_responses(
     prompt. Only the new tokens are decoded (special tokens skipped, whitespace stripped). Works for a plain
     model and a PEFT model alike. The tokenizer's padding side and pad token, and the model's training
     mode, are restored afterwards; a tokenizer with no chat template gets logitguard's fallback (as training
-    does).
+    does). `inference_mode=False` runs under plain no_grad: for a model that trains on afterwards under FSDP,
+    whose parameter buffers must not become inference tensors.
     """
+    with torch.inference_mode(inference_mode), torch.no_grad():
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, progress)
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, progress) -> list[str]:
     from tqdm.auto import tqdm
 
     from ..data import ensure_chat_template

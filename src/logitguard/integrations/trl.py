@@ -164,7 +164,7 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
         mode = "train" if model.training else "eval"
         if mode == "eval" or self.str_weight == 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        ids = self.safety_ids.to(inputs["input_ids"].device)
+        ids = self.safety_ids_on(inputs["input_ids"].device)
         with _backbone_safety_logits(model, ids) as box:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
