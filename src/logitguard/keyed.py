@@ -50,6 +50,8 @@ class KeyedReference:
             return
         if not batches or any("example_idx" in b or "attention_mask" not in b for b in batches):
             return  # __call__ handles these
+        if not hasattr(self.reference, "read"):
+            return  # a reference that reads only `example_idx` batches: __call__ matches each batch
         flat = [t for b in batches for t in (b["input_ids"].flatten(), b["attention_mask"].flatten())]
         host = torch.cat([t.to(flat[0].device, torch.int64) for t in flat]).cpu()  # the step's one transfer
         start = 0
@@ -68,6 +70,8 @@ class KeyedReference:
             return ready
         ids, mask = torch.stack([batch["input_ids"], batch["attention_mask"].to(batch["input_ids"].dtype)]).cpu()
         idx, lengths = self._match(ids, mask)
+        if not hasattr(self.reference, "read"):  # any callable that reads `example_idx` (the documented contract)
+            return self.reference(model, {**batch, "example_idx": torch.tensor(idx, device=batch["input_ids"].device)})
         return self.reference.read(idx, lengths, ids.shape[1], batch["input_ids"].device)
 
     def _match(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], list[int]]:
