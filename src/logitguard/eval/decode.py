@@ -6,10 +6,11 @@ rows are dropped) at its end of sequence, or when a caller's stop rule says its 
 answer whose code block has closed: the scored program is the same, the explanation after it is not generated).
 On a CPU a decode step costs about its rows' FLOPs, so the saving is the share of rows already ended.
 
-The arithmetic is generate's greedy search: left-padded prompts, position ids from the attention mask, the logits
-of the last position only, argmax (ties to the lowest id, as torch.argmax). Rows of one forward can differ from
-generate's in the last bits where the batch's shape changes a matmul's blocking, so a near-tie can resolve the
-other way; bench/eval_speed.py counts such differences.
+The prefix every prompt shares (the chat template's system turn) runs once, its cache copied into each batch.
+Otherwise the arithmetic is generate's greedy search: left-padded prompts, position ids from the attention
+mask, the logits of the last position only, argmax (ties to the lowest id, as torch.argmax). Rows of one
+forward can differ from generate's in the last bits where the batch's shape changes a matmul's blocking, so a
+near-tie can resolve the other way; bench/eval_speed.py counts such differences.
 """
 
 from __future__ import annotations
@@ -58,31 +59,70 @@ def marker_ids(tokenizer, marker: str) -> set[int]:
     return {i for i, tok in enumerate(vocab) if tok is not None and marker in tok}
 
 
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """Length of the prefix every prompt shares (the chat template's system turn, a common instruction), each
+    prompt's last token left out of it so every prompt has one to prefill."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for other in prompts[1:]:
+        i = 0
+        while i < n and other[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+@torch.no_grad()
+def prefix_cache(model, ids: list[int]):
+    """The key/value cache of `ids` (batch 1), or None for no ids."""
+    from transformers import DynamicCache
+
+    if not ids:
+        return None
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
 @torch.no_grad()
 def greedy_decode(
     model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    prompts: list[list[int]],
     max_new_tokens: int,
     eos: set[int],
+    pad: int,
     stop: Callable[[list[int]], bool] | None = None,
     check_after: set[int] | None = None,
+    prefix=None,
+    shared: int = 0,
 ) -> list[list[int]]:
-    """New token ids per row of the left-padded batch `input_ids` (B, T), without the end-of-sequence token.
+    """New token ids per prompt (token ids), without the end-of-sequence token.
 
-    `stop(ids)` is asked after a row's token in `check_after` (every token when None); True ends the row there,
-    the token kept."""
+    prefix, shared: the cache of the first `shared` tokens that every prompt starts with (prefix_cache), which
+    then run once for all batches. `stop(ids)` is asked after a row's token in `check_after` (every token when
+    None); True ends the row there, the token kept."""
+    import copy
+
     from transformers import DynamicCache
 
-    batch = input_ids.shape[0]
+    batch = len(prompts)
     out: list[list[int]] = [[] for _ in range(batch)]
     if max_new_tokens <= 0 or batch == 0:
         return out
-    mask = attention_mask.long()
-    position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, T): as generate counts them
-    cache = DynamicCache(config=model.config)
+    device = model.device
+    tails = [p[shared:] for p in prompts]
+    width = max(map(len, tails))
+    ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=device)  # (B, W) left-padded
+    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)  # (B, W)
+    position = (shared + mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, W): as generate counts them
+    if prefix is not None:
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(batch)
+        mask = torch.cat([mask.new_ones(batch, shared), mask], dim=1)  # (B, shared + W)
+    else:
+        cache = DynamicCache(config=model.config)
     logits = model(
-        input_ids=input_ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
+        input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1]  # (B, V)  # fmt: skip
     rows = list(range(batch))  # the original row of each live batch row
@@ -100,11 +140,11 @@ def greedy_decode(
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(rows):  # drop ended rows from the cache and the batch
-            index = torch.tensor(keep, device=token.device)
+            index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             mask, token, position = mask[index], token[index], position[index]
             rows = [rows[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (b, T + step + 1)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (b, past + 1)
         position = position + 1
         logits = model(
             input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,

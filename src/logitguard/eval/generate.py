@@ -68,6 +68,7 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, pro
 
     from ..data import ensure_chat_template
     from ..reference import eval_mode
+    from .decode import eos_ids, greedy_decode, plain_greedy, prefix_cache, shared_prefix
 
     if not prompts:
         return []
@@ -77,8 +78,8 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, pro
         tokenizer.apply_chat_template(_as_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts
     ]
     # Longest first: batches hold similar lengths (less padding), and an out-of-memory shows up at once.
-    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
 
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
@@ -89,13 +90,23 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, pro
     if getattr(model.generation_config, "eos_token_id", None) is None:
         extra["eos_token_id"] = tokenizer.eos_token_id
     responses: list[str] = [""] * len(texts)
-    from .decode import eos_ids, greedy_decode, plain_greedy
-
     loop = fast and greedy and plain_greedy(model.generation_config)
-    if loop:
-        eos = eos_ids(model, tokenizer)
-        stop_fn, check_after = stop.bind(tokenizer) if stop is not None else (None, None)
     try:
+        if loop:
+            eos = eos_ids(model, tokenizer)
+            stop_fn, check_after = stop.bind(tokenizer) if stop is not None else (None, None)
+            shared = shared_prefix(ids)
+            with eval_mode(model):
+                prefix = prefix_cache(model, ids[0][:shared])
+                for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+                    idx = order[start : start + batch_size]
+                    new = greedy_decode(
+                        model, [ids[i] for i in idx], max_new_tokens, eos, tokenizer.pad_token_id, stop_fn,
+                        check_after, prefix, shared,
+                    )  # fmt: skip
+                    for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                        responses[i] = text.strip()
+            return responses
         with eval_mode(model):
             for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
                 idx = order[start : start + batch_size]
@@ -107,13 +118,6 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, pro
                     add_special_tokens=False,
                     return_token_type_ids=False,
                 ).to(model.device)
-                if loop:
-                    new = greedy_decode(
-                        model, enc["input_ids"], enc["attention_mask"], max_new_tokens, eos, stop_fn, check_after
-                    )
-                    for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                        responses[i] = text.strip()
-                    continue
                 out = model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
