@@ -35,7 +35,7 @@ class Interval:
 
 
 def bits(items: str) -> list[int]:
-    """"0110" -> [0, 1, 1, 0]: the per-item format of the results file (one char per item, 1 = refused/passed)."""
+    """Per-item outcomes "0110" -> [0, 1, 1, 0] (results files: one char per item, 1 = refused / passed)."""
     if set(items) - {"0", "1"}:
         raise ValueError(f"per-item outcomes must be a string of 0 and 1, got {items[:20]!r}")
     return [int(c) for c in items]
