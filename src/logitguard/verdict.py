@@ -44,7 +44,9 @@ ITEM_KEYS = {
     "humaneval_pass@1": "humaneval",
     "gsm8k_acc": "gsm8k",
     "hellaswag_acc": "hellaswag",
+    "hellaswag_acc_norm": "hellaswag_norm",
     "truthfulqa_acc": "truthfulqa",
+    "truthfulqa_acc_norm": "truthfulqa_norm",
 }
 # metrics compared item by item as paired binary rates (Tango interval, McNemar p); the other scores get the
 # paired bootstrap the issue asks for pass@1
