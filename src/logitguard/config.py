@@ -19,9 +19,12 @@ import yaml
 
 from .errors import LogitguardError
 from .files import write_text_atomic
-from .losses import POSITIONS, REGULARIZERS
+from .losses import POSITIONS
 from .models import DTYPES, METHODS, PRECISIONS, QUANTIZE
 from .reference import MODES
+from .regularizers import RegularizerSettings
+from .regularizers import get as get_regularizer
+from .regularizers import names as regularizer_names
 from .tokens import STRATEGIES
 
 # the fields a `columns` mapping may fill (logitguard.data's row schemas)
@@ -37,7 +40,10 @@ def default_cache_dir() -> str:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RegularizerSettings):
+    """Every key of `logitguard train`. Each regularizer's own settings (csft_*, kl_topk) come from its module's
+    settings dataclass (logitguard.regularizers), declared there once."""
+
     model: str = field(default="", metadata={"help": "aligned model: local folder or hub name"})
     gguf_file: str | None = field(
         default=None, metadata={"help": "GGUF model file, converted once to safetensors (then model is unused)"}
@@ -66,7 +72,7 @@ class TrainConfig:
     random_tokens: bool = field(
         default=False, metadata={"help": "control: as many random tokens as the resolved safety set"}
     )
-    regularizer: str = field(default="str", metadata={"help": f"one of {sorted(REGULARIZERS)}"})
+    regularizer: str = field(default="str", metadata={"help": f"one of {sorted(regularizer_names())}"})
     str_weight: float = field(default=1.0, metadata={"help": "lambda; 0 trains the plain method"})
     positions: str = field(default="all", metadata={"help": f"regularized positions, one of {POSITIONS}"})
     first_response_tokens: int = field(default=0, metadata={"help": "extra weight on the first N response tokens"})
@@ -264,7 +270,7 @@ def check_safety_settings(cfg, references: tuple[str, ...] = MODES) -> None:
     """The safety keys shared by logitguard's TrainConfig and the TRL config: choices, signs, a token source."""
     choices = {
         "token_strategy": STRATEGIES,
-        "regularizer": tuple(REGULARIZERS),
+        "regularizer": regularizer_names(),
         "positions": POSITIONS,
         "reference": references,
         "reference_dtype": ("float32", "float16", "bfloat16"),
@@ -278,6 +284,7 @@ def check_safety_settings(cfg, references: tuple[str, ...] = MODES) -> None:
         raise ConfigError(f"str_weight: must be >= 0, got {cfg.str_weight}")
     if not cfg.safety_words and not cfg.token_file:
         raise ConfigError("safety_words: give at least one word, or a token_file")
+    get_regularizer(cfg.regularizer).check(cfg)  # the term's own settings
 
 
 def _suggest(key: str, known) -> str:
