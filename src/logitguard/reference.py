@@ -396,14 +396,15 @@ def frozen_stats(
 ) -> dict[str, torch.Tensor]:
     """What a reference beyond K logits needs, from one forward of the model with any adapter disabled (eval mode,
     fp32): `safety` (B, T, K) when `ids` are given, `label_logp` (B, T) the log-prob of each position's next token
-    (0 at the last position), `topk_ids`, `topk_logp` (B, T, k) and `tail_logmass` (B, T) when topk > 0."""
+    (0 at each row's last position), `topk_ids`, `topk_logp` (B, T, k) and `tail_logmass` (B, T) when topk > 0."""
     ids = None if ids is None else ids.to(input_ids.device)
     stats = {"next_ids": next_token_ids(input_ids) if label_logp else None, "topk": topk}
     with eval_mode(model), adapter_disabled(model), head_tap(model, ids, stats=stats) as tap:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     out = {k: v.to(input_ids.device) for k, v in tap.items()}
-    if "label_logp" in out:
-        out["label_logp"][:, -1] = 0.0  # the last position predicts nothing
+    if "label_logp" in out:  # a row's last position predicts nothing (padding, or past the end)
+        predicts = F.pad(attention_mask[:, 1:], (0, 1)).to(out["label_logp"].device).bool()  # (B, T)
+        out["label_logp"] = torch.where(predicts, out["label_logp"], 0.0)
     return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
 
 
