@@ -35,15 +35,19 @@ def chunked_row_terms(
     kl_reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     chunk: int | None = None,
     transform: LogitTransform = IDENTITY,
+    nll_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(nll (N,), kl (N,) or None), fp32, differentiable with respect to `hidden` (N, H).
 
     targets (N,); kl_reference = (ids (N, k) int64, logp (N, k), tail_logmass (N,)): the reference's top-k at the
     same positions. kl[n] = KL(reference || policy) over the k ids plus one tail bucket (losses.topk_kl_per_sequence).
+    nll_grad False: the NLL is a value only (a host that computes its own cross-entropy), saving its gradient pass.
     """
     need = torch.is_grad_enabled() and hidden.requires_grad
     ref = kl_reference if kl_reference is not None else (None, None, None)
-    nll, kl = _ChunkedRowTerms.apply(hidden, weight, bias, targets, *ref, _chunk(weight, chunk), need, transform)
+    nll, kl = _ChunkedRowTerms.apply(
+        hidden, weight, bias, targets, *ref, _chunk(weight, chunk), need, transform, nll_grad
+    )
     return nll, (kl if kl_reference is not None else None)
 
 
@@ -63,7 +67,7 @@ def _kl_rows(logits: torch.Tensor, lse: torch.Tensor, ids, ref_logp, ref_tail, g
 
 class _ChunkedRowTerms(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, kl_ids, kl_logp, kl_tail, chunk, need_grad, transform):
+    def forward(ctx, hidden, weight, bias, targets, kl_ids, kl_logp, kl_tail, chunk, need_grad, transform, nll_grad):
         device = hidden.device
         dtype = _compute_dtype(hidden)
         f32 = dict(dtype=torch.float32, device=device)
@@ -71,7 +75,7 @@ class _ChunkedRowTerms(torch.autograd.Function):
         with_kl = kl_ids is not None
         nll = torch.zeros(n_rows, **f32)
         kl = torch.zeros(n_rows, **f32)
-        grad_nll = torch.empty(hidden.shape, **f32) if need_grad else None  # (N, H): row n's d nll_n / d h_n
+        grad_nll = torch.empty(hidden.shape, **f32) if need_grad and nll_grad else None  # (N, H): d nll_n / d h_n
         grad_kl = torch.empty(hidden.shape, **f32) if need_grad and with_kl else None
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
@@ -89,7 +93,7 @@ class _ChunkedRowTerms(torch.autograd.Function):
                     if need_grad:
                         g_kl = g_kl.mul_(slope) if not transform.identity else g_kl
                         grad_kl[rows] = _grad_hidden(g_kl, w)
-                if not need_grad:
+                if grad_nll is None:
                     continue
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
                 g[torch.arange(len(t), device=g.device), t] -= 1.0  # d nll / d logits
@@ -102,12 +106,12 @@ class _ChunkedRowTerms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_nll, d_kl):
         grad_nll, grad_kl = ctx.saved_tensors
-        if grad_nll is None:
-            return (None,) * 10
-        grad = grad_nll * d_nll.float()[:, None]  # fp32 first: d_nll carries fp16's loss scale
+        grad = None  # fp32 first: the upstream gradients carry fp16's loss scale
+        if grad_nll is not None and d_nll is not None:
+            grad = grad_nll * d_nll.float()[:, None]
         if grad_kl is not None and d_kl is not None:
-            grad = grad + grad_kl * d_kl.float()[:, None]
-        return (grad.to(ctx.h_dtype),) + (None,) * 9
+            grad = grad_kl * d_kl.float()[:, None] if grad is None else grad + grad_kl * d_kl.float()[:, None]
+        return (None if grad is None else grad.to(ctx.h_dtype),) + (None,) * 10
 
 
 @torch.no_grad()

@@ -58,7 +58,7 @@ class KeyedReference:
             ids, mask = host[start : start + shape.numel()], host[start + shape.numel() : start + 2 * shape.numel()]
             start += 2 * shape.numel()
             idx, lengths = self._match(ids.view(shape), mask.view(shape))
-            self._ahead.append((b["input_ids"], self.reference.read(idx, lengths, shape[1], b["input_ids"].device)))
+            self._ahead.append((b["input_ids"], self._read(idx, lengths, b)))
 
     def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
         if "example_idx" in batch:
@@ -68,7 +68,15 @@ class KeyedReference:
             return ready
         ids, mask = torch.stack([batch["input_ids"], batch["attention_mask"].to(batch["input_ids"].dtype)]).cpu()
         idx, lengths = self._match(ids, mask)
-        return self.reference.read(idx, lengths, ids.shape[1], batch["input_ids"].device)
+        return self._read(idx, lengths, batch)
+
+    def _read(self, idx: list[int], lengths: list[int], batch: dict):
+        """The reference of the matched examples: read directly, or (a reference without `read`, PACT's) by a call
+        with the batch given the examples' indices."""
+        device = batch["input_ids"].device
+        if hasattr(self.reference, "read"):
+            return self.reference.read(idx, lengths, batch["input_ids"].shape[1], device)
+        return self.reference(None, {**batch, "example_idx": torch.as_tensor(idx, device=device)})
 
     def _match(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], list[int]]:
         """Cached example index and length of each row of host tensors `ids`, `mask` (B, T), in numpy (host)."""

@@ -10,10 +10,11 @@ from . import constrained_sft, kl, pact, restricted_kl, str_term  # noqa: F401  
 from .base import REGISTRY, Regularizer, get, register
 from .constrained_sft import ConstrainedSFTSettings
 from .kl import TopKKLSettings
+from .pact import PactSettings
 
 
 @dataclass
-class RegularizerSettings(ConstrainedSFTSettings, TopKKLSettings):
+class RegularizerSettings(PactSettings, ConstrainedSFTSettings, TopKKLSettings):
     """Every registered term's own settings, composed once into TrainConfig and the TRL config."""
 
 

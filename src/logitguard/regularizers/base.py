@@ -48,7 +48,8 @@ class Regularizer:
     replaces_ce: bool = False
     temperature: bool = False  # takes the shared `temperature` setting
     kwargs: Callable = _no_kwargs  # (cfg, tokens) -> the term's keyword arguments from a config
-    check: Callable = _no_check  # (cfg) -> None, or a ConfigError: its own settings against the rest
+    check: Callable = _no_check  # (cfg) -> None or a ConfigError, when chosen: its settings against the rest
+    check_values: Callable = _no_check  # (cfg) -> None or a ConfigError, always: its own keys' values
     settings: type | None = None  # its own settings dataclass (YAML keys / flags), composed into the configs
     help: str = ""
     sources: tuple[str, ...] = field(default_factory=tuple)

@@ -39,12 +39,17 @@ def _kwargs(cfg, tokens) -> dict:
     )
 
 
-def _check(cfg) -> None:
+def _check_values(cfg) -> None:
     from ..config import ConfigError
 
     if not cfg.csft_beta > 0 or cfg.csft_bias_length < 0:
         raise ConfigError(f"csft_beta must be > 0 and csft_bias_length >= 0 (got {cfg.csft_beta}, "
                           f"{cfg.csft_bias_length})")  # fmt: skip
+
+
+def _check(cfg) -> None:
+    from ..config import ConfigError
+
     if cfg.first_response_tokens:
         raise ConfigError("first_response_tokens: constrained_sft weights its first tokens itself (csft_bias_*)")
 
@@ -63,6 +68,7 @@ register(
         replaces_ce=True,
         kwargs=_kwargs,
         check=_check,
+        check_values=_check_values,
         settings=ConstrainedSFTSettings,
         help="token-wise constrained SFT (replaces cross-entropy)",
         sources=("Unispac/shallow-vs-deep-alignment",),

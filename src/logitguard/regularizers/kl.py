@@ -20,7 +20,7 @@ def _per_sequence(policy_kl, reference, weights):
     return (policy_kl * w).sum(dim=1)
 
 
-def _check(cfg) -> None:
+def _check_values(cfg) -> None:
     from ..config import ConfigError
 
     if cfg.kl_topk < 1:
@@ -38,7 +38,7 @@ register(
         online=references.topk_online,
         reads="topk_kl",
         positions="response",
-        check=_check,
+        check_values=_check_values,
         settings=TopKKLSettings,
         help="KL(aligned || trained) over the aligned model's cached top-k plus a tail bucket",
     )

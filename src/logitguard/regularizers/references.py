@@ -17,11 +17,12 @@ def _paper_only_for_logits(name: str) -> None:
                       "online")  # fmt: skip
 
 
-def logits_cached(model, tokenizer, examples, ids, cfg, **build):
-    """K safety logits per token (STR, restricted_kl)."""
+def logits_cached(model, tokenizer, examples, ids, cfg, builder=None, **build):
+    """K safety logits per token (STR, restricted_kl). `builder`: build_reference_cache or a stand-in (tests)."""
     from ..cache import CachedReference, build_reference_cache
 
-    return CachedReference(build_reference_cache(model, tokenizer, examples, list(ids), **build), list(ids))
+    folder = (builder or build_reference_cache)(model, tokenizer, examples, list(ids), **build)
+    return CachedReference(folder, list(ids))
 
 
 def logits_online(ids, tokenizer, method, cfg, paper: bool = False):
@@ -30,7 +31,7 @@ def logits_online(ids, tokenizer, method, cfg, paper: bool = False):
     return (PaperReference if paper else OnlineReference)(list(ids), method)
 
 
-def pact_cached(model, tokenizer, examples, ids, cfg, **build):
+def pact_cached(model, tokenizer, examples, ids, cfg, builder=None, **build):
     """PACT's two caches (full context and response only)."""
     from ..pact import assistant_header_ids, build_pact_cache
 
@@ -44,11 +45,11 @@ def pact_online(ids, tokenizer, method, cfg, paper: bool = False):
     return PactOnlineReference(list(ids), assistant_header_ids(tokenizer), method, full_logits=paper)
 
 
-def label_logp_cached(model, tokenizer, examples, ids, cfg, **build):
+def label_logp_cached(model, tokenizer, examples, ids, cfg, builder=None, **build):
     """The aligned model's log-prob of each position's next token, from the same pass as the K logits."""
     from ..cache import CachedReference, build_reference_cache
 
-    folder = build_reference_cache(model, tokenizer, examples, list(ids), label_logp=True, **build)
+    folder = (builder or build_reference_cache)(model, tokenizer, examples, list(ids), label_logp=True, **build)
     return CachedReference(folder, list(ids), kind="label_logp")
 
 
@@ -60,11 +61,11 @@ def label_logp_online(ids, tokenizer, method, cfg, paper: bool = False):
     return OnlineStatsReference(list(ids), method, kind="label_logp")
 
 
-def topk_cached(model, tokenizer, examples, ids, cfg, **build):
+def topk_cached(model, tokenizer, examples, ids, cfg, builder=None, **build):
     """The aligned model's top-k log-probs and tail mass per position, from the same pass as the K logits."""
     from ..cache import CachedReference, build_reference_cache
 
-    folder = build_reference_cache(model, tokenizer, examples, list(ids), topk=cfg.kl_topk, **build)
+    folder = (builder or build_reference_cache)(model, tokenizer, examples, list(ids), topk=cfg.kl_topk, **build)
     return CachedReference(folder, list(ids), kind="topk", topk=cfg.kl_topk)
 
 
