@@ -159,3 +159,25 @@ def test_online_reference_equals_the_cache(model, tokenizer, tmp_path, regulariz
     a, b = cached(model, batch), online(lora(model), batch)  # the online one disables the adapter
     for x, y in zip(a if kind == "topk" else [a], b if kind == "topk" else [b]):
         torch.testing.assert_close(x[mask].double(), y[mask].double(), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projection_equals_two_and_refuses_another_loss():
+    """With kl_ratio the NLL's and the KL's gradients share one (n, V) x (V, H) product; the result is the same, and
+    a loss that weighs the two otherwise is an error, never a silently wrong gradient."""
+    torch.manual_seed(1)
+    n, h, v, k = 6, 4, 9, 3
+    weight, bias = torch.randn(v, h), torch.randn(v)
+    targets = torch.randint(0, v, (n,))
+    ref = reference_topk(torch.randn(n, v), k)
+    coef_nll, coef_kl = torch.rand(n) + 0.5, torch.rand(n) + 0.5
+    grads = []
+    for ratio in (None, coef_kl / coef_nll):
+        hidden = torch.randn(n, h, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        nll, kl = chunked_row_terms(hidden, weight, bias, targets, ref, chunk=4, kl_ratio=ratio)
+        ((nll * coef_nll).sum() + (kl * coef_kl).sum()).backward()
+        grads.append(hidden.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    hidden = torch.randn(n, h, requires_grad=True)
+    nll, kl = chunked_row_terms(hidden, weight, bias, targets, ref, kl_ratio=coef_kl / coef_nll)
+    with pytest.raises(RuntimeError, match="kl_ratio"):
+        ((nll * coef_nll).sum() + 2 * (kl * coef_kl).sum()).backward()

@@ -100,3 +100,11 @@ def test_trl_anchored_regularization(model, tokenizer, tmp_path, monkeypatch):
     trainer.train()
     anchored = [row["anchor"] for row in trainer.state.log_history if "anchor" in row]
     assert anchored and anchored[0] < 1e-6 < anchored[-1]  # zero at the aligned model, then it moves
+
+
+def test_trl_refuses_a_loss_type_the_objective_would_drop(tmp_path):
+    from logitguard.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss_type nll"):
+        config(tmp_path, regularizer="constrained_sft", loss_type="dft")
+    config(tmp_path, regularizer="kl", loss_type="dft")  # kl is added to TRL's loss, whatever its type

@@ -113,6 +113,7 @@ def head_tap(
     per_token: bool = False,
     kl_reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     stats: dict | None = None,
+    kl_ratio: torch.Tensor | None = None,
 ):
     """Within the context, a forward of `model` fills a `HeadTap` from the output head's input and weight.
 
@@ -130,6 +131,8 @@ def head_tap(
       per_token     also `nll` (B, T): each position's differentiable NLL of labels[t + 1] (0 where none)
       kl_reference  (ids (B, T, k), logp (B, T, k), tail_logmass (B, T)) of the reference: also `kl` (B, T), each
                     labelled position's differentiable top-k KL(reference || model) (0 elsewhere)
+      kl_ratio      (B, T): how many times the NLL's gradient the loss gives each position's KL, so that both
+                    are projected onto the hidden state in one product (head_terms.chunked_row_terms)
       stats         {"next_ids": (B, T) or None, "topk": k}: no-grad reference statistics at every position,
                     `label_logp` (B, T) and `topk_ids`, `topk_logp` (B, T, k), `tail_logmass` (B, T)
     Per-token terms give the head's own weight no gradient: a trained head takes the full-logits path.
@@ -158,7 +161,7 @@ def head_tap(
                 rows, row_bias = weight[at], bias[at] if bias is not None else None  # (K, H), (K,)
                 tap["safety"] = logits_from_hidden(hidden, rows, row_bias, transform).to(ids.device)  # (B, T, K)
             if labels is not None and rowwise:
-                _row_terms(tap, hidden, weight, bias, labels, kl_reference, chunk_tokens, transform)
+                _row_terms(tap, hidden, weight, bias, labels, kl_reference, chunk_tokens, transform, kl_ratio)
             elif labels is not None:
                 targets = labels[:, 1:].to(hidden.device)
                 mask = targets != -100
@@ -207,7 +210,7 @@ def _to_grid(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return F.pad(grid, (0, 1))
 
 
-def _row_terms(tap, hidden, weight, bias, labels, kl_reference, chunk_tokens, transform) -> None:
+def _row_terms(tap, hidden, weight, bias, labels, kl_reference, chunk_tokens, transform, kl_ratio=None) -> None:
     """`nll` (and `kl`) (B, T) from the hidden state (B, T, H) at the positions that predict a label."""
     from .head_terms import chunked_row_terms
 
@@ -217,7 +220,10 @@ def _row_terms(tap, hidden, weight, bias, labels, kl_reference, chunk_tokens, tr
     ref = None
     if kl_reference is not None:
         ref = tuple(x[:, :-1][mask.to(x.device)].to(weight.device) for x in kl_reference)  # (N, k), (N, k), (N,)
-    nll, kl = chunked_row_terms(picked, weight, bias, targets[mask].to(weight.device), ref, chunk_tokens, transform)
+    ratio = None if kl_ratio is None else kl_ratio[:, :-1][mask.to(kl_ratio.device)].to(weight.device)  # (N,)
+    nll, kl = chunked_row_terms(
+        picked, weight, bias, targets[mask].to(weight.device), ref, chunk_tokens, transform, kl_ratio=ratio
+    )
     tap["nll"] = _to_grid(mask, nll).to(labels.device)
     tap["ce_sum"] = tap["nll"].sum()
     tap["ce_tokens"] = mask.sum().to(labels.device)

@@ -12,6 +12,10 @@ forward. The loss is therefore already scaled for accumulation (`loss_is_scaled_
 multiplied by the number of processes because DDP averages gradients across them.
 Evaluation reports cross-entropy only (`eval_loss`): the utility measure of the paper's Table 5.
 
+Which term, what it reads and how it is normalised come from its registry entry (logitguard.regularizers), never
+from its name: `reads` says what the head's forward yields for it (K safety logits; per-token label log-probs for
+constrained_sft, which replaces CE; the per-position top-k KL for kl, whose reference is read before the forward).
+
 Memory: the forward never builds the (B, T, V) logits. `head_tap` takes the final hidden state inside the output
 head's forward and computes the K safety logits from K head rows and the cross-entropy in chunks of positions
 (V is 128k for Llama-3 and 152k for Qwen: B x T x V fp32 logits are gigabytes).
@@ -143,6 +147,17 @@ class SafetyRegularization:
         self._safety_metrics["train"]["anchor"].append(term.detach())
         return anchors.weight * term / max(1, getattr(self, "current_gradient_accumulation_steps", 1))
 
+    def _kl_ratio(self, batch: dict, training: bool) -> torch.Tensor:
+        """(B, T) d loss / d kl_t over d loss / d nll_t, as compute_loss combines them: CE = NLL sum / tokens,
+        reg = weighted KL sum / total weight (the step's counts in training), loss = CE + lambda * reg. The head
+        then projects both gradients onto the hidden state in one product; its backward checks this ratio."""
+        weights = self._weights(batch)  # (B, T)
+        if training and self._step_counts is not None:
+            tokens, total = self._step_counts[0], self._step_counts[2]
+        else:
+            tokens, total = (batch["labels"][:, 1:] != -100).sum(), weights.sum()
+        return self.str_weight * weights * tokens.clamp_min(1) / total.clamp_min(torch.finfo(torch.float32).tiny)
+
     def regularize(
         self, model, policy: torch.Tensor, batch: dict, mode: str, step_wide: bool = True, reference=None
     ) -> torch.Tensor:
@@ -227,8 +242,9 @@ class STRTrainer(SafetyRegularization, Trainer):
             or (need_reg and self.reference.policy_from_full_logits)
             or (not training and self.compute_metrics is not None)
         )
+        ratio = self._kl_ratio(batch, training) if reads == "topk_kl" else None
         with head_tap(model, ids, labels, full_logits=full, per_token=reads == "label_logp",
-                      kl_reference=reference) as tap:  # fmt: skip
+                      kl_reference=reference, kl_ratio=ratio) as tap:  # fmt: skip
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         ce_sum, local_tokens = tap["ce_sum"], tap["ce_tokens"]
         mode = "train" if training else "eval"

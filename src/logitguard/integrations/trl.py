@@ -92,6 +92,9 @@ class STRSFTConfig(SFTConfig, RegularizerSettings, AnchorSettings):
             self.safety_words = [w.strip() for w in self.safety_words.split(",") if w.strip()]
         check_safety_settings(self, references=("cache", "online"))
         check_anchor_settings(self)
+        if self.str_weight > 0 and get_regularizer(self.regularizer).replaces_ce and self.loss_type != "nll":
+            raise ConfigError(f"regularizer {self.regularizer} replaces the SFT loss; loss_type {self.loss_type!r} "
+                              "would be dropped: use loss_type nll")  # fmt: skip
         if (self.str_weight > 0 or self.anchor_prompts) and (self.packing or self.padding_free):
             raise ConfigError(
                 "packing / padding_free: logitguard's regularizer needs one example per row (its reference cache "
@@ -197,6 +200,9 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         scale = self.accelerator.num_processes if step_wide else 1  # DDP averages gradients across processes
+        if reads == "label_logp" and "label_logp" not in box:
+            raise ConfigError(f"regularizer {self.entry.name} reads the per-token log-probs of TRL's fused LM head, "
+                              "which label smoothing and compute_loss_func bypass; use neither")  # fmt: skip
         policy = box["safety"] if reads == "safety" else box["kl"] if reads == "topk_kl" else box["label_logp"]
         reg = self.regularize(model, policy, batch, mode, step_wide=step_wide, reference=reference)
         local_tokens = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
