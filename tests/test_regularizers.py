@@ -57,6 +57,10 @@ def test_settings_from_yaml_and_flags(tmp_path):
         load_config(path, {"first_response_tokens": "2"})
     with pytest.raises(ConfigError, match="regularizer"):
         load_config(path, {"regularizer": "nope"})
+    for term in ("kl", "constrained_sft"):
+        with pytest.raises(ConfigError, match="reference: paper"):
+            load_config(path, {"regularizer": term, "reference": "paper"})
+    assert load_config(path, {"regularizer": "str", "reference": "paper"}).reference == "paper"
 
 
 def test_defaults_keep_the_results_keys():

@@ -181,3 +181,27 @@ def test_fused_projection_equals_two_and_refuses_another_loss():
     nll, kl = chunked_row_terms(hidden, weight, bias, targets, ref, kl_ratio=coef_kl / coef_nll)
     with pytest.raises(RuntimeError, match="kl_ratio"):
         ((nll * coef_nll).sum() + 2 * (kl * coef_kl).sum()).backward()
+
+
+@pytest.mark.parametrize("regularizer", ["constrained_sft", "kl"])
+def test_full_logits_path_equals_the_chunked_one(model, tokenizer, tmp_path, regularizer):
+    """chunked_ce False (and a head that carries an adapter, or a trained head) computes the terms from full logits."""
+    examples = chat_examples(tokenizer)[:4]
+    extra = dict(label_logp=True) if regularizer == "constrained_sft" else dict(topk=8)
+    folder = build_reference_cache(model, tokenizer, examples, IDS, tmp_path / "c", 64, progress=False, **extra)
+    kind = "label_logp" if regularizer == "constrained_sft" else "topk"
+    reference = CachedReference(folder, IDS, kind=kind, topk=8)
+    peft_model = lora(model)
+    perturb_adapter(peft_model, scale=0.3)
+    peft_model.train()
+    results = []
+    for chunked in (True, False):
+        trainer = trainer_for(tmp_path, peft_model, tokenizer, examples, regularizer, reference)
+        trainer.chunked_ce = chunked
+        loss = trainer.compute_loss(peft_model, dict(batch_of(tokenizer, examples)))
+        loss.backward()
+        results.append((loss.detach(), lora_grads(peft_model)))
+        peft_model.zero_grad()
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(g, results[1][1][n], rtol=1e-4, atol=1e-6)

@@ -50,6 +50,10 @@ def _check_values(cfg) -> None:
 def _check(cfg) -> None:
     from ..config import ConfigError
 
+    if cfg.reference == "paper":
+        raise ConfigError(
+            "reference: paper is STR's formulation (full logits for K columns); constrained_sft takes cache or online"
+        )
     if cfg.first_response_tokens:
         raise ConfigError("first_response_tokens: constrained_sft weights its first tokens itself (csft_bias_*)")
 

@@ -27,6 +27,15 @@ def _check_values(cfg) -> None:
         raise ConfigError(f"kl_topk: must be >= 1, got {cfg.kl_topk}")
 
 
+def _check(cfg) -> None:
+    from ..config import ConfigError
+
+    if cfg.reference == "paper":
+        raise ConfigError(
+            "reference: paper is STR's formulation (full logits for K columns); kl takes cache or online"
+        )
+
+
 register(
     Regularizer(
         name="kl",
@@ -38,6 +47,7 @@ register(
         online=references.topk_online,
         reads="topk_kl",
         positions="response",
+        check=_check,
         check_values=_check_values,
         settings=TopKKLSettings,
         help="KL(aligned || trained) over the aligned model's cached top-k plus a tail bucket",
