@@ -222,9 +222,12 @@ def test_lora_adapter_round_trip(tmp_path, eval_model_dir):
     assert adapted != base_out  # the adapter changes what is generated
     peft_model.save_pretrained(tmp_path / "adapter")
 
-    model, tokenizer = load_model_for_eval(eval_model_dir, tmp_path / "adapter")
+    model, tokenizer = load_model_for_eval(eval_model_dir, tmp_path / "adapter", merge=False)
     assert isinstance(model, PeftModel) and not model.training
     assert generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=2, progress=False) == adapted
+    merged, _ = load_model_for_eval(eval_model_dir, tmp_path / "adapter")  # float32: folded into the weights
+    assert not isinstance(merged, PeftModel)
+    assert generate_responses(merged, tokenizer, prompts, max_new_tokens=8, batch_size=2, progress=False) == adapted
 
 
 def test_load_errors_name_path_and_expectation(tmp_path, eval_model_dir):

@@ -130,7 +130,7 @@ def test_guard_refuses_writes_outside_processes_and_cleans_up(tmp_path):
 def test_evaluate_humaneval_pass_at_1(monkeypatch):
     seen = {}
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress=True):
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress=True, stop=None):
         seen["prompts"] = prompts
         return [RIGHT_FENCED, WRONG, LOOP]
 

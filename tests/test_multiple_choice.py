@@ -66,11 +66,11 @@ def test_known_answer_with_a_stub_model(tokenizer):
     assert all(len(i) == 1 for i in ids), ids
     items = [{"id": str(g), "context": "Name a word:", "choices": words, "gold": g} for g in range(3)]
     prefers_apple = PrefersToken(len(tokenizer), ids[1][0])
-    summary, records = score_items(prefers_apple, tokenizer, items, progress=False)
+    summary, records = score_items(prefers_apple, tokenizer, items, progress=False, batch_items=1)
     assert [r["correct"] for r in records] == [False, True, False]
     assert summary["acc"] == pytest.approx(1 / 3) and summary["n"] == 3
     # a model that cannot tell the choices apart earns nothing, even with the gold choice listed first
-    summary, _ = score_items(PrefersToken(len(tokenizer), None), tokenizer, items, progress=False)
+    summary, _ = score_items(PrefersToken(len(tokenizer), None), tokenizer, items, progress=False, batch_items=1)
     assert summary["acc"] == 0.0 and summary["acc_norm"] == 0.0
 
 
@@ -78,7 +78,7 @@ def test_acc_norm_divides_by_the_choice_length(monkeypatch):
     # " ab" is 3 bytes, " abcdef" 7: -3.3 beats -4.9 summed, but -4.9/7 = -0.7 beats -3.3/3 = -1.1
     monkeypatch.setattr(mc, "choice_logprobs", lambda model, tok, item: [-3.3, -4.9])
     items = [{"id": "a", "context": "c", "choices": ["ab", "abcdef"], "gold": 1}]
-    summary, records = score_items(None, None, items, progress=False)
+    summary, records = score_items(None, None, items, progress=False, batch_items=1)
     assert (summary["acc"], summary["acc_norm"]) == (0.0, 1.0) and records[0]["scores"] == [-3.3, -4.9]
 
 

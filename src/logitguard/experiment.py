@@ -14,7 +14,7 @@
         safelora: {of: LoRA, unaligned: PATH}   # post-hoc projection of another run's adapter
       - name: continual LoRA
         stages: [{data: task1.jsonl}, {data: task2.jsonl}]   # each stage merged before the next
-    target: {refusal_drop: 0.02, utility: humaneval_pass@1, utility_of: LoRA, utility_gap: 0.02}  # verdict.py
+    target: {refusal_drop: 0.03, utility: humaneval_pass@1, utility_of: LoRA, utility_gap: 0.03}  # verdict.py
     variants:
       toy: {model: toy, train: {...}, eval: {...}, runs: [...]}   # merged over the top level
 
@@ -147,6 +147,9 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
     if raw.get("target") and raw["target"].get("utility_of", "aligned base") not in ["aligned base", *names]:
         raise ConfigError(f"{where}: target.utility_of must be 'aligned base' or a run name, "
                           f"got {raw['target']['utility_of']!r}")  # fmt: skip
+    if raw.get("target") and raw["target"].get("task_loss") and raw["target"].get("task_gain_of", "LoRA") not in names:
+        raise ConfigError(f"{where}: target.task_gain_of must be a run name (whose task gain is the yardstick), "
+                          f"got {raw['target'].get('task_gain_of', 'LoRA')!r}")  # fmt: skip
     exp = Experiment(
         name=path.stem,
         variant=variant,

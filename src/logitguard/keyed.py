@@ -50,6 +50,8 @@ class KeyedReference:
             return
         if not batches or any("example_idx" in b or "attention_mask" not in b for b in batches):
             return  # __call__ handles these
+        if not hasattr(self.reference, "read"):
+            return  # a reference that reads only `example_idx` batches: __call__ matches each batch
         flat = [t for b in batches for t in (b["input_ids"].flatten(), b["attention_mask"].flatten())]
         host = torch.cat([t.to(flat[0].device, torch.int64) for t in flat]).cpu()  # the step's one transfer
         start = 0
@@ -58,7 +60,7 @@ class KeyedReference:
             ids, mask = host[start : start + shape.numel()], host[start + shape.numel() : start + 2 * shape.numel()]
             start += 2 * shape.numel()
             idx, lengths = self._match(ids.view(shape), mask.view(shape))
-            self._ahead.append((b["input_ids"], self._read(idx, lengths, b)))
+            self._ahead.append((b["input_ids"], self.reference.read(idx, lengths, shape[1], b["input_ids"].device)))
 
     def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
         if "example_idx" in batch:
@@ -68,15 +70,9 @@ class KeyedReference:
             return ready
         ids, mask = torch.stack([batch["input_ids"], batch["attention_mask"].to(batch["input_ids"].dtype)]).cpu()
         idx, lengths = self._match(ids, mask)
-        return self._read(idx, lengths, batch)
-
-    def _read(self, idx: list[int], lengths: list[int], batch: dict):
-        """The reference of the matched examples: read directly, or (a reference without `read`, PACT's) by a call
-        with the batch given the examples' indices."""
-        device = batch["input_ids"].device
-        if hasattr(self.reference, "read"):
-            return self.reference.read(idx, lengths, batch["input_ids"].shape[1], device)
-        return self.reference(None, {**batch, "example_idx": torch.as_tensor(idx, device=device)})
+        if not hasattr(self.reference, "read"):  # any callable that reads `example_idx` (the documented contract)
+            return self.reference(model, {**batch, "example_idx": torch.tensor(idx, device=batch["input_ids"].device)})
+        return self.reference.read(idx, lengths, ids.shape[1], batch["input_ids"].device)
 
     def _match(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], list[int]]:
         """Cached example index and length of each row of host tensors `ids`, `mask` (B, T), in numpy (host)."""

@@ -103,6 +103,11 @@ class HeadTap(dict):
     """
 
 
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; no call at all where it is there already (the trainer keeps its ids on the device)."""
+    return t if t.device == device else t.to(device)
+
+
 @contextlib.contextmanager
 def head_tap(
     model: nn.Module,
@@ -157,7 +162,7 @@ def head_tap(
             # on the weight's device, the K logits on the hidden's (K rows are cheap to move, the head is not).
             hidden, weight, bias = box.pop("hidden"), module.weight, module.bias  # hidden (B, T, H)
             if ids is not None:
-                at = ids.to(weight.device)
+                at = _on(ids, weight.device)
                 rows, row_bias = weight[at], bias[at] if bias is not None else None  # (K, H), (K,)
                 tap["safety"] = logits_from_hidden(hidden, rows, row_bias, transform).to(ids.device)  # (B, T, K)
             if labels is not None and rowwise:
@@ -179,7 +184,7 @@ def head_tap(
                 tap.update({k: v.unflatten(0, hidden.shape[:2]) for k, v in flat.items()})
             return output
         if ids is not None:  # backward materialises a (B, T, V) gradient
-            tap["safety"] = transform(output[..., ids.to(output.device)].float()).to(ids.device)
+            tap["safety"] = transform(output[..., _on(ids, output.device)].float()).to(ids.device)
         if stats:
             from .head_terms import full_logit_stats
 

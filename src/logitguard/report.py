@@ -1,5 +1,7 @@
 """`logitguard bench report`: markdown tables and PNG plots from results/*.json, the paper's numbers beside ours.
-An experiment with a target (verdict.py) also gets a target column and a frontier plot.
+An experiment with a target (verdict.py) also gets a target column and a frontier plot. Rows that carry per-item
+outcomes (metrics["items"]) get, in each compared cell, the difference from the reference run with its 95%
+interval (stats.py; docs/statistics.md).
 
 Rows with several seeds are shown as mean (and min-max); every table keeps safety (refusal, ASR, HRR),
 over-refusal and utility side by side, as DESIGN.md section 6 asks.
@@ -13,7 +15,8 @@ from pathlib import Path
 from statistics import mean
 
 from .files import write_text_atomic
-from .verdict import Target, plot_experiment_frontier, verdicts
+from .stats import Interval
+from .verdict import ALIGNED, Target, compare, plot_experiment_frontier, task_share, verdicts
 
 # (metric key, column title, format): the columns a table shows when any row has the metric
 COLUMNS = [
@@ -80,9 +83,53 @@ def _cell(rows: list[dict], key: str, kind: str) -> str:
     return f"{_fmt(mean(values), kind)} ({_fmt(min(values), kind)}–{_fmt(max(values), kind)})"
 
 
+def _signed(value: float, kind: str) -> str:
+    if kind == "pct":
+        return f"{100 * value:+.1f}"
+    return f"{value:+.3f}"
+
+
+def _versus(interval: Interval | None, kind: str) -> str:
+    """The bracket " (-1.0 [-8.2, +6.1], p=0.77)": difference from the reference (points for rates), 95% interval."""
+    if interval is None:
+        return ""
+    p = "" if interval.p is None else f", p={interval.p:.2g}"
+    lo, hi = _signed(interval.lo, kind), _signed(interval.hi, kind)
+    return f" ({_signed(interval.estimate, kind)} [{lo}, {hi}]{p})"
+
+
+def _share(interval: Interval, of: str) -> str:
+    def pct(v: float) -> str:  # an unbounded end (LoRA's own gain unclear) prints as -inf / +inf
+        return "?" if v != v else f"{v:+}" if abs(v) == float("inf") else f"{100 * v:.0f}%"
+
+    return f" (gain {pct(interval.estimate)} of {of}'s [{pct(interval.lo)}, {pct(interval.hi)}])"
+
+
+def reference_of(metric: str, target: Target) -> str:
+    """The run a column is compared with: the aligned base for safety and loss, the target's utility run else."""
+    return ALIGNED if metric.startswith(("refusal_", "over_refusal_", "eval_loss_")) else target.utility_of
+
+
+def _compared(name: str, rows: list[dict], by_name: dict, metric: str, kind: str, target: Target) -> str:
+    """The bracket after a cell: its difference from the reference run, or (task loss) the share of the task gain."""
+    if target.task_loss and metric == f"eval_loss_{target.task_loss}" and name not in (ALIGNED, target.task_gain_of):
+        share = task_share(rows, by_name, target)
+        return "" if share is None else _share(share, target.task_gain_of)
+    of = reference_of(metric, target)
+    if name == of or of not in by_name:
+        return ""
+    return _versus(compare(rows, by_name[of], metric), kind)
+
+
+def has_items(results: dict) -> bool:
+    return any(r["metrics"].get("items") for g in group_rows(results) for r in g["rows"])
+
+
 def experiment_table(results: dict) -> str:
     groups = group_rows(results)
     metrics = columns(groups)
+    target = Target(**results["target"]) if results.get("target") else Target()
+    by_name = {g["name"]: g["rows"] for g in groups} if has_items(results) else {}
     paper = results.get("paper") or {}
     paper_rows = paper.get("rows") or {}
     header = ["run", "seeds"] + [title for _, title, _ in metrics] + ["step s", "train s"]
@@ -96,7 +143,12 @@ def experiment_table(results: dict) -> str:
         rows = g["rows"]
         steps = [r["step_seconds"] for r in rows if r.get("step_seconds")]
         train = [r["train_seconds"] for r in rows if r.get("train_seconds")]
-        cells = [g["name"], str(len(rows))] + [_cell(rows, key, kind) for key, _, kind in metrics]
+        cells = [g["name"], str(len(rows))]
+        for key, _, kind in metrics:
+            cell = _cell(rows, key, kind)
+            if by_name and cell != "–":
+                cell += _compared(g["name"], rows, by_name, key, kind, target)
+            cells.append(cell)
         cells += [f"{mean(steps):.2f}" if steps else "–", f"{mean(train):.0f}" if train else "–"]
         if paper_rows:
             value = paper_rows.get(g["name"])
@@ -171,6 +223,17 @@ def experiment_section(results: dict, png: str | None) -> str:
     if paper.get("source"):
         parts += [f"Paper: {paper['source']}." + (f" {paper['note']}" if paper.get("note") else ""), ""]
     parts += [experiment_table(results), ""]
+    if has_items(results):
+        target = Target(**results["target"]) if results.get("target") else Target()
+        parts += [
+            "In brackets: the difference from the reference run, paired on the same items, and its 95% interval: "
+            f"refusal and over-refusal against the aligned base (points; Tango's score interval and McNemar's "
+            f"exact p), other scores against {target.utility_of} (paired bootstrap, 10,000 resamples, seed 0), "
+            "held-out loss against the aligned base (paired bootstrap over conversations)"
+            + (f", and on the task loss the share of {target.task_gain_of}'s gain kept" if target.task_loss else "")
+            + ". Verdict: meets / misses / unresolved at 95% (docs/statistics.md).",
+            "",
+        ]
     ratios = step_ratios(results)
     if ratios:
         parts += ["Step time / LoRA step time: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), ""]

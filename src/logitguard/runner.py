@@ -82,8 +82,10 @@ def _conversations(path: str, limit: int | None) -> list[list[dict]]:
 
 def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool = True) -> dict:
     """Every measure the spec asks for, on one model (plus adapter); records go to `folder` (redacted)."""
-    from .eval import eval_loss, evaluate_safety, exact_match, load_model_for_eval, write_eval
+    from .eval import evaluate_safety, exact_match, load_model_for_eval, write_eval
     from .eval.cli import read_prompt_sets, read_prompts
+    from .eval.items import safety_items, utility_items
+    from .eval.utility import conversation_losses
 
     if not any((spec.harmful, spec.loss_data, spec.exact_match, spec.commonsense, spec.utility)):
         return {}  # a timing-only experiment (Table 6): nothing to load
@@ -102,6 +104,7 @@ def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, 
         utility = load_utility_sets(parse_utility(spec.utility), limit=spec.limit)
     model, tokenizer = load_model_for_eval(model_dir, adapter)
     metrics: dict = {}
+    items: dict = {}
     if prompts["harmful"]:
         summary, records = evaluate_safety(
             model, tokenizer, prompts["harmful"], prompts["benign"], prompts["borderline"],
@@ -117,9 +120,13 @@ def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, 
         metrics.update({k: summary[k] for k in keys if k in summary})
         if len(prompts["harmful"]) > 1:
             metrics.update({f"refusal_{name}": rate for name, rate in summary["refusal_by_set"].items()})
+        items.update(safety_items(records))
     for name, conversations in losses.items():
-        loss = eval_loss(model, tokenizer, conversations, spec.max_length, spec.batch_size)
-        metrics["eval_loss" if len(losses) == 1 else f"eval_loss_{name}"] = loss
+        pairs = conversation_losses(model, tokenizer, conversations, spec.max_length, spec.batch_size)
+        metrics["eval_loss" if len(losses) == 1 else f"eval_loss_{name}"] = sum(x for x, _ in pairs) / sum(
+            n for _, n in pairs
+        )
+        items[f"loss:{name}"] = [[round(x, 6), n] for x, n in pairs if n]
     if spec.exact_match:
         em, _ = exact_match(
             model, tokenizer, _conversations(spec.exact_match, spec.limit), spec.max_new_tokens, spec.batch_size
@@ -143,7 +150,10 @@ def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, 
         write_utility_records(folder, records)
         metrics["utility"] = summary
         metrics.update(headline_metrics(summary))
+        items.update(utility_items(records))
     del model
+    if items:
+        metrics["items"] = items  # per-item outcomes, in the evaluation's order: paired statistics (stats.py)
     return metrics
 
 

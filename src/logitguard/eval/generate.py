@@ -28,6 +28,8 @@ def generate_responses(
     greedy: bool = True,
     progress: bool = True,
     inference_mode: bool = True,
+    stop=None,
+    fast: bool = True,
 ) -> list[str]:
     """One response per prompt, in the order given.
 
@@ -37,16 +39,36 @@ def generate_responses(
     mode, are restored afterwards; a tokenizer with no chat template gets logitguard's fallback (as training
     does). `inference_mode=False` runs under plain no_grad: for a model that trains on afterwards under FSDP,
     whose parameter buffers must not become inference tensors.
+
+    Greedy decoding runs decode.greedy_decode (ended rows leave the batch) unless the model's generation config
+    asks for a logits processor or `fast` is False (then `model.generate`, the reference path). `stop`: a
+    `StopRule` that ends a response once its text is complete (greedy_decode only; the text up to and including
+    the stop is what generate would have produced first).
     """
     with torch.inference_mode(inference_mode), torch.no_grad():
-        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, progress)
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, progress, stop, fast)
 
 
-def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, progress) -> list[str]:
+class StopRule:
+    """Ends a response when `complete(text)` is true, checked only after a token containing `marker`."""
+
+    def __init__(self, complete, marker: str):
+        self.complete, self.marker = complete, marker
+
+    def bind(self, tokenizer):
+        from .decode import marker_ids
+
+        return (lambda ids: self.complete(tokenizer.decode(ids, skip_special_tokens=True))), marker_ids(
+            tokenizer, self.marker
+        )
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, progress, stop, fast) -> list[str]:
     from tqdm.auto import tqdm
 
     from ..data import ensure_chat_template
     from ..reference import eval_mode
+    from .decode import eos_ids, greedy_decode, plain_greedy, prefix_cache, shared_prefix
 
     if not prompts:
         return []
@@ -56,8 +78,8 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, pro
         tokenizer.apply_chat_template(_as_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts
     ]
     # Longest first: batches hold similar lengths (less padding), and an out-of-memory shows up at once.
-    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
 
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
@@ -68,7 +90,23 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, pro
     if getattr(model.generation_config, "eos_token_id", None) is None:
         extra["eos_token_id"] = tokenizer.eos_token_id
     responses: list[str] = [""] * len(texts)
+    loop = fast and greedy and plain_greedy(model.generation_config)
     try:
+        if loop:
+            eos = eos_ids(model, tokenizer)
+            stop_fn, check_after = stop.bind(tokenizer) if stop is not None else (None, None)
+            shared = shared_prefix(ids)
+            with eval_mode(model):
+                prefix = prefix_cache(model, ids[0][:shared])
+                for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+                    idx = order[start : start + batch_size]
+                    new = greedy_decode(
+                        model, [ids[i] for i in idx], max_new_tokens, eos, tokenizer.pad_token_id, stop_fn,
+                        check_after, prefix, shared,
+                    )  # fmt: skip
+                    for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                        responses[i] = text.strip()
+            return responses
         with eval_mode(model):
             for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
                 idx = order[start : start + batch_size]
@@ -121,6 +159,7 @@ def load_model_for_eval(
     adapter_path: str | Path | None = None,
     dtype: str | None = None,
     device: str | torch.device | None = None,
+    merge: bool = True,
 ):
     """(model, tokenizer) ready for `generate_responses`: a causal LM from a local folder or hub name, with
     the PEFT adapter at `adapter_path` attached when given.
@@ -128,6 +167,9 @@ def load_model_for_eval(
     dtype: a name in `logitguard.models.DTYPES`; None means the checkpoint's dtype ("auto") on an
     accelerator and float32 on CPU (half-precision matmuls are slow or missing there).
     device: None means the current accelerator if there is one, else CPU.
+    merge: fold the adapter into the weights (this loaded copy; the files are untouched) when they are float32, so
+    a decode step runs no adapter matmuls; in half precision the adapter stays separate (folding it would round
+    the update into bf16/fp16 weights and change the results).
     The tokenizer comes from the adapter folder when it holds one (training saves the tokenizer it used,
     including any fallback chat template), else from the model.
     """
@@ -156,4 +198,6 @@ def load_model_for_eval(
             model = PeftModel.from_pretrained(model, adapter_path)
         except (OSError, ValueError, RuntimeError) as e:  # missing files, wrong base (shape mismatch), offline hub
             raise ModelLoadError(f"cannot attach the adapter {adapter_path} to {model_path}: {e}") from e
+        if merge and all(p.dtype == torch.float32 for p in model.parameters()):
+            model = model.merge_and_unload()
     return model.to(device).eval(), tokenizer

@@ -37,6 +37,12 @@ def extract_code(response: str) -> str:
     return match.group(1) if match else response
 
 
+def code_closed(response: str) -> bool:
+    """Whether the first fenced code block of `response` has closed: nothing after it changes `extract_code`."""
+    match = _FENCE.search(response)
+    return match is not None and match.group(0).endswith("```")
+
+
 def build_program(problem: dict, completion: str) -> str:
     """The program that passes (exit status 0) exactly when `completion` solves `problem`."""
     code = extract_code(completion)
@@ -89,12 +95,16 @@ def evaluate_humaneval(
     """(summary, records): greedy completions through the chat template, executed in the sandbox.
 
     summary: {"pass@1", "passed", "n", "timeouts", "isolation", "max_new_tokens", "version"}."""
-    from .generate import generate_responses
+    from .generate import StopRule, generate_responses
 
     if not problems:
         raise ValueError("evaluate_humaneval needs at least one problem")
     prompts = [humaneval_prompt(p) for p in problems]
-    completions = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress)
+    # generation ends where the answer's code block closes: the program run is the same, the prose after it
+    # (most of a chat model's 192 tokens) is never generated
+    completions = generate_responses(
+        model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress, stop=StopRule(code_closed, "`")
+    )
     records = execute(problems, completions, timeout=timeout, workers=workers)
     passed = sum(r["passed"] for r in records)
     summary = {

@@ -83,28 +83,61 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def choice_logprobs(model, tokenizer, item: dict) -> list[float]:
-    """Summed log-probability of each choice (" " + choice) after the item's context."""
-    pairs = [encode_pair(tokenizer, item["context"], " " + c) for c in item["choices"]]
-    context = pairs[0][0]
-    if any(ctx != context for ctx, _ in pairs) or any(not cont for _, cont in pairs):
-        # a tokenizer that merges across the boundary: score each choice with its own context
-        return [continuation_logprobs(model, ctx, [cont], tokenizer.pad_token_id)[0] for ctx, cont in pairs]
-    return continuation_logprobs(model, context, [cont for _, cont in pairs], tokenizer.pad_token_id)
+    """Summed log-probability of each choice (" " + choice) after the item's context, one item alone."""
+    pad = tokenizer.pad_token_id
+    return [s for ctx, conts in _groups(tokenizer, item) for s in continuation_logprobs(model, ctx, conts, pad)]
 
 
 def _strict_best(scores: list[float], gold: int) -> bool:
     return all(scores[gold] > s for i, s in enumerate(scores) if i != gold)
 
 
-def score_items(model, tokenizer, items: list[dict], name: str = "mc", progress: bool = True) -> tuple[dict, list]:
-    """(summary {"acc", "acc_norm", "n", "version"}, records {"id", "gold", "scores", "correct", ...})."""
+def _groups(tokenizer, item: dict) -> list[tuple[list[int], list[list[int]]]]:
+    """The item as (context, continuations) groups: one, or one per choice where the tokenizer merges across the
+    boundary so the choices' contexts differ."""
+    pairs = [encode_pair(tokenizer, item["context"], " " + c) for c in item["choices"]]
+    context = pairs[0][0]
+    if any(ctx != context for ctx, _ in pairs) or any(not cont for _, cont in pairs):
+        return [(ctx, [cont]) for ctx, cont in pairs]
+    return [(context, [cont for _, cont in pairs])]
+
+
+def _batched_scores(model, tokenizer, items: list[dict], name: str, progress: bool, batch_items: int) -> list:
+    from tqdm.auto import tqdm
+
+    from .loglik import score_groups
+
+    per_item = [_groups(tokenizer, item) for item in items]
+    groups = [g for gs in per_item for g in gs]
+    with tqdm(total=len(groups), desc=f"{name} (loglik)", disable=not progress) as bar:
+        flat = score_groups(model, groups, tokenizer.pad_token_id, group_batch=batch_items, progress=bar.update)
+    scores, at = [], 0
+    for gs in per_item:
+        scores.append([s for g in flat[at : at + len(gs)] for s in g])
+        at += len(gs)
+    return scores
+
+
+def score_items(
+    model, tokenizer, items: list[dict], name: str = "mc", progress: bool = True, batch_items: int = 8
+) -> tuple[dict, list]:
+    """(summary {"acc", "acc_norm", "n", "version"}, records {"id", "gold", "scores", "correct", ...}).
+
+    batch_items: items scored in one forward (loglik.score_groups: the prefix shared by all contexts runs once);
+    1 scores one item at a time (each item's context once, shared by its choices), the reference path."""
     from tqdm.auto import tqdm
 
     if not items:
         raise ValueError("score_items needs at least one item")
+    if batch_items > 1:
+        all_scores = _batched_scores(model, tokenizer, items, name, progress, batch_items)
+    else:
+        all_scores = [
+            choice_logprobs(model, tokenizer, item)
+            for item in tqdm(items, desc=f"{name} (loglik)", disable=not progress)
+        ]
     records = []
-    for item in tqdm(items, desc=f"{name} (loglik)", disable=not progress):
-        scores = choice_logprobs(model, tokenizer, item)
+    for item, scores in zip(items, all_scores):
         norm = [s / len((" " + c).encode()) for s, c in zip(scores, item["choices"])]
         records.append(
             {
@@ -125,13 +158,15 @@ def score_items(model, tokenizer, items: list[dict], name: str = "mc", progress:
     return summary, records
 
 
-def evaluate_multiple_choice(model, tokenizer, task: str, rows: list[dict], progress: bool = True):
+def evaluate_multiple_choice(
+    model, tokenizer, task: str, rows: list[dict], progress: bool = True, batch_items: int = 8
+):
     """Score the shipped rows of `task` (a key of TASKS)."""
     if task not in TASKS:
         raise ValueError(f"unknown multiple-choice task {task!r}; choose one of {sorted(TASKS)}")
     was_training = model.training
     model.eval()
     try:
-        return score_items(model, tokenizer, [TASKS[task](r) for r in rows], task, progress)
+        return score_items(model, tokenizer, [TASKS[task](r) for r in rows], task, progress, batch_items)
     finally:
         model.train(was_training)

@@ -11,20 +11,74 @@ from .generate import generate_responses
 
 
 @torch.inference_mode()
-def eval_loss(model, tokenizer, conversations: list[list[dict]], max_length: int = 256, batch_size: int = 8) -> float:
+def eval_loss(
+    model, tokenizer, conversations: list[list[dict]], max_length: int = 256, batch_size: int = 8, fast: bool = True
+) -> float:
     """Mean cross-entropy per assistant token over all `conversations` (a token mean, not a mean of batch
     means, so the result does not depend on batch_size or on padding).
 
     Tokenization and labels come from `logitguard.data.tokenize_conversation`, the same as training.
     Conversations left with no assistant token after truncation to `max_length` are skipped.
+    fast=False: the reference path (batches in the given order, the head over every position).
     """
-    from ..data import ChatCollator, ensure_chat_template, tokenize_conversation
+    if not fast:
+        return _eval_loss_reference(model, tokenizer, conversations, max_length, batch_size)
+    pairs = conversation_losses(model, tokenizer, conversations, max_length, batch_size)
+    return sum(nll for nll, _ in pairs) / sum(n for _, n in pairs)
+
+
+def _features(tokenizer, conversations: list[list[dict]], max_length: int) -> list[dict]:
+    from ..data import ensure_chat_template, tokenize_conversation
 
     ensure_chat_template(tokenizer)
     feats = [tokenize_conversation(tokenizer, m, max_length) for m in conversations]
-    feats = [f for f in feats if any(label != -100 for label in f["labels"][1:])]  # label 0 has no prediction
-    if not feats:
+    if not any(any(label != -100 for label in f["labels"][1:]) for f in feats):  # label 0 has no prediction
         raise DataError("eval_loss: no conversation has an assistant token within max_length")
+    return feats
+
+
+@torch.inference_mode()
+def conversation_losses(
+    model, tokenizer, conversations: list[list[dict]], max_length: int = 256, batch_size: int = 8
+) -> list[tuple[float, int]]:
+    """(summed cross-entropy, assistant tokens) per conversation, in order ((0.0, 0) where none is left after
+    truncation): the per-item data of the held-out loss, for paired comparisons between models.
+
+    Batches hold similar lengths (longest first: little padding), and the output head runs only at the
+    positions that predict an assistant token: a pre-hook hands it those hidden states alone, so the model's
+    own transform of its logits (soft-cap, scale) still applies."""
+    from ..data import ChatCollator
+    from ..reference import eval_mode
+
+    feats = _features(tokenizer, conversations, max_length)
+    order = sorted(range(len(feats)), key=lambda i: -len(feats[i]["input_ids"]))
+    collate = ChatCollator(tokenizer.pad_token_id)
+    head = model.get_output_embeddings()
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(feats)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(model.device) for k, v in collate([feats[i] for i in idx]).items()}
+            labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at position t-1
+            scored = labels != -100  # (B, T-1)
+            at = torch.nn.functional.pad(scored, (0, 1))  # (B, T): the positions whose output is scored
+            hook = head.register_forward_pre_hook(lambda _, args, at=at: (args[0][at][None],))  # (1, N, H)
+            try:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0]
+            finally:
+                hook.remove()
+            nll = torch.nn.functional.cross_entropy(logits.float(), labels[scored], reduction="none")  # (N,)
+            rows = scored.nonzero()[:, 0]  # (N,): the batch row of each scored position
+            sums = torch.zeros(len(idx), device=nll.device, dtype=nll.dtype).index_add_(0, rows, nll)
+            for i, total, n in zip(idx, sums.tolist(), scored.sum(-1).tolist()):
+                out[i] = (total, n)
+    return out
+
+
+def _eval_loss_reference(model, tokenizer, conversations, max_length, batch_size) -> float:
+    from ..data import ChatCollator
+
+    feats = [f for f in _features(tokenizer, conversations, max_length) if any(x != -100 for x in f["labels"][1:])]
     collate = ChatCollator(tokenizer.pad_token_id)
     was_training = model.training
     model.eval()

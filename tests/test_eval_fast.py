@@ -1,0 +1,135 @@
+"""The fast evaluation paths give the reference paths' results on a tiny model: greedy decoding that drops ended
+rows (equal to `model.generate`), the stop rule (a prefix of generate's text, ended where the rule first holds),
+batched multiple-choice scoring (equal to one item at a time), the held-out loss with the head on scored
+positions only, and an adapter folded into the weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from logitguard.eval.commonsense import continuation_logprobs
+from logitguard.eval.generate import StopRule, generate_responses, load_model_for_eval
+from logitguard.eval.humaneval import code_closed, extract_code
+from logitguard.eval.loglik import score_groups
+from logitguard.eval.multiple_choice import hellaswag_item, score_items, truthfulqa_item
+from logitguard.eval.utility import conversation_losses, eval_loss
+
+PROMPTS = ["What color is the sky?", "Hello", "Name a fruit, then name a color, then say goodbye to me.", "Two?"]
+
+
+def _ends_often(model, tokenizer) -> int:
+    """A token the model generates early in some answers but not all: as an end token it ends rows at different
+    steps, so decoding must drop rows mid-batch."""
+    texts = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=12, progress=False, fast=False)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    counts = torch.bincount(torch.tensor([i for row in ids for i in row[1:8]]), minlength=len(tokenizer))
+    return int(counts.argmax())
+
+
+def test_greedy_decode_equals_generate_with_rows_ending_at_different_steps(model, tokenizer):
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, _ends_often(model, tokenizer)]
+    slow = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, progress=False, fast=False)
+    fast = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, progress=False)
+    assert fast == slow
+    lengths = {len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in slow}
+    assert len(lengths) > 1  # the rows did end at different steps
+
+
+def test_a_repetition_penalty_goes_through_generate(model, tokenizer):
+    from logitguard.eval.decode import plain_greedy
+
+    assert plain_greedy(model.generation_config)
+    model.generation_config.repetition_penalty = 1.3
+    assert not plain_greedy(model.generation_config)
+    slow = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=8, progress=False, fast=False)
+    assert generate_responses(model, tokenizer, PROMPTS, max_new_tokens=8, progress=False) == slow
+
+
+def test_stop_rule_ends_each_answer_where_the_rule_first_holds(model, tokenizer):
+    full = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=16, progress=False, fast=False)
+    rule = StopRule(lambda text: len(text) >= 12, marker="")  # "" is in every token: checked after each
+    stopped = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=16, progress=False, stop=rule)
+    for whole, short in zip(full, stopped):
+        ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
+        prefixes = [tokenizer.decode(ids[:n]) for n in range(1, len(ids) + 1)]
+        expected = next((p for p in prefixes if len(p) >= 12), whole)
+        assert short == expected.strip()
+
+
+def test_code_closed_keeps_the_extracted_program():
+    answer = "Here it is:\n```python\ndef f(x):\n    return x\n```\nThis returns x. ```python\nother()\n```"
+    cut = answer[: answer.index("```\nThis") + 3]
+    assert code_closed(cut) and not code_closed(cut[:-1]) and not code_closed("```python")
+    assert extract_code(cut) == extract_code(answer) == "def f(x):\n    return x\n"
+
+
+def _groups(tokenizer, texts):
+    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return enc
+
+
+def test_score_groups_equals_scoring_each_group_alone(model, tokenizer):
+    primer = _groups(tokenizer, ["Q: What color is the sky? A: Blue. Q: Name a fruit. A: An apple. "])[0]
+    questions = _groups(tokenizer, ["Q: Two?", "Q: Is an apple a fruit? A", "Q", "Hello there, name a color"])
+    answers = _groups(tokenizer, [" yes", " it is green", " red", " a much longer answer than the others", " no"])
+    groups = [(primer + q, answers[i % 5 :] + answers[: i % 2]) for i, q in enumerate(questions)]
+    groups.append((primer[:1], answers[:2]))  # a one-token context: no shared prefix left
+    expected = [continuation_logprobs(model, ctx, conts, 0) for ctx, conts in groups]
+    got = score_groups(model, groups, 0, group_batch=2, row_chunk=3)
+    assert [len(g) for g in got] == [len(e) for e in expected]
+    for g, e in zip(got, expected):
+        assert g == pytest.approx(e, abs=1e-4)
+    shared = score_groups(model, groups[:4], 0, group_batch=3, row_chunk=4)  # the primer runs once here
+    assert [s for g in shared for s in g] == pytest.approx([s for e in expected[:4] for s in e], abs=1e-4)
+
+
+def test_batched_multiple_choice_equals_one_item_at_a_time(model, tokenizer):
+    rows = [{"id": str(i), "question": q, "choices": c, "expected_index": 0} for i, (q, c) in enumerate([
+        ("What color is the sky?", ["Blue.", "Green.", "It is red"]),
+        ("Is an apple a fruit?", ["Yes.", "No."]),
+        ("Hello?", ["Hello there, name a color", "no", "sad", "glad", "happy"]),
+    ])]  # fmt: skip
+    items = [truthfulqa_item(r) for r in rows]
+    items.append(hellaswag_item({"id": "h", "ctx": "A cook mixes flour and", "endings": [
+        "bakes it.", "sings.", "says hello there", "eats an apple"], "expected_index": 0}))  # fmt: skip
+    one, one_records = score_items(model, tokenizer, items, progress=False, batch_items=1)
+    many, many_records = score_items(model, tokenizer, items, progress=False, batch_items=3)
+    for a, b in zip(one_records, many_records):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    assert one == many
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "The sky is blue."}],
+    [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello there. " * 6}],
+    [{"role": "user", "content": "Name a fruit. " * 5}, {"role": "assistant", "content": "An apple."},
+     {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "Two plus two is four."}],
+]  # fmt: skip
+
+
+def test_eval_loss_on_scored_positions_equals_the_full_head(model, tokenizer):
+    slow = eval_loss(model, tokenizer, CONVERSATIONS, max_length=64, batch_size=2, fast=False)
+    assert eval_loss(model, tokenizer, CONVERSATIONS, max_length=64, batch_size=2) == pytest.approx(slow, abs=1e-5)
+    pairs = conversation_losses(model, tokenizer, CONVERSATIONS, max_length=64, batch_size=2)
+    for conv, (nll, n) in zip(CONVERSATIONS, pairs):
+        alone = eval_loss(model, tokenizer, [conv], max_length=64, fast=False)
+        assert n > 0 and nll / n == pytest.approx(alone, abs=1e-5)
+
+
+def test_an_adapter_folded_into_float32_weights_gives_the_same_model(tmp_path, model_dir, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(tiny_llama(len(tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                 init_lora_weights=False))  # fmt: skip
+    peft.save_pretrained(tmp_path / "adapter")
+    merged, tok = load_model_for_eval(model_dir, tmp_path / "adapter")
+    kept, _ = load_model_for_eval(model_dir, tmp_path / "adapter", merge=False)
+    assert not hasattr(merged, "peft_config") and hasattr(kept, "peft_config")
+    ids = torch.tensor([tok("What color is the sky?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, kept(ids).logits, atol=1e-5)
+    base, _ = load_model_for_eval(model_dir)
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, kept(ids).logits, atol=1e-3)  # the adapter does something
