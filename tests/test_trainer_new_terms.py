@@ -205,3 +205,21 @@ def test_full_logits_path_equals_the_chunked_one(model, tokenizer, tmp_path, reg
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     for n, g in results[0][1].items():
         torch.testing.assert_close(g, results[1][1][n], rtol=1e-4, atol=1e-6)
+
+
+def test_bench_runs_share_one_cache_with_the_union_of_extras(tmp_path, model_dir):
+    """`logitguard train` through the runner: STR, constrained_sft and kl on the same data prebuild one cache holding
+    the K logits, the label log-probs and the top-k, which every run then reads without a rebuild."""
+    import json
+
+    from test_runner import _bench, _tiny_experiment
+
+    runs = [{"name": "STR", "train": {"safety_words": ["I"]}},
+            {"name": "CSFT", "train": {"safety_words": ["I"], "regularizer": "constrained_sft"}},
+            {"name": "KL", "train": {"safety_words": ["I"], "regularizer": "kl", "kl_topk": 8}}]  # fmt: skip
+    rows = _bench(tmp_path, _tiny_experiment(tmp_path, model_dir, runs))["rows"]
+    assert [r["name"] for r in rows] == ["STR", "CSFT", "KL"]
+    caches = [p for p in (tmp_path / "cache" / "reference").iterdir() if p.is_dir()]
+    assert len(caches) == 1, caches
+    manifest = json.loads((caches[0] / "manifest.json").read_text())
+    assert manifest["extras"] == {"label_logp": True, "topk": 8}
