@@ -702,6 +702,7 @@ class CachedReference:
         self.shard_size = manifest["shard_size"]
         self.num_shards = _n_shards(manifest["num_examples"], self.shard_size)
         self._files: dict[int, tuple] = {}
+        self._extra_slices: dict[tuple[int, str], tuple] = {}  # (shard, name) -> (its file, the extra's slice)
         self._ahead: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a batch's input_ids, its reference): prepare
         for s in range(self.num_shards):  # all before training starts: a damaged shard is found now, not mid-run
             name = _shard_name(s)
@@ -753,9 +754,13 @@ class CachedReference:
 
     def extra_rows(self, idx: int, name: str) -> torch.Tensor:
         """(L, ...) of the extra `name` (label_logp, topk_ids, topk_logp, tail_logmass) of example `idx`."""
-        f, _, offsets, _ = self._shard(idx // self.shard_size)
+        s = idx // self.shard_size
+        f, _, offsets, _ = self._shard(s)
         i = idx % self.shard_size
-        return f.get_slice(name)[int(offsets[i]) : int(offsets[i + 1])]
+        part = self._extra_slices.get((s, name))
+        if part is None or self._files[s][0] is not part[0]:  # once per shard (a refreshed shard: again)
+            part = self._extra_slices[(s, name)] = (f, f.get_slice(name))
+        return part[1][int(offsets[i]) : int(offsets[i + 1])]
 
     def _topk_rows(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids (L, k), logp (L, k), tail (L,)) of example `idx`; a cache with a larger k folds the rest into the
