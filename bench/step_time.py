@@ -12,6 +12,10 @@ Trainer's autocast and backward through its accelerator, the non-finite check, t
   pact_cached  PACT with both references read from their caches (built once before training)
   anchored     anchored regularization: CE only on the data, plus 2 anchor sequences (48 tokens, the last 24 a
                refusal) per micro-batch under the restricted-softmax KL over the K safety tokens
+  constrained_sft  token-wise constrained SFT (replaces CE): the aligned model's label log-probs read from the cache,
+               the per-token NLL from the chunked head path
+  kl           CE + KL(aligned || trained) over the aligned model's cached top-32 plus a tail bucket, computed inside
+               the head's forward in chunks of positions
 
 The examples are chat-shaped: the first quarter of each sequence is a prompt (labels -100), the rest the response.
 
@@ -51,7 +55,9 @@ SIZES = {
     # with --model: the shapes come from the model; these match experiments/real_qwen_purebad.yaml
     "real": dict(seq=96, batch=10, rank=8),
 }
-VARIANTS = ("lora", "paper", "online", "cached", "pact_online", "pact_cached", "anchored")
+VARIANTS = ("lora", "paper", "online", "cached", "pact_online", "pact_cached", "anchored", "constrained_sft", "kl")
+PER_TOKEN = ("constrained_sft", "kl")  # the variants whose reference is the cache's per-token extras
+KL_TOPK = 32
 ANCHOR_LENGTH, ANCHOR_COUNT = 48, 16
 SAFETY_IDS = [306, 409, 208]  # K = 3, arbitrary ordinary ids inside every preset vocabulary
 PACT_IDS = list(range(300, 350))  # K = 50, PACT's set size
@@ -131,7 +137,7 @@ def _examples(size: dict, steps: int, seed: int) -> list[dict]:
     return examples
 
 
-def make_trainers(model, examples, size, cache_folder, out_dir, pact_cached=None):
+def make_trainers(model, examples, size, cache_folder, out_dir, pact_cached=None, extras_folder=None):
     """(model, trainers, optimizer): the model with LoRA attached and prepared by the Trainer's accelerator (on a GPU:
     its forward runs under bf16 autocast, as in `trainer.train()`), one STRTrainer per variant."""
     from transformers import TrainingArguments
@@ -159,6 +165,8 @@ def make_trainers(model, examples, size, cache_folder, out_dir, pact_cached=None
         "cached": CachedReference(cache_folder, SAFETY_IDS) if cache_folder else None,
         "pact_online": PactOnlineReference(PACT_IDS, PACT_HEADER),
         "pact_cached": pact_cached,
+        "constrained_sft": CachedReference(extras_folder, SAFETY_IDS, kind="label_logp") if extras_folder else None,
+        "kl": CachedReference(extras_folder, SAFETY_IDS, kind="topk", topk=KL_TOPK) if extras_folder else None,
     }
     pact = dict(regularizer="pact", regularizer_kwargs={"token_weights": pact_weights()})
     trainers = {
@@ -168,7 +176,7 @@ def make_trainers(model, examples, size, cache_folder, out_dir, pact_cached=None
             safety_ids=PACT_IDS if name.startswith("pact") else SAFETY_IDS,
             reference=ref,
             str_weight=0.0 if name == "lora" else 1.0,
-            **(pact if name.startswith("pact") else {}),
+            **(pact if name.startswith("pact") else {"regularizer": name} if name in PER_TOKEN else {}),
         )
         for name, ref in refs.items()
         if name == "lora" or ref is not None
@@ -215,6 +223,20 @@ def build_cache(model, examples, size, root, device):
     return folder, time.perf_counter() - start
 
 
+def build_extras(model, examples, size, root, device):
+    """The cache extended with label log-probs and the top-32 (one more pass, the K logits computed again)."""
+    from logitguard.cache import build_reference_cache
+
+    _sync(device)
+    start = time.perf_counter()
+    folder = build_reference_cache(
+        model, _NoTokenizer(), examples, SAFETY_IDS, root, size["seq"], batch_size=size["batch"], progress=False,
+        label_logp=True, topk=KL_TOPK,
+    )  # fmt: skip
+    _sync(device)
+    return folder, time.perf_counter() - start
+
+
 def build_pact(model, examples, size, root, device):
     """PACT's two caches (full context, response only) and the time to build them."""
     from logitguard.pact import build_pact_cache
@@ -245,7 +267,8 @@ def memory_child(variant: str, size_name: str, model_path: str | None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_cache(model, examples, size, tmp, "cpu")[0] if variant == "cached" else None
         pact = build_pact(model, examples, size, tmp, "cpu")[0] if variant == "pact_cached" else None
-        peft_model, trainers, optimizer = make_trainers(model, examples, size, folder, tmp, pact)
+        extras = build_extras(model, examples, size, tmp, "cpu")[0] if variant in PER_TOKEN else None
+        peft_model, trainers, optimizer = make_trainers(model, examples, size, folder, tmp, pact, extras)
         for batch in batches(examples, size, "cpu"):
             step(peft_model, trainers[variant], optimizer, batch)
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -277,7 +300,10 @@ def run(
         pact, pact_build_seconds = None, None
         if any(v.startswith("pact") for v in variants):
             pact, pact_build_seconds = build_pact(model, examples, size, Path(tmp) / "cache", device)
-        peft_model, trainers, optimizer = make_trainers(model, examples, size, folder, tmp, pact)
+        extras, extras_build_seconds = None, None
+        if any(v in PER_TOKEN for v in variants):
+            extras, extras_build_seconds = build_extras(model, examples, size, Path(tmp) / "cache", device)
+        peft_model, trainers, optimizer = make_trainers(model, examples, size, folder, tmp, pact, extras)
         data = list(batches(examples, size, device))
         step(peft_model, trainers["lora"], optimizer, data[0])  # warm-up, with the adapter attached
         # One LoRA epoch over the same examples right after the build: the two are compared back to back
@@ -336,6 +362,10 @@ def run(
         # after the STR cache: the full-context cache only gains PACT's ids, the response-only one is new
         "pact_cache_build_seconds": pact_build_seconds,
         "pact_cache_build_epoch_fraction": pact_build_seconds / epoch_seconds if pact_build_seconds else None,
+        # the STR cache rebuilt with the label log-probs and the top-32 of every position
+        "extras_cache_build_seconds": extras_build_seconds,
+        "extras_cache_build_epoch_fraction": extras_build_seconds / epoch_seconds if extras_build_seconds else None,
+        "kl_topk": KL_TOPK,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
@@ -362,6 +392,12 @@ def table(result: dict) -> str:
             f"PACT caches (full context extended to its 50 ids, response only): "
             f"{result['pact_cache_build_seconds']:.2f} s = "
             f"{result['pact_cache_build_epoch_fraction']:.3f} of one LoRA epoch"
+        )
+    if result.get("extras_cache_build_seconds") is not None:
+        lines.append(
+            f"cache with label log-probs and top-{result['kl_topk']} (constrained_sft, kl): "
+            f"{result['extras_cache_build_seconds']:.2f} s = {result['extras_cache_build_epoch_fraction']:.3f} of one "
+            "LoRA epoch"
         )
     return "\n".join(lines)
 

@@ -18,7 +18,18 @@ def test_step_time_bench_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     for key in ("ratio", "memory_ratio"):
-        variants = {"lora", "paper", "online", "cached", "pact_online", "pact_cached", "anchored"}
+        variants = {
+            "lora",
+            "paper",
+            "online",
+            "cached",
+            "pact_online",
+            "pact_cached",
+            "anchored",
+            "constrained_sft",
+            "kl",
+        }
         assert set(result[key]) == variants and result[key]["lora"] == 1.0
     assert result["cache_build_epoch_fraction"] > 0 and result["pact_cache_build_epoch_fraction"] > 0
-    assert "| cached |" in proc.stdout and "| pact_cached |" in proc.stdout
+    assert "| cached |" in proc.stdout and "| pact_cached |" in proc.stdout and "| kl |" in proc.stdout
+    assert result["extras_cache_build_epoch_fraction"] > 0 and result["kl_topk"] == 32

@@ -161,10 +161,11 @@ def test_train_reads_token_weights_and_caches_both_references(tmp_path, model_di
     assert cache.token_ids == ids
 
 
-def test_trl_integration_refuses_pact():
+def test_trl_integration_accepts_pact():
+    """PACT used to be refused in TRL; it is wired now (trained and checked against logitguard's trainer in
+    test_trl_new_terms.py), with its gate settings on the TRL config."""
     pytest.importorskip("trl")
-    from logitguard.config import ConfigError
     from logitguard.integrations.trl import STRSFTConfig
 
-    with pytest.raises(ConfigError, match="pact"):
-        STRSFTConfig(output_dir="/tmp/unused", regularizer="pact", report_to=[], use_cpu=True)
+    cfg = STRSFTConfig(output_dir="/tmp/unused", regularizer="pact", pact_prefix=4, report_to=[], use_cpu=True)
+    assert (cfg.regularizer, cfg.pact_prefix, cfg.pact_top_p) == ("pact", 4, 0.9)

@@ -14,6 +14,12 @@ epochs, lambdas, ranks and methods on the same data and never used for anything 
 part of the key: the cache records the ids it holds, serves any subset of them (STR on "I" and on "cannot"
 share one cache), and is rebuilt with the union when a run asks for an id it lacks.
 
+Per-token extras, for the regularizers whose reference is not K logits (`extras` in the manifest, computed in the
+same pass as the logits): `label_logp` (sum of lengths,) the log-prob of each position's next token (token-wise
+constrained SFT), and `topk` k: `topk_ids` (sum of lengths, k) int32, `topk_logp` (sum of lengths, k) and
+`tail_logmass` (sum of lengths,) (the top-k KL). Like the ids they are not part of the key: a cache is extended
+when a run asks for an extra it lacks, and a cache with a larger k serves a smaller one.
+
 Nothing damaged is used. Every shard's sha256 is recorded in the manifest and checked before the shard is read
 (once per shard per process; a build checks the shards, a reader checks what the build did not). A build
 rebuilds a shard that fails its check (a disk error, a partial copy, a truncated file) and rebuilds the whole
@@ -44,7 +50,7 @@ from torch import nn
 from .data import ChatCollator
 from .files import write_json_atomic
 from .models import process_state
-from .reference import ReferenceError, frozen_safety_logits
+from .reference import ReferenceError, frozen_safety_logits, frozen_stats
 
 try:
     import fcntl
@@ -52,6 +58,7 @@ except ImportError:  # Windows: no flock; concurrent builds of one cache folder 
     fcntl = None
 
 CACHE_VERSION = 2  # 2: per-shard checksums in the manifest, full-weight and config fingerprint
+KINDS = ("logits", "label_logp", "topk")  # what a CachedReference reads
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16"}  # as safetensors names them
 MANIFEST = "manifest.json"
@@ -298,12 +305,13 @@ def _write_shard(folder: Path, name: str, data: bytes) -> dict:
     return record
 
 
-def _adopt(path: Path, token_ids: list[int], lengths: list[int], dtype: str) -> dict | None:
+def _adopt(path: Path, token_ids: list[int], lengths: list[int], dtype: str, extras: dict) -> dict | None:
     """A manifest record for a shard a killed build finished before it could record it, if the shard is whole
     and holds what this build would write (same ids, dtype and example lengths); None otherwise."""
     try:
         with safe_open(str(path), framework="pt") as f:
             ids = json.loads((f.metadata() or {}).get("token_ids", "null"))
+            held_extras = json.loads((f.metadata() or {}).get("extras", "{}"))
             offsets = f.get_tensor("offsets")
             logits = f.get_slice("logits")
             shape, kind = logits.get_shape(), logits.get_dtype()
@@ -312,6 +320,7 @@ def _adopt(path: Path, token_ids: list[int], lengths: list[int], dtype: str) -> 
     expected = torch.cumsum(torch.as_tensor([0, *lengths], dtype=torch.int64), 0)
     whole = (
         ids == list(token_ids)
+        and held_extras == extras
         and offsets.shape == expected.shape
         and torch.equal(offsets, expected)
         and list(shape) == [int(expected[-1]), len(token_ids)]
@@ -414,6 +423,8 @@ def build_reference_cache(
     folder: str | Path | None = None,
     progress: bool = True,
     aligned_adapter_disabled: bool = False,
+    label_logp: bool = False,
+    topk: int = 0,
 ) -> CacheFolder:
     """Build (or reuse, extend, repair, or resume) the cache for these examples and return its folder.
 
@@ -425,6 +436,7 @@ def build_reference_cache(
     A complete cache that holds all of `token_ids` and whose shards pass their checksums is reused as is; a
     shard that fails is rebuilt; one that lacks some ids is rebuilt for the union of its ids and the new ones.
     The returned folder carries the fingerprint (`.fingerprint`), which CachedReference checks.
+    `label_logp`, `topk`: the per-token extras to hold as well (see the module docstring).
     """
     if dtype not in DTYPES:
         raise ReferenceError(f"reference cache dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -436,14 +448,15 @@ def build_reference_cache(
     result = CacheFolder(folder)
     result.fingerprint = key
     token_ids = [int(i) for i in token_ids]
+    extras = _extras(label_logp, topk)
     state = process_state()
     if state.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-    if _all(state, _ready(folder, components, token_ids, state)):
+    if _all(state, _ready(folder, components, token_ids, state, extras)):
         return result
     with _build_lock(folder, state, progress):
-        if _all(state, _ready(folder, components, token_ids, state)):
+        if _all(state, _ready(folder, components, token_ids, state, extras)):
             return result  # another run finished it while this one waited for the lock
         try:
             manifest = _load_manifest(folder)
@@ -461,25 +474,49 @@ def build_reference_cache(
         held = manifest["token_ids"] if manifest else []
         shard_size = manifest["shard_size"] if manifest else shard_size
         wanted = list(dict.fromkeys([*held, *token_ids]))
-        known = manifest.get("shards", {}) if manifest and held == wanted else {}
+        held_extras = manifest.get("extras", {}) if manifest else {}
+        want_extras = _union_extras(held_extras, extras)
+        same = manifest and held == wanted and held_extras == want_extras
+        known = manifest.get("shards", {}) if same else {}
         if state.is_main_process:
             write_json_atomic(
-                folder / MANIFEST, _sealed(_manifest(components, key, examples, wanted, shard_size, known))
+                folder / MANIFEST,
+                _sealed(_manifest(components, key, examples, wanted, shard_size, known, want_extras)),
             )
         state.wait_for_everyone()
         records = _build_shards(
-            model, tokenizer, examples, wanted, folder, dtype, batch_size, shard_size, known, state, progress
-        )
+            model, tokenizer, examples, wanted, folder, dtype, batch_size, shard_size, known, state, progress,
+            want_extras,
+        )  # fmt: skip
         records = _merge_records(state, records)
         if state.is_main_process:
-            done = _manifest(components, key, examples, wanted, shard_size, records)
+            done = _manifest(components, key, examples, wanted, shard_size, records, want_extras)
             done["complete"] = True
             write_json_atomic(folder / MANIFEST, _sealed(done))
         state.wait_for_everyone()
     return result
 
 
-def _ready(folder: Path, components: dict, token_ids: list[int], state) -> bool:
+def _extras(label_logp: bool = False, topk: int = 0) -> dict:
+    """The manifest's `extras` record: only what is held (a plain cache records none)."""
+    if topk < 0:
+        raise ReferenceError(f"topk must be >= 0, got {topk}")
+    return {**({"label_logp": True} if label_logp else {}), **({"topk": int(topk)} if topk else {})}
+
+
+def _union_extras(held: dict, wanted: dict) -> dict:
+    return _extras(
+        bool(held.get("label_logp") or wanted.get("label_logp")), max(held.get("topk", 0), wanted.get("topk", 0))
+    )
+
+
+def _covers(held: dict, wanted: dict) -> bool:
+    return (held.get("label_logp", False) or not wanted.get("label_logp")) and held.get("topk", 0) >= wanted.get(
+        "topk", 0
+    )
+
+
+def _ready(folder: Path, components: dict, token_ids: list[int], state, extras: dict | None = None) -> bool:
     """Whether the cache is complete, holds `token_ids`, and this rank's shards pass their checksums. Raises
     if the folder holds a cache for something else."""
     try:
@@ -491,17 +528,20 @@ def _ready(folder: Path, components: dict, token_ids: list[int], state) -> bool:
     _check_components(folder, manifest, components)
     if not manifest.get("complete") or not set(token_ids) <= set(manifest["token_ids"]):
         return False
+    if not _covers(manifest.get("extras", {}), extras or {}):
+        return False
     n = _n_shards(manifest["num_examples"], manifest["shard_size"])
     return all(_verify_shard(folder / _shard_name(s), manifest["shards"].get(_shard_name(s))) for s in _mine(n, state))
 
 
 def _build_shards(
-    model, tokenizer, examples, token_ids, folder, dtype, batch_size, shard_size, known, state, progress
+    model, tokenizer, examples, token_ids, folder, dtype, batch_size, shard_size, known, state, progress, extras=None
 ) -> dict:
     """Write this rank's missing or damaged shards; return the manifest records of all of this rank's shards."""
     from tqdm.auto import tqdm
 
     n_shards = _n_shards(len(examples), shard_size)
+    extras = extras or {}
     records, todo = {}, []
     for s in _mine(n_shards, state):
         name, path = _shard_name(s), folder / _shard_name(s)
@@ -516,7 +556,7 @@ def _build_shards(
             )
         elif path.exists():  # finished by a build that was killed before it could record it
             lengths = [len(ex["input_ids"]) for ex in examples[s * shard_size : (s + 1) * shard_size]]
-            record = _adopt(path, token_ids, lengths, dtype)
+            record = _adopt(path, token_ids, lengths, dtype, extras)
             if record is not None:
                 records[name] = record
                 continue
@@ -534,24 +574,42 @@ def _build_shards(
     for s in todo:
         shard = examples[s * shard_size : (s + 1) * shard_size]
         pieces = []
+        more: dict[str, list[torch.Tensor]] = {}  # the extras, per example
         for b in range(0, len(shard), batch_size):
             batch = collate(shard[b : b + batch_size])
-            logits = frozen_safety_logits(
-                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), ids
-            )  # (b, T, K)
+            input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            if extras:  # the same forward yields the K logits and the extras
+                want = bool(extras.get("label_logp")), extras.get("topk", 0)
+                stats = frozen_stats(model, input_ids, mask, ids, *want)
+                logits = stats.pop("safety")
+                stats = {k: _stored(k, v, dtype).cpu() for k, v in stats.items()}
+            else:
+                logits, stats = frozen_safety_logits(model, input_ids, mask, ids), {}  # (b, T, K)
             host = logits.to(DTYPES[dtype]).cpu()  # one transfer per batch, not one per row
-            for row, ex in zip(host, shard[b : b + batch_size]):
+            for r, (row, ex) in enumerate(zip(host, shard[b : b + batch_size])):
                 pieces.append(row[: len(ex["input_ids"])])
+                for k, v in stats.items():
+                    more.setdefault(k, []).append(v[r, : len(ex["input_ids"])])
             bar.update(len(batch["input_ids"]))
         lengths = torch.as_tensor([0] + [len(p) for p in pieces], dtype=torch.int64)
         tensors = {"logits": torch.cat(pieces).contiguous(), "offsets": torch.cumsum(lengths, 0)}
-        data = safetensors_bytes(tensors, metadata={"token_ids": json.dumps(list(token_ids))})
+        tensors.update({k: torch.cat(v).contiguous() for k, v in more.items()})
+        metadata = {"token_ids": json.dumps(list(token_ids)), **({"extras": json.dumps(extras)} if extras else {})}
+        data = safetensors_bytes(tensors, metadata=metadata)
         records[_shard_name(s)] = _write_shard(folder, _shard_name(s), data)
     bar.close()
     return records
 
 
-def _manifest(components, key, examples, token_ids, shard_size, shards) -> dict:
+def _stored(name: str, value: torch.Tensor, dtype: str) -> torch.Tensor:
+    """An extra as the shard stores it: ids as int32, top-k log-probs in the cache's dtype, the rest in fp32 (a
+    label log-prob and a tail mass are single numbers per token, and their precision is the term's)."""
+    if name == "topk_ids":
+        return value.to(torch.int32)
+    return value.to(DTYPES[dtype] if name == "topk_logp" else torch.float32)
+
+
+def _manifest(components, key, examples, token_ids, shard_size, shards, extras=None) -> dict:
     return {
         "fingerprint": key,
         "components": components,
@@ -562,6 +620,7 @@ def _manifest(components, key, examples, token_ids, shard_size, shards) -> dict:
         "shard_size": shard_size,
         "complete": False,
         "shards": dict(sorted(shards.items())),
+        **({"extras": extras} if extras else {}),
     }
 
 
@@ -586,7 +645,14 @@ class CachedReference:
         token_ids: list[int] | None = None,
         fingerprint: str | None = None,
         examples: list[dict] | None = None,
+        kind: str = "logits",
+        topk: int = 0,
     ):
+        """`kind`: what `read` and a call return: "logits" (B, T, K) the safety logits, "label_logp" (B, T) the
+        log-prob of each position's next token, "topk" (ids (B, T, k), logp (B, T, k), tail_logmass (B, T))."""
+        if kind not in KINDS:
+            raise ReferenceError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.kind, self.topk = kind, int(topk)
         self.folder = Path(folder)
         fix = "build it again (logitguard train rebuilds it), or delete the folder"
         try:
@@ -614,6 +680,14 @@ class CachedReference:
                 "build_reference_cache returned, or fingerprint= or examples=",
                 stacklevel=2,
             )
+        wanted = _extras(kind == "label_logp", self.topk if kind == "topk" else 0)
+        if kind == "topk" and not self.topk:
+            raise ReferenceError("a top-k reference needs topk >= 1")
+        if not _covers(manifest.get("extras", {}), wanted):
+            raise ReferenceError(
+                f"reference cache {self.folder} holds {manifest.get('extras') or 'K logits only'}, not {wanted}; "
+                "build it again with build_reference_cache (label_logp=, topk=) to extend it"
+            )
         held = manifest["token_ids"]
         token_ids = held if token_ids is None else [int(i) for i in token_ids]
         missing = [i for i in token_ids if i not in held]
@@ -628,6 +702,7 @@ class CachedReference:
         self.shard_size = manifest["shard_size"]
         self.num_shards = _n_shards(manifest["num_examples"], self.shard_size)
         self._files: dict[int, tuple] = {}
+        self._extra_slices: dict[tuple[int, str], tuple] = {}  # (shard, name) -> (its file, the extra's slice)
         self._ahead: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a batch's input_ids, its reference): prepare
         for s in range(self.num_shards):  # all before training starts: a damaged shard is found now, not mid-run
             name = _shard_name(s)
@@ -677,7 +752,59 @@ class CachedReference:
         i = idx % self.shard_size
         return logits[int(offsets[i]) : int(offsets[i + 1])][:, columns]
 
-    def read(self, idx: list[int], lengths: list[int], width: int, device: torch.device) -> torch.Tensor:
+    def extra_rows(self, idx: int, name: str) -> torch.Tensor:
+        """(L, ...) of the extra `name` (label_logp, topk_ids, topk_logp, tail_logmass) of example `idx`."""
+        s = idx // self.shard_size
+        f, _, offsets, _ = self._shard(s)
+        i = idx % self.shard_size
+        part = self._extra_slices.get((s, name))
+        if part is None or self._files[s][0] is not part[0]:  # once per shard (a refreshed shard: again)
+            part = self._extra_slices[(s, name)] = (f, f.get_slice(name))
+        return part[1][int(offsets[i]) : int(offsets[i + 1])]
+
+    def _topk_rows(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids (L, k), logp (L, k), tail (L,)) of example `idx`; a cache with a larger k folds the rest into the
+        tail."""
+        ids, logp = self.extra_rows(idx, "topk_ids"), self.extra_rows(idx, "topk_logp").float()
+        tail = self.extra_rows(idx, "tail_logmass").float()
+        k = self.topk
+        if logp.shape[1] > k:
+            tail = torch.logaddexp(tail, torch.logsumexp(logp[:, k:], dim=1))
+        return ids[:, :k].long(), logp[:, :k], tail
+
+    def read(self, idx: list[int], lengths: list[int], width: int, device: torch.device):
+        if self.kind != "logits":
+            return self._read_extras(idx, lengths, width, device)
+        return self._read_logits(idx, lengths, width, device)
+
+    def _check_length(self, i: int, got: int, n: int) -> None:
+        if got != n:
+            raise ReferenceError(
+                f"reference cache {self.folder}: example {i} has {got} cached positions but the "
+                f"batch has {n}; the cache does not belong to this data"
+            )
+
+    def _read_extras(self, idx: list[int], lengths: list[int], width: int, device: torch.device):
+        """label_logp (B, width), or top-k (ids, logp, tail), zero past each row's length."""
+        pinned = device.type == "cuda"
+        b_size = len(idx)
+        if self.kind == "label_logp":
+            out = torch.zeros(b_size, width, dtype=torch.float32, pin_memory=pinned)
+            for b, (i, n) in enumerate(zip(idx, lengths)):
+                rows = self.extra_rows(i, "label_logp")
+                self._check_length(i, len(rows), n)
+                out[b, : len(rows)] = rows.float()
+            return out.to(device, non_blocking=True)
+        ids = torch.zeros(b_size, width, self.topk, dtype=torch.int64, pin_memory=pinned)
+        logp = torch.zeros(b_size, width, self.topk, dtype=torch.float32, pin_memory=pinned)
+        tail = torch.zeros(b_size, width, dtype=torch.float32, pin_memory=pinned)
+        for b, (i, n) in enumerate(zip(idx, lengths)):
+            r_ids, r_logp, r_tail = self._topk_rows(i)
+            self._check_length(i, len(r_ids), n)
+            ids[b, :n], logp[b, :n], tail[b, :n] = r_ids, r_logp, r_tail
+        return tuple(t.to(device, non_blocking=True) for t in (ids, logp, tail))
+
+    def _read_logits(self, idx: list[int], lengths: list[int], width: int, device: torch.device) -> torch.Tensor:
         """(B, width, K) reference of examples `idx` (host ints) on `device`, zero past each row's length; each
         example's cached length must equal its row's `lengths[b]` (its attention mask's sum).
 

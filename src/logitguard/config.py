@@ -19,9 +19,12 @@ import yaml
 
 from .errors import LogitguardError
 from .files import write_text_atomic
-from .losses import POSITIONS, REGULARIZERS
+from .losses import POSITIONS
 from .models import DTYPES, METHODS, PRECISIONS, QUANTIZE
 from .reference import MODES
+from .regularizers import REGISTRY, RegularizerSettings
+from .regularizers import get as get_regularizer
+from .regularizers import names as regularizer_names
 from .tokens import STRATEGIES
 
 # the fields a `columns` mapping may fill (logitguard.data's row schemas)
@@ -37,7 +40,34 @@ def default_cache_dir() -> str:
 
 
 @dataclass
-class TrainConfig:
+class AnchorSettings:
+    """The anchored regularizer's keys (anchors.py), shared by TrainConfig and the TRL config."""
+
+    anchor_prompts: str | None = field(
+        default=None, metadata={"help": "anchored regularization: harmful prompts the aligned model refuses"}
+    )
+    anchor_count: int = field(default=64, metadata={"help": "anchors: at most this many prompts"})
+    anchors_per_step: int = field(default=2, metadata={"help": "anchors: sequences added to each micro-batch"})
+    anchor_weight: float = field(default=1.0, metadata={"help": "anchors: weight of the anchored term"})
+    anchor_regularizer: str = field(default="str", metadata={"help": "anchors: str | restricted_kl | kl"})
+    anchor_kl_tokens: int = field(default=4, metadata={"help": "anchors: first response positions for kl"})
+
+
+def check_anchor_settings(cfg) -> None:
+    if cfg.anchor_regularizer not in ("str", "restricted_kl", "kl"):
+        raise ConfigError(f"anchor_regularizer: {cfg.anchor_regularizer!r} is not one of str, restricted_kl, kl")
+    for key in ("anchor_count", "anchors_per_step", "anchor_kl_tokens"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
+    if cfg.anchor_weight < 0:
+        raise ConfigError(f"anchor_weight: must be >= 0, got {cfg.anchor_weight}")
+
+
+@dataclass
+class TrainConfig(RegularizerSettings, AnchorSettings):
+    """Every key of `logitguard train`. Each regularizer's own settings (pact_*, csft_*, kl_topk) come from its
+    module's settings dataclass (logitguard.regularizers), declared there once; the anchors' from AnchorSettings."""
+
     model: str = field(default="", metadata={"help": "aligned model: local folder or hub name"})
     gguf_file: str | None = field(
         default=None, metadata={"help": "GGUF model file, converted once to safetensors (then model is unused)"}
@@ -66,17 +96,12 @@ class TrainConfig:
     random_tokens: bool = field(
         default=False, metadata={"help": "control: as many random tokens as the resolved safety set"}
     )
-    regularizer: str = field(default="str", metadata={"help": f"one of {sorted(REGULARIZERS)}"})
+    regularizer: str = field(default="str", metadata={"help": f"one of {sorted(regularizer_names())}"})
     str_weight: float = field(default=1.0, metadata={"help": "lambda; 0 trains the plain method"})
     positions: str = field(default="all", metadata={"help": f"regularized positions, one of {POSITIONS}"})
     first_response_tokens: int = field(default=0, metadata={"help": "extra weight on the first N response tokens"})
     first_response_weight: float = field(default=1.0, metadata={"help": "weight of those first response tokens"})
     temperature: float = field(default=2.0, metadata={"help": "temperature of pact and restricted_kl"})
-    pact_top_p: float = field(default=0.9, metadata={"help": "pact gate: the top-p mass that measures spread"})
-    pact_alpha: float = field(default=2.0, metadata={"help": "pact gate: slope of its sigmoid"})
-    pact_bias: float = field(default=0.0, metadata={"help": "pact gate: offset of its sigmoid"})
-    pact_prefix: int = field(default=8, metadata={"help": "pact gate: response positions before it decays"})
-    pact_tau: float = field(default=8.0, metadata={"help": "pact gate: decay length after the prefix (0: cut off)"})
     reference: str = field(default="cache", metadata={"help": f"reference logits, one of {MODES}"})
     reference_model: str | None = field(
         default=None, metadata={"help": "cache the reference from this model instead (continual learning)"}
@@ -106,14 +131,6 @@ class TrainConfig:
     logging_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps"})
     resume: bool = field(default=True, metadata={"help": "resume from the last checkpoint in output_dir"})
-    anchor_prompts: str | None = field(
-        default=None, metadata={"help": "anchored regularization: harmful prompts the aligned model refuses"}
-    )
-    anchor_count: int = field(default=64, metadata={"help": "anchors: at most this many prompts"})
-    anchors_per_step: int = field(default=2, metadata={"help": "anchors: sequences added to each micro-batch"})
-    anchor_weight: float = field(default=1.0, metadata={"help": "anchors: weight of the anchored term"})
-    anchor_regularizer: str = field(default="str", metadata={"help": "anchors: str | restricted_kl | kl"})
-    anchor_kl_tokens: int = field(default=4, metadata={"help": "anchors: first response positions for kl"})
     monitor_harmful: str | None = field(
         default=None,
         metadata={"help": "safety monitor: held-out harmful prompts file"},
@@ -184,10 +201,6 @@ class TrainConfig:
                 raise ConfigError(f"columns: {target!r}: {source!r} must map one of {SCHEMA_FIELDS} to a column name")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if not 0 < self.pact_top_p <= 1:
-            raise ConfigError(f"pact_top_p: must be in (0, 1], got {self.pact_top_p}")
-        if self.pact_prefix < 0 or self.pact_tau < 0:
-            raise ConfigError("pact_prefix and pact_tau must be >= 0")
         if self.first_response_tokens < 0 or self.first_response_weight < 0:
             raise ConfigError("first_response_tokens and first_response_weight must be >= 0")
         if self.dtype in ("float16", "bfloat16") and self.precision == "fp32":
@@ -198,13 +211,7 @@ class TrainConfig:
         if self.quantize != "none" and self.method not in ("lora", "dora"):
             raise ConfigError(f"quantize: {self.quantize} trains an adapter on a frozen quantized model; "
                               f"use method lora or dora, not {self.method}")  # fmt: skip
-        if self.anchor_regularizer not in ("str", "restricted_kl", "kl"):
-            raise ConfigError(f"anchor_regularizer: {self.anchor_regularizer!r} is not one of str, restricted_kl, kl")
-        for key in ("anchor_count", "anchors_per_step", "anchor_kl_tokens"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.anchor_weight < 0:
-            raise ConfigError(f"anchor_weight: must be >= 0, got {self.anchor_weight}")
+        check_anchor_settings(self)
         if self.monitor_every < 1:
             raise ConfigError(f"monitor_every: must be >= 1, got {self.monitor_every}")
         if self.monitor_stop_below is not None and not 0 <= self.monitor_stop_below <= 1:
@@ -264,7 +271,7 @@ def check_safety_settings(cfg, references: tuple[str, ...] = MODES) -> None:
     """The safety keys shared by logitguard's TrainConfig and the TRL config: choices, signs, a token source."""
     choices = {
         "token_strategy": STRATEGIES,
-        "regularizer": tuple(REGULARIZERS),
+        "regularizer": regularizer_names(),
         "positions": POSITIONS,
         "reference": references,
         "reference_dtype": ("float32", "float16", "bfloat16"),
@@ -278,6 +285,9 @@ def check_safety_settings(cfg, references: tuple[str, ...] = MODES) -> None:
         raise ConfigError(f"str_weight: must be >= 0, got {cfg.str_weight}")
     if not cfg.safety_words and not cfg.token_file:
         raise ConfigError("safety_words: give at least one word, or a token_file")
+    for entry in REGISTRY.values():  # every term's own keys
+        entry.check_values(cfg)
+    get_regularizer(cfg.regularizer).check(cfg)  # the chosen term's settings against the rest
 
 
 def _suggest(key: str, known) -> str:

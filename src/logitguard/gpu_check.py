@@ -165,7 +165,13 @@ STEPS: list[Step] = [
 # Append Step(...) entries: a name, an argv builder (run in the checkout's root), a timeout in seconds, and how to
 # read its numbers (default: the last line "GPU_CHECK {json}" it printed). `after=("model_1b",)` gives it the random
 # 1B model in ctx.model and the data in ctx.work (train.jsonl, harmful.txt, benign.txt).
-EXTRA_STEPS: list[Step] = []
+# The per-token terms in bf16 on the random 1B model (vocabulary 128,256): the cache's label log-probs and top-32 from
+# the chunked head path, constrained_sft's per-token NLL and kl's fused projection under autocast (CPU tests run fp32).
+EXTRA_STEPS: list[Step] = [
+    Step("train_1b_constrained_sft", _train("train_csft", "--regularizer", "constrained_sft", steps=10), 150,
+         _train_result, after=NEEDS_MODEL),
+    Step("train_1b_kl", _train("train_kl", "--regularizer", "kl", steps=10), 150, _train_result, after=NEEDS_MODEL),
+]  # fmt: skip
 # -----------------------------------------------------------------------------------------------------------------
 
 # Last: the test suite on CUDA with the time that is left; first the files that reach the GPU path, then the rest.

@@ -354,17 +354,17 @@ def topk_kl_loss(
     return per_seq.sum() / _upcast(weights).sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
-# Regularizers users pick by name. Each maps (policy, reference, weights) -> per-sequence values (B,).
-REGULARIZERS = {
-    "str": str_per_sequence,
-    "restricted_kl": restricted_kl,
-    "pact": pact_per_sequence,
-}
+def __getattr__(name: str):
+    """`REGULARIZERS` (name -> the term's pure tensor function) and `NORMALIZATION` (name -> "sequences" | "positions":
+    how the trainer turns a step's per-sequence values into the term), kept for the public API: aliases of
+    logitguard.regularizers' registry, read when asked for (this module imports nothing but torch)."""
+    if name in ("REGULARIZERS", "NORMALIZATION"):
+        from .regularizers import REGISTRY
 
-# How the trainer turns the per-sequence values of a step into the term:
-#   sequences  their sum / the number of sequences with a weighted position (STR's Eq. 3: mean over sequences)
-#   positions  their sum / the total weight of the step's positions (PACT: the mean over answer positions)
-NORMALIZATION = {"str": "sequences", "restricted_kl": "sequences", "pact": "positions"}
+        if name == "REGULARIZERS":
+            return {k: e.loss for k, e in REGISTRY.items()}
+        return {k: e.normalization for k, e in REGISTRY.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_finite(value: torch.Tensor, name: str, step: int | None = None) -> None:

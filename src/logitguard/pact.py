@@ -145,18 +145,19 @@ def build_pact_cache(
     batch_size: int = 8,
     folder: str | Path | None = None,
     progress: bool = True,
+    aligned_adapter_disabled: bool = False,
 ) -> PactCachedReference:
     """Build (or reuse) both of PACT's caches and return the reference that reads them. The full cache is the
     ordinary one (shared with STR runs on the same data); the post-only cache lives in its `pact-post` subfolder,
     keyed by its own fingerprint (the post-only token ids derive from the data and the chat template)."""
     full = build_reference_cache(
         model, tokenizer, examples, token_ids, cache_root, max_length, dtype, batch_size, folder=folder,
-        progress=progress,
+        progress=progress, aligned_adapter_disabled=aligned_adapter_disabled,
     )  # fmt: skip
     posts = post_only_examples(examples, header_ids)
     post = build_reference_cache(
         model, tokenizer, posts, token_ids, None, max_length, dtype, batch_size, folder=Path(full) / POST_FOLDER,
-        progress=progress,
+        progress=progress, aligned_adapter_disabled=aligned_adapter_disabled,
     )  # fmt: skip
     return PactCachedReference(
         CachedReference(full, token_ids), CachedReference(post, token_ids, examples=posts), examples, header_ids

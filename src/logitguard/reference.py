@@ -115,6 +115,10 @@ def head_tap(
     labels: torch.Tensor | None = None,
     full_logits: bool = False,
     chunk_tokens: int | None = None,
+    per_token: bool = False,
+    kl_reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    stats: dict | None = None,
+    kl_ratio: torch.Tensor | None = None,
 ):
     """Within the context, a forward of `model` fills a `HeadTap` from the output head's input and weight.
 
@@ -128,12 +132,23 @@ def head_tap(
     soft-cap, Cohere's and Granite's scales) is applied as its forward applies it after the head.
 
     `labels` (B, T) are the unshifted labels: logits at position t predict labels[t + 1].
+    Per-token terms (head_terms.py), for the regularizers that need more than K logits:
+      per_token     also `nll` (B, T): each position's differentiable NLL of labels[t + 1] (0 where none)
+      kl_reference  (ids (B, T, k), logp (B, T, k), tail_logmass (B, T)) of the reference: also `kl` (B, T), each
+                    labelled position's differentiable top-k KL(reference || model) (0 elsewhere)
+      kl_ratio      (B, T): how many times the NLL's gradient the loss gives each position's KL, so that both
+                    are projected onto the hidden state in one product (head_terms.chunked_row_terms)
+      stats         {"next_ids": (B, T) or None, "topk": k}: no-grad reference statistics at every position,
+                    `label_logp` (B, T) and `topk_ids`, `topk_logp` (B, T, k), `tail_logmass` (B, T)
+    Per-token terms give the head's own weight no gradient: a trained head takes the full-logits path.
     """
     tap = HeadTap()
     lm = unwrap(model)
     head = lm.get_output_embeddings()
     transform = logit_transform(lm)
+    rowwise = per_token or kl_reference is not None
     from_rows = not full_logits and head_supports_rows(model)
+    from_rows = from_rows and not (rowwise and (head.weight.requires_grad or getattr(head.bias, "requires_grad", 0)))
     box: dict[str, torch.Tensor] = {}
 
     def pre_hook(_module, args):
@@ -150,17 +165,33 @@ def head_tap(
                 at = _on(ids, weight.device)
                 rows, row_bias = weight[at], bias[at] if bias is not None else None  # (K, H), (K,)
                 tap["safety"] = logits_from_hidden(hidden, rows, row_bias, transform).to(ids.device)  # (B, T, K)
-            if labels is not None:
+            if labels is not None and rowwise:
+                _row_terms(tap, hidden, weight, bias, labels, kl_reference, chunk_tokens, transform, kl_ratio)
+            elif labels is not None:
                 targets = labels[:, 1:].to(hidden.device)
                 mask = targets != -100
                 picked = hidden[:, :-1][mask].to(weight.device)  # (N, H): only positions that predict a label
                 nll = chunked_nll(picked, weight, bias, targets[mask].to(weight.device), chunk_tokens, transform)
                 tap["ce_sum"] = nll.to(labels.device)
                 tap["ce_tokens"] = mask.sum().to(labels.device)
+            if stats:
+                from .head_terms import chunked_stats
+
+                nxt = stats.get("next_ids")
+                flat = chunked_stats(hidden.flatten(0, 1).to(weight.device), weight, bias,
+                                     None if nxt is None else nxt.flatten().to(weight.device), stats.get("topk", 0),
+                                     chunk_tokens, transform)  # fmt: skip
+                tap.update({k: v.unflatten(0, hidden.shape[:2]) for k, v in flat.items()})
             return output
         if ids is not None:  # backward materialises a (B, T, V) gradient
             tap["safety"] = transform(output[..., _on(ids, output.device)].float()).to(ids.device)
-        if labels is not None:
+        if stats:
+            from .head_terms import full_logit_stats
+
+            tap.update(full_logit_stats(transform(output.float()), stats.get("next_ids"), stats.get("topk", 0)))
+        if labels is not None and rowwise:
+            _row_terms_full(tap, transform(output.float()), labels, kl_reference)
+        elif labels is not None:
             targets = labels[:, 1:].to(output.device)
             logits = transform(output[:, :-1].flatten(0, 1).float())  # (B * (T - 1), V)
             ce = F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
@@ -176,6 +207,53 @@ def head_tap(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _to_grid(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(N,) values at the True places of mask (B, T - 1) -> (B, T), zero elsewhere and in the last column."""
+    grid = values.new_zeros(mask.shape).masked_scatter(mask.to(values.device), values)  # (B, T - 1)
+    return F.pad(grid, (0, 1))
+
+
+def _row_terms(tap, hidden, weight, bias, labels, kl_reference, chunk_tokens, transform, kl_ratio=None) -> None:
+    """`nll` (and `kl`) (B, T) from the hidden state (B, T, H) at the positions that predict a label."""
+    from .head_terms import chunked_row_terms
+
+    targets = labels[:, 1:].to(hidden.device)
+    mask = targets != -100  # (B, T - 1)
+    picked = hidden[:, :-1][mask].to(weight.device)  # (N, H)
+    ref = None
+    if kl_reference is not None:
+        ref = tuple(x[:, :-1][mask.to(x.device)].to(weight.device) for x in kl_reference)  # (N, k), (N, k), (N,)
+    ratio = None if kl_ratio is None else kl_ratio[:, :-1][mask.to(kl_ratio.device)].to(weight.device)  # (N,)
+    nll, kl = chunked_row_terms(
+        picked, weight, bias, targets[mask].to(weight.device), ref, chunk_tokens, transform, kl_ratio=ratio
+    )
+    tap["nll"] = _to_grid(mask, nll).to(labels.device)
+    tap["ce_sum"] = tap["nll"].sum()
+    tap["ce_tokens"] = mask.sum().to(labels.device)
+    if kl is not None:
+        tap["kl"] = _to_grid(mask, kl).to(labels.device)
+
+
+def _row_terms_full(tap, logits, labels, kl_reference) -> None:
+    """`_row_terms` from full logits (B, T, V) in fp32 (the model's own, after its transform)."""
+    from .losses import topk_kl_per_sequence
+
+    targets = labels[:, 1:].to(logits.device)
+    mask = targets != -100  # (B, T - 1)
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T - 1, V)
+    nll = -logp.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)  # (B, T - 1)
+    tap["nll"] = F.pad(torch.where(mask, nll, 0.0), (0, 1)).to(labels.device)
+    tap["ce_sum"] = tap["nll"].sum()
+    tap["ce_tokens"] = mask.sum().to(labels.device)
+    if kl_reference is not None:
+        ids, ref_logp, ref_tail = (x[:, :-1].to(logits.device) for x in kl_reference)
+        lse = torch.logsumexp(logits[:, :-1], dim=-1)  # (B, T - 1)
+        top = logits[:, :-1].gather(-1, ids)  # (B, T - 1, k)
+        one = lambda x: x.flatten(0, 1)[:, None]  # noqa: E731  (B * (T - 1), 1, ...): one position per row
+        kl = topk_kl_per_sequence(one(top), one(lse), one(ref_logp), one(ref_tail), one(mask.float()))
+        tap["kl"] = F.pad(kl.view(mask.shape), (0, 1)).to(labels.device)
 
 
 # Positions per chunk of the chunked cross-entropy: about 2^25 logits (128 MiB in fp32) at a time.
@@ -318,6 +396,29 @@ def frozen_safety_logits(model: nn.Module, input_ids, attention_mask, ids: torch
     return tap["safety"].float()
 
 
+def next_token_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) the token each position predicts: input_ids shifted left by one, 0 at the last position."""
+    return F.pad(input_ids[:, 1:], (0, 1))
+
+
+@torch.no_grad()
+def frozen_stats(
+    model: nn.Module, input_ids, attention_mask, ids: torch.Tensor | None, label_logp: bool = False, topk: int = 0
+) -> dict[str, torch.Tensor]:
+    """What a reference beyond K logits needs, from one forward of the model with any adapter disabled (eval mode,
+    fp32): `safety` (B, T, K) when `ids` are given, `label_logp` (B, T) the log-prob of each position's next token
+    (0 at each row's last position), `topk_ids`, `topk_logp` (B, T, k) and `tail_logmass` (B, T) when topk > 0."""
+    ids = None if ids is None else ids.to(input_ids.device)
+    stats = {"next_ids": next_token_ids(input_ids) if label_logp else None, "topk": topk}
+    with eval_mode(model), adapter_disabled(model), head_tap(model, ids, stats=stats) as tap:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = {k: v.to(input_ids.device) for k, v in tap.items()}
+    if "label_logp" in out:  # a row's last position predicts nothing (padding, or past the end)
+        predicts = F.pad(attention_mask[:, 1:], (0, 1)).to(out["label_logp"].device).bool()  # (B, T)
+        out["label_logp"] = torch.where(predicts, out["label_logp"], 0.0)
+    return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+
+
 class OnlineReference:
     """Reference logits from a no-grad forward of the adapter-disabled model every step."""
 
@@ -340,6 +441,24 @@ class OnlineReference:
     def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
         ids = self.ids_on(batch["input_ids"].device)
         return frozen_safety_logits(model, batch["input_ids"], batch["attention_mask"], ids)
+
+
+class OnlineStatsReference(OnlineReference):
+    """Per-token references (label log-probs, top-k) from a no-grad forward of the adapter-disabled model every
+    step: `kind` "label_logp" returns (B, T), "topk" returns (ids (B, T, k), logp (B, T, k), tail_logmass (B, T))."""
+
+    def __init__(self, token_ids: list[int], method: str = "lora", kind: str = "label_logp", topk: int = 0):
+        super().__init__(token_ids, method)
+        if kind not in ("label_logp", "topk"):
+            raise ValueError(f"kind must be label_logp or topk, got {kind!r}")
+        self.kind, self.topk = kind, topk
+
+    def __call__(self, model: nn.Module, batch: dict):
+        stats = frozen_stats(model, batch["input_ids"], batch["attention_mask"], None, self.kind == "label_logp",
+                             self.topk if self.kind == "topk" else 0)  # fmt: skip
+        if self.kind == "label_logp":
+            return stats["label_logp"]
+        return stats["topk_ids"], stats["topk_logp"], stats["tail_logmass"]
 
 
 class PaperReference(OnlineReference):

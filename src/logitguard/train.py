@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import CachedReference, build_reference_cache
+from .cache import build_reference_cache
 from .config import ConfigError, TrainConfig, save_config
 from .data import ChatCollator, apply_columns, ensure_chat_template, load_rows, split_holdout, tokenize_rows
 from .files import resume_checkpoint, write_json_atomic, write_text_atomic
@@ -30,8 +30,8 @@ from .models import (
     train_device,
     whole_model,
 )
-from .pact import make_pact_reference, pact_settings
-from .reference import OnlineReference, PaperReference
+from .regularizers import get as get_regularizer
+from .regularizers.references import build_kwargs
 from .tokens import SafetyTokens
 from .train_clock import TrainClock
 from .trainer import STRTrainer
@@ -101,42 +101,39 @@ def prebuild_caches(cfgs: list[TrainConfig], progress: bool = True) -> float:
             build_reference_cache(
                 models[where], tokenizer, examples, ids, Path(c.cache_dir) / "reference", c.max_length,
                 dtype=c.reference_dtype, batch_size=c.batch_size, progress=progress,
+                **_cache_extras(group),
             )  # fmt: skip
     return time.perf_counter() - start
 
 
+def _cache_extras(cfgs: list[TrainConfig]) -> dict:
+    """The per-token extras (cache.py) a group of runs reads, so one build serves them all."""
+    kinds = [(get_regularizer(c.regularizer).reference, c) for c in cfgs]
+    return dict(label_logp=any(k == "label_logp" for k, _ in kinds),
+                topk=max([c.kl_topk for k, c in kinds if k == "topk"], default=0))  # fmt: skip
+
+
 def make_reference(cfg: TrainConfig, model, tokenizer, examples, tokens: SafetyTokens, progress: bool = True):
-    """The reference for this run. A cache is built here, before any adapter is attached, on the device the
-    model trains on (each rank its share of the shards under `accelerate launch`)."""
+    """The reference for this run, as the regularizer's registry entry builds it. A cache is built here, before any
+    adapter is attached, on the device the model trains on (each rank its share of the shards under `accelerate
+    launch`)."""
     if cfg.str_weight == 0:
         return None
-    if cfg.regularizer == "pact":  # two references, full context and response only: logitguard.pact
-        return make_pact_reference(cfg, model, tokenizer, examples, tokens, progress)
-    if cfg.reference == "online":
-        return OnlineReference(tokens.ids, cfg.method)
-    if cfg.reference == "paper":
-        return PaperReference(tokens.ids, cfg.method)
+    entry = get_regularizer(cfg.regularizer)
+    if len(tokens) < entry.min_tokens:  # refused before any cache is built (the trainer would refuse it after)
+        raise ConfigError(f"the {entry.name} regularizer compares distributions over the safety tokens: it needs >= 2")
+    if cfg.reference in ("online", "paper"):
+        return entry.online(tokens.ids, tokenizer, cfg.method, cfg, paper=cfg.reference == "paper")
     if cfg.reference_model:  # continual learning: anchor to the original aligned model, not this stage's start
         dtype = resolve_dtype(cfg.dtype, resolve_precision(cfg.precision, cfg.dtype), cfg.method)
         model = load_model(cfg.reference_model, dtype, cfg.trust_remote_code, cfg.quantize, _device(model))
     start = time.perf_counter()
-    folder = build_reference_cache(
-        model,
-        tokenizer,
-        examples,
-        list(tokens.ids),
-        cache_root=Path(cfg.cache_dir) / "reference",
-        max_length=cfg.max_length,
-        dtype=cfg.reference_dtype,
-        batch_size=cfg.batch_size,
-        folder=cfg.reference_cache,
-        progress=progress,
-    )
+    reference = entry.cached(model, tokenizer, examples, tokens.ids, cfg, **build_kwargs(cfg, progress))
     seconds = time.perf_counter() - start
     if progress and seconds > 1.0:  # a reused cache returns at once: nothing to report
         n = sum(len(ex["input_ids"]) for ex in examples)
         print(f"reference cache: {n} tokens in {seconds:.1f} s ({n / seconds:,.0f} tokens/s on {_device(model)})")
-    return CachedReference(folder, tokens.ids)
+    return reference
 
 
 def make_anchors(cfg: TrainConfig, model, tokenizer, tokens: SafetyTokens):
@@ -254,7 +251,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
         first_response_weight=cfg.first_response_weight,
         chunked_ce=cfg.chunked_ce,
         anchors=anchors,
-        regularizer_kwargs=pact_settings(cfg, tokens) if cfg.regularizer == "pact" else None,
+        regularizer_kwargs=get_regularizer(cfg.regularizer).kwargs(cfg, tokens) or None,
     )
     # Nothing is written into the output folder before this point, so a refused run overwrites nothing there.
     _check_resume(cfg, out)

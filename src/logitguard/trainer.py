@@ -12,6 +12,10 @@ forward. The loss is therefore already scaled for accumulation (`loss_is_scaled_
 multiplied by the number of processes because DDP averages gradients across them.
 Evaluation reports cross-entropy only (`eval_loss`): the utility measure of the paper's Table 5.
 
+Which term, what it reads and how it is normalised come from its registry entry (logitguard.regularizers), never
+from its name: `reads` says what the head's forward yields for it (K safety logits; per-token label log-probs for
+constrained_sft, which replaces CE; the per-position top-k KL for kl, whose reference is read before the forward).
+
 Memory: the forward never builds the (B, T, V) logits. `head_tap` takes the final hidden state inside the output
 head's forward and computes the K safety logits from K head rows and the cross-entropy in chunks of positions
 (V is 128k for Llama-3 and 152k for Qwen: B x T x V fp32 logits are gigabytes).
@@ -27,8 +31,9 @@ from transformers import Trainer
 
 from .config import ConfigError
 from .guards import FiniteGradients, NonFiniteWatch
-from .losses import NORMALIZATION, REGULARIZERS, check_finite, position_weights
+from .losses import check_finite, position_weights
 from .reference import head_tap
+from .regularizers import get as get_regularizer
 
 
 class SafetyRegularization:
@@ -55,29 +60,29 @@ class SafetyRegularization:
                 "launch with `accelerate launch` (one process per GPU), or make one GPU visible with "
                 "CUDA_VISIBLE_DEVICES"
             )
-        if regularizer not in REGULARIZERS:
-            raise ConfigError(f"unknown regularizer {regularizer!r}; choose from {sorted(REGULARIZERS)}")
+        entry = get_regularizer(regularizer)  # the registry entry: what the term reads, needs and how it normalises
         if str_weight > 0 and reference is None:
             raise ConfigError("str_weight > 0 needs a reference (cache, online or paper)")
-        if regularizer in ("restricted_kl", "pact") and len(safety_ids) < 2:
+        if len(safety_ids) < entry.min_tokens:
             raise ConfigError(
                 f"the {regularizer} regularizer compares distributions over the safety tokens: it needs >= 2"
             )
+        self.entry = entry
         self.safety_ids = torch.as_tensor(list(safety_ids), dtype=torch.long)
         self._ids_on: dict[torch.device, torch.Tensor] = {}  # safety_ids moved once per device (see safety_ids_on)
         self.reference = reference
         self.str_weight = float(str_weight)
-        self.regularizer = REGULARIZERS[regularizer]
+        self.regularizer = entry.per_sequence
         kwargs = dict(regularizer_kwargs or {})
         if kwargs.get("token_weights") is not None and len(kwargs["token_weights"]) != len(safety_ids):
             raise ConfigError(f"{len(kwargs['token_weights'])} token weights for {len(safety_ids)} safety tokens")
-        if regularizer in ("restricted_kl", "pact"):
+        if entry.temperature:
             kwargs.setdefault("temperature", temperature)
         if kwargs:  # settings and token weights (pact's v), bound once
             self.regularizer = functools.partial(self.regularizer, **kwargs)
-        self.normalization = NORMALIZATION[regularizer]
-        if regularizer == "pact":
-            positions = "response"  # PACT looks at answer positions only; its gate counts from the first one
+        self.normalization = entry.normalization
+        # PACT, constrained_sft and kl look at answer positions only (PACT's gate counts from the first one)
+        positions = entry.positions or positions
         self.position_kwargs = dict(
             positions=positions,
             first_response_tokens=first_response_tokens,
@@ -142,15 +147,29 @@ class SafetyRegularization:
         self._safety_metrics["train"]["anchor"].append(term.detach())
         return anchors.weight * term / max(1, getattr(self, "current_gradient_accumulation_steps", 1))
 
-    def regularize(self, model, policy: torch.Tensor, batch: dict, mode: str, step_wide: bool = True) -> torch.Tensor:
+    def _kl_ratio(self, batch: dict, training: bool) -> torch.Tensor:
+        """(B, T) d loss / d kl_t over d loss / d nll_t, as compute_loss combines them: CE = NLL sum / tokens,
+        reg = weighted KL sum / total weight (the step's counts in training), loss = CE + lambda * reg. The head
+        then projects both gradients onto the hidden state in one product; its backward checks this ratio."""
+        weights = self._weights(batch)  # (B, T)
+        if training and self._step_counts is not None:
+            tokens, total = self._step_counts[0], self._step_counts[2]
+        else:
+            tokens, total = (batch["labels"][:, 1:] != -100).sum(), weights.sum()
+        return self.str_weight * weights * tokens.clamp_min(1) / total.clamp_min(torch.finfo(torch.float32).tiny)
+
+    def regularize(
+        self, model, policy: torch.Tensor, batch: dict, mode: str, step_wide: bool = True, reference=None
+    ) -> torch.Tensor:
         """The regularizer term of this micro-batch, normalised over the optimizer step's sequences (the sum of
         the terms of a step is the mean over its sequences; for PACT, over its weighted positions), or over this
         micro-batch's when `step_wide` is False
         (for a host whose cross-entropy is a micro-batch mean that the Trainer divides by the accumulation steps).
         `policy` (B, T, K); `batch` with attention_mask, labels and what the reference reads (example_idx or the
-        input ids)."""
+        input ids). `reference`: the batch's reference when the caller read it already (a term the head computes)."""
         weights = self._weights(batch)  # (B, T)
-        reference = self.reference(model, batch)  # (B, T, K); pact: (B, T, 2K), no grad
+        if reference is None:
+            reference = self.reference(model, batch)  # (B, T, K); pact: (B, T, 2K); see the entry's `reference`
         per_seq = self.regularizer(policy, reference, weights)  # (B,)
         if self.normalization == "positions":
             which, local = 2, weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
@@ -159,7 +178,7 @@ class SafetyRegularization:
         step = step_wide and mode == "train" and self._step_counts is not None
         total = self._step_counts[which].clamp_min(torch.finfo(torch.float32).tiny) if step else local
         reg = per_seq.sum() / total
-        self.check_term(reg, "safety-token regularizer", mode)
+        self.check_term(reg, "safety-token regularizer" if self.entry.reads == "safety" else self.entry.name, mode)
         self._safety_metrics[mode]["reg"].append((per_seq.sum() / local).detach())
         return reg
 
@@ -210,14 +229,22 @@ class STRTrainer(SafetyRegularization, Trainer):
         example_idx = inputs.pop("example_idx", None)
         training = model.training
         need_reg = training and self.str_weight > 0
-        ids = self.safety_ids_on(labels.device) if need_reg else None
+        reads = self.entry.reads if need_reg else None  # what the head's forward must yield for the term
+        ids = self.safety_ids_on(labels.device) if reads == "safety" else None
+        batch = {**inputs, "labels": labels}
+        if example_idx is not None:
+            batch["example_idx"] = example_idx
+        # the top-k KL is computed inside the head's forward, so its reference is read before it
+        reference = self.reference(model, batch) if reads == "topk_kl" else None
         # Full (B, T, V) logits only where something needs them: the paper's gather, metrics on eval predictions
         full = (
             not self.chunked_ce
             or (need_reg and self.reference.policy_from_full_logits)
             or (not training and self.compute_metrics is not None)
         )
-        with head_tap(model, ids, labels, full_logits=full) as tap:
+        ratio = self._kl_ratio(batch, training) if reads == "topk_kl" else None
+        with head_tap(model, ids, labels, full_logits=full, per_token=reads == "label_logp",
+                      kl_reference=reference, kl_ratio=ratio) as tap:  # fmt: skip
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         ce_sum, local_tokens = tap["ce_sum"], tap["ce_tokens"]
         mode = "train" if training else "eval"
@@ -230,10 +257,11 @@ class STRTrainer(SafetyRegularization, Trainer):
         loss = ce
         self._safety_metrics[mode]["ce"].append((ce_sum / local_tokens.clamp_min(1)).detach())
         if need_reg:
-            batch = {**inputs, "labels": labels}
-            if example_idx is not None:
-                batch["example_idx"] = example_idx
-            loss = loss + self.str_weight * self.regularize(model, tap["safety"], batch, mode)
+            # (B, T, K) safety logits | (B, T) label log-probs | (B, T) per-position top-k KL
+            policy = tap["safety"] if reads == "safety" else tap["kl"] if reads == "topk_kl" else -tap["nll"]
+            reg = self.regularize(model, policy, batch, mode, reference=reference)
+            # lambda weighs the term; an objective that replaces cross-entropy is the loss itself (lambda > 0: on)
+            loss = reg if self.entry.replaces_ce else loss + self.str_weight * reg
         loss = loss * scale
         if training:
             anchored = self.anchor_term(model, labels.device)

@@ -14,6 +14,11 @@ How it fits TRL 1.16:
   no example index, so rows are matched to cached examples by their token ids (`KeyedReference`).
 - Packing and padding-free batches are refused when the regularizer is on: the cache matches whole examples
   and STR's positions and per-sequence mean need one example per row. Use packing=False.
+- Every registered regularizer works here (logitguard.regularizers; the entry says what the head must yield and
+  what reference to build): `constrained_sft` replaces TRL's loss with its own, computed from the per-token
+  log-probs of TRL's fused head; `kl` computes its top-k KL from the backbone's final hidden state in chunks of
+  positions (no B x T x V logits); PACT's response-only reference uses the `labels` TRL builds. Anchored
+  regularization (anchor_prompts) adds its term as in `logitguard train`.
 - Normalisation: TRL divides the summed NLL by the step's token count; the regularizer is divided by the step's
   sequence count, so gradient accumulation and padding leave both unchanged (tested).
 """
@@ -29,13 +34,16 @@ import trl
 from packaging.version import Version
 from trl import SFTConfig, SFTTrainer
 
-from ..cache import CachedReference, build_reference_cache
-from ..config import ConfigError, check_safety_settings, default_cache_dir
+from ..cache import build_reference_cache
+from ..config import AnchorSettings, ConfigError, check_anchor_settings, check_safety_settings, default_cache_dir
 from ..errors import LogitguardError
 from ..keyed import KeyedReference
 from ..logit_transform import logit_transform
 from ..models import whole_model
-from ..reference import OnlineReference, head_supports_rows, logits_from_hidden, unwrap
+from ..reference import head_supports_rows, logits_from_hidden, unwrap
+from ..regularizers import RegularizerSettings
+from ..regularizers import get as get_regularizer
+from ..regularizers import names as regularizer_names
 from ..trainer import SafetyRegularization
 
 # This module reaches into TRL's internals (its fused LM head, `maybe_gather_lm_head_ctx`, how SFTTrainer scales its
@@ -58,8 +66,9 @@ _REWRITING_INITS = ("pissa", "olora", "corda", "eva", "loftq")
 
 
 @dataclass
-class STRSFTConfig(SFTConfig):
-    """TRL's SFTConfig plus logitguard's safety keys (every SFTConfig / TrainingArguments field still works)."""
+class STRSFTConfig(SFTConfig, RegularizerSettings, AnchorSettings):
+    """TRL's SFTConfig plus logitguard's safety keys (every SFTConfig / TrainingArguments field still works); each
+    regularizer's own keys (pact_*, csft_*, kl_topk) and the anchors' come from the dataclasses TrainConfig uses."""
 
     safety_words: list[str] = field(default_factory=lambda: ["I"], metadata={"help": "safety words, e.g. I,cannot"})
     token_strategy: str = field(default="first", metadata={"help": "word -> ids: first | all | whole"})
@@ -67,8 +76,8 @@ class STRSFTConfig(SFTConfig):
     token_file: str | None = field(default=None, metadata={"help": "token set JSON (overrides safety_words)"})
     random_tokens: bool = field(default=False, metadata={"help": "control: random tokens of the same count"})
     str_weight: float = field(default=1.0, metadata={"help": "lambda; 0 trains plain SFT"})
-    regularizer: str = field(default="str", metadata={"help": "str | restricted_kl (pact: use logitguard train)"})
-    temperature: float = field(default=2.0, metadata={"help": "temperature of the restricted_kl regularizer"})
+    regularizer: str = field(default="str", metadata={"help": f"one of {sorted(regularizer_names())}"})
+    temperature: float = field(default=2.0, metadata={"help": "temperature of pact and restricted_kl"})
     positions: str = field(default="all", metadata={"help": "all | response"})
     first_response_tokens: int = field(default=0, metadata={"help": "extra weight on the first N response tokens"})
     first_response_weight: float = field(default=1.0, metadata={"help": "weight of those first response tokens"})
@@ -82,12 +91,11 @@ class STRSFTConfig(SFTConfig):
         if isinstance(self.safety_words, str):
             self.safety_words = [w.strip() for w in self.safety_words.split(",") if w.strip()]
         check_safety_settings(self, references=("cache", "online"))
-        if self.regularizer == "pact":
-            raise ConfigError(
-                "regularizer: pact is not wired into the TRL integration yet (its response-only reference needs "
-                "the assistant spans, which the reference cache here does not see); use `logitguard train`"
-            )
-        if self.str_weight > 0 and (self.packing or self.padding_free):
+        check_anchor_settings(self)
+        if self.str_weight > 0 and get_regularizer(self.regularizer).replaces_ce and self.loss_type != "nll":
+            raise ConfigError(f"regularizer {self.regularizer} replaces the SFT loss; loss_type {self.loss_type!r} "
+                              "would be dropped: use loss_type nll")  # fmt: skip
+        if (self.str_weight > 0 or self.anchor_prompts) and (self.packing or self.padding_free):
             raise ConfigError(
                 "packing / padding_free: logitguard's regularizer needs one example per row (its reference cache "
                 "matches whole examples, and STR averages per sequence); set packing=False and padding_free=False"
@@ -114,33 +122,51 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
             raise ConfigError("the output head is not a plain linear map (an adapter on lm_head); "
                               "use logitguard's own trainer, which falls back to full logits")  # fmt: skip
         self.safety_tokens = resolve_tokens(self.args, self.processing_class)
-        reference = self._make_reference() if self.args.str_weight > 0 else None
+        entry = get_regularizer(self.args.regularizer)
+        if self.args.str_weight > 0 and len(self.safety_tokens) < entry.min_tokens:
+            raise ConfigError(f"the {entry.name} regularizer compares distributions over the safety tokens: it "
+                              "needs >= 2")  # fmt: skip
+        reference = self._make_reference(entry) if self.args.str_weight > 0 else None
         self.setup_safety(
             list(self.safety_tokens.ids), reference, self.args.str_weight, self.args.regularizer,
             self.args.temperature, self.args.positions, self.args.first_response_tokens,
-            self.args.first_response_weight,
+            self.args.first_response_weight, entry.kwargs(self.args, self.safety_tokens) or None,
         )  # fmt: skip
+        self.anchors = self._make_anchors() if self.args.anchor_prompts else None
 
-    def _make_reference(self):
+    def _make_anchors(self):
+        """The anchored regularizer's anchors, from the aligned model (the adapter disabled while they are made)."""
+        from ..train import make_anchors
+
+        peft = hasattr(self.model, "peft_config")
+        self._place_for_cache()
+        with self.model.disable_adapter() if peft else contextlib.nullcontext(), whole_model():
+            return make_anchors(self.args, self.model, self.processing_class, self.safety_tokens)
+
+    def _make_reference(self, entry):
         ids = list(self.safety_tokens.ids)
         peft = hasattr(self.model, "peft_config")
         if self.args.reference == "online":
-            return OnlineReference(ids, "lora" if peft else "full")
+            return entry.online(ids, self.processing_class, "lora" if peft else "full", self.args)
         examples = [
-            {"input_ids": list(row["input_ids"]), "attention_mask": [1] * len(row["input_ids"])}
+            {
+                "input_ids": list(row["input_ids"]),
+                "attention_mask": [1] * len(row["input_ids"]),
+                "labels": list(row["labels"]) if "labels" in row else list(row["input_ids"]),
+            }
             for row in self.train_dataset
-        ]
-        for ex in examples:
-            ex["labels"] = ex["input_ids"]
+        ]  # fmt: skip  (TRL's labels: -100 off the completion / assistant turns; PACT's response spans)
         self._place_for_cache()
         aligned = self.model.get_base_model() if peft else self.model
         adapter_off = self.model.disable_adapter() if peft else contextlib.nullcontext()
         with adapter_off, whole_model():
-            folder = build_reference_cache(
+            reference = entry.cached(
                 aligned,
                 self.processing_class,
                 examples,
                 ids,
+                self.args,
+                builder=build_reference_cache,
                 cache_root=Path(self.args.cache_dir) / "reference",
                 max_length=self.args.max_length or 0,
                 dtype=self.args.reference_dtype,
@@ -149,7 +175,7 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
                 progress=not self.args.disable_tqdm,
                 aligned_adapter_disabled=peft,
             )
-        return KeyedReference(CachedReference(folder, ids), examples)
+        return KeyedReference(reference, examples)
 
     def _place_for_cache(self) -> None:
         """The cache's forward runs on the device this process trains on. The Trainer has put the model there
@@ -162,20 +188,38 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
+        step_wide = num_items_in_batch is not None  # TRL's CE is then a step-wide sum / token count
         if mode == "eval" or self.str_weight == 0:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        ids = self.safety_ids_on(inputs["input_ids"].device)
-        with _backbone_safety_logits(model, ids) as box:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self._with_anchors(model, loss, mode, step_wide, return_outputs)
+        reads = self.entry.reads  # what the forward must yield for the term (registry entry)
+        batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
+        reference = self.reference(model, batch) if reads == "topk_kl" else None  # read before the forward
+        ids = self.safety_ids_on(inputs["input_ids"].device) if reads == "safety" else None
+        with _backbone_terms(model, ids, inputs["labels"], reference, label_logp=reads == "label_logp") as box:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
-        step_wide = num_items_in_batch is not None  # TRL's CE is then a step-wide sum / token count
-        batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
         scale = self.accelerator.num_processes if step_wide else 1  # DDP averages gradients across processes
-        reg = self.regularize(model, box["safety"], batch, mode, step_wide=step_wide)
+        if reads == "label_logp" and "label_logp" not in box:
+            raise ConfigError(f"regularizer {self.entry.name} reads the per-token log-probs of TRL's fused LM head, "
+                              "which label smoothing and compute_loss_func bypass; use neither")  # fmt: skip
+        policy = box["safety"] if reads == "safety" else box["kl"] if reads == "topk_kl" else box["label_logp"]
+        reg = self.regularize(model, policy, batch, mode, step_wide=step_wide, reference=reference)
         local_tokens = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
         ce = loss.detach() / scale * (num_items_in_batch / local_tokens if step_wide else 1)
         self._safety_metrics[mode]["ce"].append(ce)
-        loss = loss + self.str_weight * reg * scale
+        # lambda weighs the term; an objective that replaces cross-entropy is the loss itself (lambda > 0: on)
+        loss = reg * scale if self.entry.replaces_ce else loss + self.str_weight * reg * scale
+        return self._with_anchors(model, (loss, outputs) if return_outputs else loss, mode, step_wide, return_outputs)
+
+    def _with_anchors(self, model, result, mode: str, step_wide: bool, return_outputs: bool):
+        """The anchored term added in training (anchor_term divides by the accumulation steps, which the Trainer
+        does itself when TRL's loss is a micro-batch mean)."""
+        if mode != "train" or self.anchors is None:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        anchored = self.anchor_term(model, loss.device)
+        loss = loss + anchored * (1 if step_wide else max(1, self.current_gradient_accumulation_steps))
         return (loss, outputs) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict=None):
@@ -188,7 +232,19 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
 def _backbone_safety_logits(model, ids: torch.Tensor):
     """During a forward of `model`, the (B, T, K) safety logits from the backbone's final hidden state and the K
     head rows, read while the forward runs (TRL's fused head never calls the head module itself)."""
+    with _backbone_terms(model, ids) as box:
+        yield box
+
+
+@contextlib.contextmanager
+def _backbone_terms(model, ids, labels=None, kl_reference=None, label_logp: bool = False):
+    """During a forward of `model` (TRL's fused head never calls the head module itself), from the backbone's final
+    hidden state and the head's weight: `safety` (B, T, K) logits of the safety ids when `ids` are given; `kl` (B, T)
+    the per-position top-k KL to `kl_reference` at the labelled positions (head_terms.py, chunked, differentiable);
+    and `label_logp` (B, T) the per-token log-probs TRL's fused head returns (they carry TRL's gradient path)."""
     from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    from ..reference import _to_grid
 
     lm = unwrap(model)
     head = lm.get_output_embeddings()
@@ -196,19 +252,39 @@ def _backbone_safety_logits(model, ids: torch.Tensor):
     box: dict[str, torch.Tensor] = {}
 
     def hook(_module, _args, output):
-        if "safety" in box and not torch.is_grad_enabled():
+        if box.get("hidden_seen") and not torch.is_grad_enabled():
             return  # a second, no-grad forward (TRL's metrics pass): keep the one the loss backpropagates through
+        box["hidden_seen"] = True
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]  # (B, T, H)
         weight, bias = head.weight, head.bias
         if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
             weight, bias = weight.full_tensor(), bias.full_tensor() if bias is not None else None
-        at = ids.to(weight.device)  # device_map="auto" may put the head on another GPU than the batch
         with maybe_gather_lm_head_ctx(weight, bias):
-            rows, row_bias = weight[at], bias[at] if bias is not None else None
-        box["safety"] = logits_from_hidden(hidden, rows, row_bias, transform).to(ids.device)  # (B, T, K) fp32
+            if ids is not None:
+                at = ids.to(weight.device)  # device_map="auto" may put the head on another GPU than the batch
+                rows, row_bias = weight[at], bias[at] if bias is not None else None
+                box["safety"] = logits_from_hidden(hidden, rows, row_bias, transform).to(ids.device)  # (B, T, K)
+            if kl_reference is not None:
+                from ..head_terms import chunked_row_terms
 
-    handle = lm.get_decoder().register_forward_hook(hook)
+                mask = labels[:, 1:].to(hidden.device) != -100  # (B, T - 1)
+                picked = hidden[:, :-1][mask].to(weight.device)  # (N, H)
+                ref = tuple(x[:, :-1][mask.to(x.device)].to(weight.device) for x in kl_reference)
+                targets = labels[:, 1:][mask.to(labels.device)].to(weight.device)
+                _, kl = chunked_row_terms(picked, weight, bias, targets, ref, transform=transform, nll_grad=False)
+                box["kl"] = _to_grid(mask, kl).to(labels.device)
+
+    def lm_hook(_module, _args, _kwargs, output):
+        log_probs = getattr(output, "log_probs", None)  # (B, T - 1): position t scores labels[t + 1]
+        if log_probs is not None and "label_logp" not in box:
+            box["label_logp"] = torch.nn.functional.pad(log_probs.float(), (0, 1))  # (B, T)
+
+    handles = [lm.get_decoder().register_forward_hook(hook)]
+    if label_logp:
+        # on the model TRL calls (PEFT's wrappers call the causal LM's `forward` directly, past its hooks)
+        handles.append(model.register_forward_hook(lm_hook, with_kwargs=True))
     try:
         yield box
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()

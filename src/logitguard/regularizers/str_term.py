@@ -1,0 +1,18 @@
+"""STR (Eq. 2 of "Guardrails in Logit Space"): squared distance of the K safety logits to the aligned model's."""
+
+from ..losses import str_per_sequence
+from . import references
+from .base import Regularizer, register
+
+register(
+    Regularizer(
+        name="str",
+        loss=str_per_sequence,
+        per_sequence=str_per_sequence,
+        normalization="sequences",
+        reference="logits",
+        cached=references.logits_cached,
+        online=references.logits_online,
+        help="safety token regularization: squared distance of the K safety logits to the aligned model's",
+    )
+)

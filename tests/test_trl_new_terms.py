@@ -1,0 +1,110 @@
+"""Every registered regularizer, and anchored regularization, inside TRL's SFTTrainer; the new terms agree with
+logitguard's own trainer on the same tokenized data."""
+
+import pytest
+import torch
+from helpers import chat_examples, perturb_adapter
+
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from test_trainer import lora  # noqa: E402
+from test_trl import CHAT, config  # noqa: E402
+
+from logitguard.integrations.trl import STRSFTTrainer  # noqa: E402
+from logitguard.tokens import SafetyTokens  # noqa: E402
+
+
+@pytest.mark.parametrize("regularizer", ["constrained_sft", "kl", "pact"])
+@pytest.mark.filterwarnings("ignore:regularizer pact")
+def test_trl_trains_each_term(model, tokenizer, tmp_path, regularizer):
+    rows = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in CHAT]
+    trainer = STRSFTTrainer(
+        model=lora(model), args=config(tmp_path, regularizer=regularizer, kl_topk=8, max_steps=3),
+        train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for n, p in trainer.model.named_parameters():
+        assert (not torch.equal(p, before[n])) == ("lora_" in n), n
+    regs = [row["reg"] for row in trainer.state.log_history if "reg" in row]
+    assert regs and all(r >= -1e-6 for r in regs)  # a KL at the reference rounds to about 0, either side
+    if regularizer == "kl":
+        assert abs(regs[0]) < 1e-6 < regs[-1]  # zero at the aligned model, then the adapter moves away
+
+
+def step_update(tmp_path, tokenizer, examples, regularizer, trl: bool, batch_size: int = 4, accum: int = 1):
+    """The adapter's change after one SGD step of TRL's trainer or logitguard's, from the same perturbed adapter."""
+    from conftest import tiny_llama
+    from helpers import training_args
+
+    from logitguard.data import ChatCollator
+    from logitguard.regularizers import get
+    from logitguard.trainer import STRTrainer
+
+    tokens = SafetyTokens.from_words(tokenizer, "I,cannot")
+    ids = list(tokens.ids)
+    base = tiny_llama(len(tokenizer))
+    sgd = dict(max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+               weight_decay=0.0, per_device_train_batch_size=batch_size,
+               gradient_accumulation_steps=accum)  # fmt: skip
+    args = config(tmp_path, regularizer=regularizer, kl_topk=8, str_weight=2.0, completion_only_loss=True,
+                  output_dir=str(tmp_path / f"out-{trl}-{batch_size}"), **sgd)  # fmt: skip
+    if not trl:
+        build = dict(cache_root=tmp_path / "c", max_length=64, progress=False)
+        reference = get(regularizer).cached(base, tokenizer, examples, ids, args, **build)
+    peft_model = lora(base)
+    perturb_adapter(peft_model, scale=0.1)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    if trl:
+        rows = [{"input_ids": e["input_ids"], "completion_mask": [int(x != -100) for x in e["labels"]]}
+                for e in examples]  # fmt: skip
+        trainer = STRSFTTrainer(model=peft_model, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                args=args)  # fmt: skip
+    else:
+        trainer = STRTrainer(
+            model=peft_model, args=training_args(tmp_path / "ours", **sgd), train_dataset=examples,
+            data_collator=ChatCollator(tokenizer.pad_token_id), safety_ids=ids, reference=reference, str_weight=2.0,
+            regularizer=regularizer, regularizer_kwargs=get(regularizer).kwargs(args, tokens) or None,
+        )  # fmt: skip
+    trainer.train()
+    return {n: p.detach() - before[n] for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.filterwarnings("ignore:regularizer pact")
+@pytest.mark.parametrize("regularizer", ["constrained_sft", "kl", "pact"])
+def test_trl_agrees_with_logitguards_trainer(tokenizer, tmp_path, regularizer):
+    examples = chat_examples(tokenizer)[:4]
+    ours = step_update(tmp_path, tokenizer, examples, regularizer, trl=False)
+    theirs = step_update(tmp_path, tokenizer, examples, regularizer, trl=True)
+    accumulated = step_update(tmp_path, tokenizer, examples, regularizer, trl=True, batch_size=1, accum=4)
+    assert any(v.abs().max() > 0 for v in ours.values())
+    for n in ours:
+        torch.testing.assert_close(theirs[n], ours[n], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(accumulated[n], ours[n], rtol=1e-4, atol=1e-6)
+
+
+def test_trl_anchored_regularization(model, tokenizer, tmp_path, monkeypatch):
+    import logitguard.anchors as anchors
+
+    refusals = [[{"role": "user", "content": "Help me do a forbidden thing."},
+                 {"role": "assistant", "content": "I cannot help with that."}]] * 3  # fmt: skip
+    monkeypatch.setattr(anchors, "anchor_conversations", lambda *a, **k: refusals)  # a tiny random model refuses none
+    prompts = tmp_path / "harmful.txt"
+    prompts.write_text("Help me do a forbidden thing.\n")
+    trainer = STRSFTTrainer(
+        model=lora(model), args=config(tmp_path, str_weight=0.0, anchor_prompts=str(prompts), max_steps=3),
+        train_dataset=Dataset.from_list(CHAT), processing_class=tokenizer,
+    )  # fmt: skip
+    assert trainer.anchors is not None and len(trainer.anchors.examples) == 3
+    trainer.train()
+    anchored = [row["anchor"] for row in trainer.state.log_history if "anchor" in row]
+    assert anchored and anchored[0] < 1e-6 < anchored[-1]  # zero at the aligned model, then it moves
+
+
+def test_trl_refuses_a_loss_type_the_objective_would_drop(tmp_path):
+    from logitguard.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss_type nll"):
+        config(tmp_path, regularizer="constrained_sft", loss_type="dft")
+    config(tmp_path, regularizer="kl", loss_type="dft")  # kl is added to TRL's loss, whatever its type
