@@ -163,6 +163,16 @@ class SafetyRegularization:
         self._safety_metrics[mode]["reg"].append((per_seq.sum() / local).detach())
         return reg
 
+    def reg_weight(self, term: torch.Tensor | None = None) -> float:
+        """lambda now: the configured str_weight, or a controller's (logitguard.controllers: str_budget,
+        safety_target) when one steers it; `term`, this micro-batch's regularizer, is shown to the controller."""
+        controller = getattr(self, "lambda_controller", None)
+        if controller is None:
+            return self.str_weight
+        if term is not None:
+            controller.observe(term)
+        return controller.weight
+
     def log(self, logs: dict, start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
@@ -170,7 +180,9 @@ class SafetyRegularization:
             if values:
                 logs[prefix + key] = torch.stack(values).float().mean().item()
         if mode == "train":
-            logs["lambda"] = self.str_weight
+            logs["lambda"] = self.reg_weight()
+            controller = getattr(self, "lambda_controller", None)
+            logs.update(controller.logs() if controller is not None else {})  # e.g. the budget's running reg
         self._safety_metrics[mode].clear()
         super().log(logs, start_time)
 
@@ -233,7 +245,8 @@ class STRTrainer(SafetyRegularization, Trainer):
             batch = {**inputs, "labels": labels}
             if example_idx is not None:
                 batch["example_idx"] = example_idx
-            loss = loss + self.str_weight * self.regularize(model, tap["safety"], batch, mode)
+            reg = self.regularize(model, tap["safety"], batch, mode)
+            loss = loss + self.reg_weight(reg) * reg  # the one place lambda meets the regularizer
         loss = loss * scale
         if training:
             anchored = self.anchor_term(model, labels.device)
