@@ -17,6 +17,9 @@ trainer_state.json.
 
 from __future__ import annotations
 
+import difflib
+import re
+
 import torch
 from transformers import TrainerCallback
 
@@ -240,3 +243,33 @@ def make_controller(cfg, monitor=None) -> LambdaController | None:
         return SafetyTarget(cfg.str_weight, cfg.safety_target, monitor, cfg.safety_target_up, cfg.safety_target_down,
                             cfg.safety_target_rewind)  # fmt: skip
     return None
+
+
+# ---------------------------------------------------------------- safety_target's probe prompts
+
+
+def normalized(text: str) -> str:
+    """A prompt as compared for overlap: lower case, letters and digits, single spaces."""
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+
+
+def overlap(probe: list[str], evaluated: list[str], similar: float | None = None) -> list[tuple[str, str]]:
+    """(probe prompt, evaluation prompt) pairs that are one request: equal once normalized or, with `similar`,
+    at least that similar (difflib's ratio of the normalized texts; 0.9 catches AdvBench's near-duplicates such as
+    "... into sensitive government databases" / "... into a secure government database"). safety_target's probe
+    prompts must have none with any evaluation set, or the controller would tune lambda on the test."""
+    seen = {normalized(e): e for e in evaluated}
+    pairs = []
+    for p in probe:
+        key = normalized(p)
+        if key in seen:
+            pairs.append((p, seen[key]))
+        elif similar is not None:
+            matcher = difflib.SequenceMatcher(b=key, autojunk=False)
+            for other, e in seen.items():
+                matcher.set_seq1(other)
+                if matcher.real_quick_ratio() >= similar and matcher.quick_ratio() >= similar:
+                    if matcher.ratio() >= similar:
+                        pairs.append((p, e))
+                        break
+    return pairs
