@@ -309,3 +309,19 @@ def test_real_probe_is_in_no_shipped_evaluation_set():
     dropped = {p for p, _ in found}
     probe = [p for p in anchors if p not in dropped]
     assert len(probe) >= 60 and overlap(probe, evaluated, similar=0.9) == []
+
+
+def test_a_resumed_run_continues_the_budget_lambda(quick_toy, tmp_path):
+    """Killed after 20 steps (checkpoints at 10 and 20), resumed to 40: lambda goes on from the checkpoint's value
+    (carried in its trainer_state.json), not from str_weight, and the trace is whole."""
+    settings = toy_config(quick_toy, tmp_path, "resumed", str_weight=1.0, str_budget=5.0, save_steps=10)
+    first = train_module.train(load_config(None, {**settings, "epochs": 2.0}), progress=False)
+    at_20 = first["lambda_controller"]["history"][-1]
+    assert at_20["step"] == 20 and at_20["lambda"] != 1.0
+    second = train_module.train(load_config(None, settings), progress=False)
+    assert second["resumed_from"].endswith("checkpoint-20")
+    trace = second["lambda_controller"]["history"]
+    assert [row["step"] for row in trace] == list(range(1, 41))
+    assert trace[19] == at_20
+    lr = second["lambda_controller"]["str_budget_lr"]
+    assert trace[20]["lambda"] == pytest.approx(max(0.0, at_20["lambda"] + lr * (trace[20]["reg"] - 5.0)))
