@@ -111,6 +111,17 @@ def test_rewind_restores_weights_and_optimizer_state_and_keeps_the_learning_rate
     step()  # and training goes on from there
 
 
+def test_rewind_is_refused_under_sharding():
+    monitor = SimpleNamespace(history=[])
+    for flag in ("is_fsdp_enabled", "is_deepspeed_enabled"):
+        trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[monitor]), **{flag: True})
+        with pytest.raises(ConfigError, match="not for FSDP / DeepSpeed"):
+            SafetyTarget(1.0, 0.9, monitor, rewind=True).attach(trainer)
+    trainer.add_callback = trainer.callback_handler.callbacks.append
+    SafetyTarget(1.0, 0.9, monitor, rewind=False).attach(trainer)  # lambda alone needs no copy of the weights
+    assert trainer.lambda_controller.rewind is False
+
+
 # ---------------------------------------------------------------- settings: YAML, flags, defaults
 
 

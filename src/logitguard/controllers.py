@@ -23,6 +23,7 @@ import re
 import torch
 from transformers import TrainerCallback
 
+from .config import ConfigError
 from .files import write_json_atomic
 
 FILE = "lambda_controller.json"  # beside the adapter: settings and the lambda (and reg / refusal) trace
@@ -160,6 +161,14 @@ class SafetyTarget(LambdaController):
     def attach(self, trainer) -> SafetyTarget:
         if self.monitor not in trainer.callback_handler.callbacks:
             raise ValueError("attach the SafetyMonitor to the trainer before the SafetyTarget (it reads its checks)")
+        if self.rewind and (
+            getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+        ):
+            # each rank would copy and restore only its shards, and DeepSpeed's optimizer state is its own format
+            raise ConfigError(
+                "safety_target_rewind: the in-memory rewind is written for one process or DDP, not for "
+                "FSDP / DeepSpeed shards; drop the rewind (lambda still follows the target)"
+            )
         return super().attach(trainer)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
