@@ -84,6 +84,7 @@ class Bench:
             running = [r["reg_running"] for r in trace if r.get("reg_running") is not None]
             row["final_reg_running"] = running[-1] if running else None
             row["lambda_trace"] = [(r["step"], round(r["lambda"], 4)) for r in trace][:: max(1, len(trace) // 20)]
+            row["rewinds"] = [(r["step"], r["rewound_to"]) for r in trace if r.get("rewound_to") is not None]
         release_trainer(result.pop("trainer"))
         if name.startswith("probe"):
             self.done["R0"] = row["final_reg"]
