@@ -10,9 +10,9 @@ The trainer asks its controller for lambda at the one place lambda multiplies th
   refusal < T multiplies lambda by `up` (and, with `rewind`, restores the trainable weights and the optimizer
   state of the last check that met T); refusal >= T multiplies it by `down`.
 
-Both start at str_weight, log lambda in the trainer's logs (key `lambda`, beside `reg`), keep a per-step history,
-write it as `lambda_controller.json` beside the adapter, and carry their state across a resume in the checkpoint's
-trainer_state.json.
+Both start at str_weight, log lambda in the trainer's logs (key `lambda`, beside `reg`), keep a history (a row
+per step for the budget, per safety check for the target) written as `lambda_controller.json` beside the adapter,
+and carry their state across a resume in the checkpoint's trainer_state.json.
 """
 
 from __future__ import annotations
