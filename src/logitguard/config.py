@@ -169,6 +169,26 @@ class TrainConfig(RegularizerSettings, AnchorSettings):
         default=128, metadata={"help": "method salora: training rows for the task subspace"}
     )
     salora_task_rank: int = field(default=32, metadata={"help": "method salora: task directions"})
+    # lambda controllers (logitguard.controllers, docs/controllers.md): lambda starts at str_weight and moves; off by
+    # default, so runs that do not set them keep their meaning (and their results key)
+    str_budget: float | None = field(
+        default=None, metadata={"help": "constrained training: hold the regularizer's running mean <= this budget "
+                                "(reg's unit) by dual ascent on lambda each optimizer step"},
+    )  # fmt: skip
+    str_budget_lr: float | None = field(
+        default=None, metadata={"help": "str_budget: dual-ascent step size eta (default 0.1 / str_budget)"}
+    )
+    safety_target: float | None = field(
+        default=None, metadata={"help": "closed loop: keep the safety monitor's refusal rate >= this (0..1) by "
+                                "scaling lambda at each check (needs monitor_harmful: the probe prompts)"},
+    )  # fmt: skip
+    safety_target_up: float = field(default=2.0, metadata={"help": "safety_target: lambda factor below the target"})
+    safety_target_down: float = field(
+        default=0.9, metadata={"help": "safety_target: lambda factor at or above the target"}
+    )
+    safety_target_rewind: bool = field(
+        default=False, metadata={"help": "safety_target: below it, also return to the last state that met it"}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
     trainer: dict = field(default_factory=dict, metadata={"help": "extra transformers.TrainingArguments"})
 
@@ -221,6 +241,7 @@ class TrainConfig(RegularizerSettings, AnchorSettings):
         ):
             raise ConfigError("monitor_*: the safety monitor needs monitor_harmful (a prompts file)")
         check_method_settings(self)
+        check_controller_settings(self)
         if self.trainer:
             known = trainer_fields()
             for key in self.trainer:
@@ -265,6 +286,35 @@ def check_method_settings(cfg) -> None:
             )
     elif cfg.salora_safety_data:
         raise ConfigError(f"salora_safety_data: only used by method salora, not {cfg.method}")
+
+
+def check_controller_settings(cfg) -> None:
+    """The lambda controllers' keys (logitguard.controllers): one controller at most, each with what it needs."""
+    if cfg.str_budget is not None and cfg.safety_target is not None:
+        raise ConfigError("str_budget and safety_target both steer lambda: give one, not both")
+    if cfg.str_budget is None and cfg.str_budget_lr is not None:
+        raise ConfigError("str_budget_lr: needs str_budget (the dual-ascent step size of the budget's lambda)")
+    if cfg.str_budget is not None:
+        if not cfg.str_budget > 0:
+            raise ConfigError(f"str_budget: must be > 0 (a mean squared logit drift), got {cfg.str_budget}")
+        if cfg.str_budget_lr is not None and not cfg.str_budget_lr > 0:
+            raise ConfigError(f"str_budget_lr: must be > 0, got {cfg.str_budget_lr}")
+    if cfg.safety_target is not None:
+        if not 0 <= cfg.safety_target <= 1:
+            raise ConfigError(f"safety_target: a refusal rate in [0, 1], got {cfg.safety_target}")
+        if not cfg.monitor_harmful:
+            raise ConfigError("safety_target: needs monitor_harmful (the probe prompts it measures refusal on)")
+    elif cfg.safety_target_rewind:
+        raise ConfigError("safety_target_rewind: needs safety_target (the refusal rate a kept state must meet)")
+    if not cfg.safety_target_up > 1:
+        raise ConfigError(f"safety_target_up: must be > 1, got {cfg.safety_target_up}")
+    if not 0 < cfg.safety_target_down <= 1:
+        raise ConfigError(f"safety_target_down: must be in (0, 1], got {cfg.safety_target_down}")
+    if (cfg.str_budget is not None or cfg.safety_target is not None) and not cfg.str_weight > 0:
+        raise ConfigError("str_budget / safety_target: lambda starts at str_weight, which must be > 0")
+    if (cfg.str_budget is not None or cfg.safety_target is not None) and get_regularizer(cfg.regularizer).replaces_ce:
+        raise ConfigError(f"str_budget / safety_target: regularizer {cfg.regularizer} replaces cross-entropy, so "
+                          "lambda only switches it on and there is nothing to steer; use a term added to it")  # fmt: skip
 
 
 def check_safety_settings(cfg, references: tuple[str, ...] = MODES) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from .cache import build_reference_cache
 from .config import ConfigError, TrainConfig, save_config
+from .controllers import make_controller
 from .data import ChatCollator, apply_columns, ensure_chat_template, load_rows, split_holdout, tokenize_rows
 from .files import resume_checkpoint, write_json_atomic, write_text_atomic
 from .methods import mixing, salora
@@ -262,6 +263,9 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
     if cfg.method == "pissa" and not pissa_init.exists():
         _save_pissa_init(model, pissa_init)
     monitor = _safety_monitor(cfg, tokenizer, trainer)
+    controller = make_controller(cfg, monitor)  # str_budget / safety_target: lambda moves (after the monitor)
+    if controller is not None:
+        controller.attach(trainer)
     resume = resume_checkpoint(out) if cfg.resume else None  # the last one saved whole
     # written before training: checkpoints pushed to the hub during training and a killed run's folder carry them
     if main:
@@ -287,6 +291,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
         "resumed_from": resume,
         "safety_ids": list(tokens.ids),
         "safety_monitor": monitor.history if monitor else None,
+        "lambda_controller": controller.report() if controller else None,
         "safety_mix": mix_report,
         "salora": salora_report,
         "trainer": trainer,

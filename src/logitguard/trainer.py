@@ -156,7 +156,8 @@ class SafetyRegularization:
             tokens, total = self._step_counts[0], self._step_counts[2]
         else:
             tokens, total = (batch["labels"][:, 1:] != -100).sum(), weights.sum()
-        return self.str_weight * weights * tokens.clamp_min(1) / total.clamp_min(torch.finfo(torch.float32).tiny)
+        # lambda now: a controller moves it between optimizer steps only, so the backward sees the same value
+        return self.reg_weight() * weights * tokens.clamp_min(1) / total.clamp_min(torch.finfo(torch.float32).tiny)
 
     def regularize(
         self, model, policy: torch.Tensor, batch: dict, mode: str, step_wide: bool = True, reference=None
@@ -182,6 +183,16 @@ class SafetyRegularization:
         self._safety_metrics[mode]["reg"].append((per_seq.sum() / local).detach())
         return reg
 
+    def reg_weight(self, term: torch.Tensor | None = None) -> float:
+        """lambda now: the configured str_weight, or a controller's (logitguard.controllers: str_budget,
+        safety_target) when one steers it; `term`, this micro-batch's regularizer, is shown to the controller."""
+        controller = getattr(self, "lambda_controller", None)
+        if controller is None:
+            return self.str_weight
+        if term is not None:
+            controller.observe(term)
+        return controller.weight
+
     def log(self, logs: dict, start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
@@ -189,7 +200,9 @@ class SafetyRegularization:
             if values:
                 logs[prefix + key] = torch.stack(values).float().mean().item()
         if mode == "train":
-            logs["lambda"] = self.str_weight
+            logs["lambda"] = self.reg_weight()
+            controller = getattr(self, "lambda_controller", None)
+            logs.update(controller.logs() if controller is not None else {})  # e.g. the budget's running reg
         self._safety_metrics[mode].clear()
         super().log(logs, start_time)
 
@@ -260,8 +273,9 @@ class STRTrainer(SafetyRegularization, Trainer):
             # (B, T, K) safety logits | (B, T) label log-probs | (B, T) per-position top-k KL
             policy = tap["safety"] if reads == "safety" else tap["kl"] if reads == "topk_kl" else -tap["nll"]
             reg = self.regularize(model, policy, batch, mode, reference=reference)
-            # lambda weighs the term; an objective that replaces cross-entropy is the loss itself (lambda > 0: on)
-            loss = reg if self.entry.replaces_ce else loss + self.str_weight * reg
+            # the one place lambda meets the regularizer (a controller's, when one steers it); an objective that
+            # replaces cross-entropy is the loss itself (lambda > 0: on)
+            loss = reg if self.entry.replaces_ce else loss + self.reg_weight(reg) * reg
         loss = loss * scale
         if training:
             anchored = self.anchor_term(model, labels.device)
