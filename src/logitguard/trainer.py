@@ -39,7 +39,7 @@ from .regularizers import get as get_regularizer
 class SafetyRegularization:
     """The safety-token regularizer as a mixin for any transformers.Trainer subclass (logitguard's own trainer,
     TRL's SFTTrainer): settings, the step-wide sequence count, the regularizer term and its logging. The host
-    computes the cross-entropy its own way and adds `self.str_weight * self.regularize(...)`."""
+    computes the cross-entropy its own way and adds `self.reg_weight() * self.regularize(...)`."""
 
     def setup_safety(
         self,

@@ -209,7 +209,7 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
         ce = loss.detach() / scale * (num_items_in_batch / local_tokens if step_wide else 1)
         self._safety_metrics[mode]["ce"].append(ce)
         # lambda weighs the term; an objective that replaces cross-entropy is the loss itself (lambda > 0: on)
-        loss = reg * scale if self.entry.replaces_ce else loss + self.str_weight * reg * scale
+        loss = reg * scale if self.entry.replaces_ce else loss + self.reg_weight(reg) * reg * scale
         return self._with_anchors(model, (loss, outputs) if return_outputs else loss, mode, step_wide, return_outputs)
 
     def _with_anchors(self, model, result, mode: str, step_wide: bool, return_outputs: bool):
