@@ -190,11 +190,24 @@ class Placeholders:
             self._toy = build_aligned_model(Path(self.cache_dir), progress=self.progress, quick=quick)
         return self._toy
 
+    def toy_dir(self) -> Path:
+        """The toy model's folder, built or not: its name is the hash of everything that makes the weights."""
+        from .toy.model import toy_model_dir
+
+        return self._toy or toy_model_dir(Path(self.cache_dir), quick=self.exp.model == "toy-quick")
+
     def __call__(self, value):
+        return self._fill(value, self.toy)
+
+    def local(self, value):
+        """Like calling it, but builds no toy model: {toy} is the folder the toy is (or will be) in."""
+        return self._fill(value, self.toy_dir)
+
+    def _fill(self, value, toy):
         if isinstance(value, dict):
-            return {k: self(v) for k, v in value.items()}
+            return {k: self._fill(v, toy) for k, v in value.items()}
         if isinstance(value, list):
-            return [self(v) for v in value]
+            return [self._fill(v, toy) for v in value]
         if not isinstance(value, str) or "{" not in value:
             return value
         here = self.exp.path.resolve().parent
@@ -205,7 +218,7 @@ class Placeholders:
             folder = write_toy_commonsense(Path(self.cache_dir) / "toy-commonsense")
             value = value.replace("{toy_commonsense}", str(folder))
         if "{toy}" in value:
-            value = value.replace("{toy}", str(self.toy()))
+            value = value.replace("{toy}", str(toy()))
         return value.replace("{here}", str(here)).replace("{assets}", assets)
 
     def model(self) -> str:
