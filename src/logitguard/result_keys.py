@@ -6,8 +6,9 @@ path as given), never where this machine put them; cache and output folders are 
 maps each such path to the identity of what it named when the row ran:
 
     sha256:<hex>   a file's bytes              tree:<hex>     a folder's files (paths and bytes)
-    toy:<folder>   the toy model and corpus    holdout:<hex>  the rows held out of the training data
-    run:<key>      another run's settings      null           nothing local (a hub name, a file not here)
+    set:<hex>      a named eval set's files    toy:<folder>   the toy model and corpus (its recipe hash)
+    holdout:<hex>  rows held out of the data   run:<key>      another run's settings (Safe LoRA's model)
+    null           nothing here (a hub name, a file not fetched)
 
 The key is a hash of all of it. A row is done when its settings match and every input that is here has the
 recorded identity; an input that is not here (a fresh clone without the fetched real-model assets) is taken
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 from .config import TrainConfig, build_config
 from .experiment import EvalSpec
@@ -26,7 +28,7 @@ from .experiment import EvalSpec
 # TrainConfig and EvalSpec fields that name files, folders or models (comma lists in the eval ones).
 TRAIN_PATHS = ("model", "gguf_file", "data", "token_file", "reference_model", "anchor_prompts", "monitor_harmful",
                "monitor_benign", "safety_mix", "safety_mix_prompts", "salora_safety_data")  # fmt: skip
-EVAL_PATHS = ("harmful", "benign", "borderline", "loss_data", "exact_match", "commonsense", "judge")
+EVAL_PATHS = ("harmful", "benign", "borderline", "loss_data", "exact_match", "commonsense", "utility", "judge")
 NOT_PATHS = {"self"}  # safety_mix: self (the model's own refusals)
 TOY_MODELS = ("toy", "toy-quick")
 
@@ -51,11 +53,17 @@ def result_key(settings: dict) -> str:
     settings = dict(settings)
     for name, cls in (("train", TrainConfig), ("of", TrainConfig), ("eval", EvalSpec)):
         if isinstance(settings.get(name), dict):
-            values = {k: v for k, v in settings[name].items() if k not in NOT_RESULTS}
-            if isinstance(values.get("trainer"), dict):
-                values["trainer"] = {k: v for k, v in values["trainer"].items() if k not in TRAINER_NOT_RESULTS}
-            settings[name] = _non_default(values, cls)
+            settings[name] = _normal(settings[name], cls)
+    if isinstance(settings.get("stages"), list):  # continual learning: each stage is a training config too
+        settings["stages"] = [_normal(s, TrainConfig) if isinstance(s, dict) else s for s in settings["stages"]]
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _normal(values: dict, cls) -> dict:
+    values = {k: v for k, v in values.items() if k not in NOT_RESULTS}
+    if isinstance(values.get("trainer"), dict):
+        values["trainer"] = {k: v for k, v in values["trainer"].items() if k not in TRAINER_NOT_RESULTS}
+    return _non_default(values, cls)
 
 
 def shape_key(settings: dict) -> str:
@@ -101,6 +109,19 @@ def holdout_identity(train: dict, identity) -> str | None:
         return None
     what = {"data": data, "split": cfg.data_split, "columns": cfg.columns, "n": cfg.holdout, "seed": HOLDOUT_SEED}
     return "holdout:" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def set_identity(spec: str, assets: str | Path, hashes) -> str | None:
+    """A named eval set (`advbench:20`, read from the assets folder): the paths and bytes of its files."""
+    from .data import DataError
+    from .eval.datasets import parse_spec, set_files
+
+    try:
+        files = set_files(parse_spec(spec)[0], assets)
+    except DataError:
+        return None  # not fetched here
+    lines = "".join(f"{f.relative_to(assets).as_posix()}\0{hashes(f)}\n" for f in files)
+    return "set:" + hashlib.sha256(lines.encode()).hexdigest()
 
 
 def run_identity(train: dict) -> str:

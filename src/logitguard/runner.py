@@ -26,6 +26,7 @@ from .result_keys import (
     matches,
     result_key,
     run_identity,
+    set_identity,
     shape_key,
     train_settings,
 )
@@ -205,25 +206,43 @@ class Runner:
             if name not in names:
                 raise ConfigError(f"{self.exp.id}: --only {name!r} names no run{_suggest(name, set(names))}; "
                                   f"runs: {', '.join(names)}")  # fmt: skip
-        eval_settings = dataclasses.asdict(self.exp.eval)  # as written
-        self.base = self._row("aligned base", None, {"model": self.written_model, "eval": eval_settings},
-                              self._eval_base, shared=self.shared_bases)  # fmt: skip
+        self.base = self._row("aligned base", None, self._base_settings(), self._eval_base, shared=self.shared_bases)
         self._save()
         runs = [r for r in self.exp.runs if not only or r.name in only]
         self.selected = [r.name for r in runs]
         self._prebuild_caches([r for r in runs if r.safelora is None and r.stages is None])
+        for run, seed, settings, compute in self._planned(runs):
+            self.rows.append(self._row(run.name, seed, settings, compute))
+            self._save()
+        return self._save()
+
+    def pending(self) -> list[tuple[str, int | None]]:
+        """(name, seed) of the rows `run` would compute, in order; nothing is built, converted or computed."""
+        todo = []
+        base = self._keyed(self._base_settings())
+        shared = [row for _, row in self.shared_bases.get(shape_key(base), [])]
+        if self._find(base, self.done) is None and not any(matches(r["settings"], base["inputs"]) for r in shared):
+            todo.append(("aligned base", None))
+        for run, seed, settings, _ in self._planned(self.exp.runs):
+            if self._find(self._keyed(settings), self.done) is None:
+                todo.append((run.name, seed))
+        return todo
+
+    def _base_settings(self) -> dict:
+        return {"model": self.written_model, "eval": dataclasses.asdict(self.exp.eval)}  # as written
+
+    def _planned(self, runs: list[RunSpec]):
+        """(run, seed, settings as written, compute) of each row of these runs."""
+        eval_settings = dataclasses.asdict(self.exp.eval)
         for run in runs:
             for seed in run.seeds or [None]:
                 if run.safelora is not None:
-                    self.rows.append(self._safelora(run, seed, eval_settings))
+                    yield run, seed, *self._safelora(run, seed, eval_settings)
                 elif run.stages is not None:
-                    self.rows.append(self._continual(run, seed, eval_settings))
+                    yield run, seed, *self._continual(run, seed, eval_settings)
                 else:
                     settings = {"train": self.settings(self.written_config(run, seed)), "eval": eval_settings}
-                    compute = lambda r=run, s=seed: self._train_eval(self.config(r, s))  # noqa: E731
-                    self.rows.append(self._row(run.name, seed, settings, compute))
-                self._save()
-        return self._save()
+                    yield run, seed, settings, lambda r=run, s=seed: self._train_eval(self.config(r, s))
 
     def _row(self, name: str, seed: int | None, settings: dict, compute, shared: dict | None = None) -> dict:
         settings = self._keyed(settings)
@@ -254,6 +273,8 @@ class Runner:
 
     def _identity(self, written: str) -> str | None:
         """What a path as written names, on this machine (result_keys.py); None when it is not here."""
+        from .eval.datasets import default_assets, is_set_name
+
         if written not in self._identities:
             if written in TOY_MODELS or written == "{toy}" or written.startswith("{toy}/"):
                 # the toy's folder name hashes its recipe and corpus: known before (and without) building it
@@ -263,6 +284,8 @@ class Runner:
             elif written.startswith("{run:") and written.endswith("}"):
                 other = next((r for r in self.exp.runs if r.name == written[5:-1]), None)
                 found = run_identity(self.settings(self.written_config(other, None))) if other else None
+            elif is_set_name(written):  # read from $LOGITGUARD_ASSETS, else experiments/assets, as evaluation does
+                found = set_identity(written, default_assets(), self.hashes)
             else:
                 found = self.hashes(self.ph.local(written))
             self._identities[written] = found
@@ -316,7 +339,7 @@ class Runner:
             "final_reg": final["reg"],
         }
 
-    def _safelora(self, run: RunSpec, seed: int | None, eval_settings: dict) -> dict:
+    def _safelora(self, run: RunSpec, seed: int | None, eval_settings: dict) -> tuple[dict, object]:
         from .safelora import safe_lora
 
         source = next(r for r in self.exp.runs if r.name == run.safelora["of"])
@@ -339,9 +362,9 @@ class Runner:
             metrics = evaluate(self.model, str(out), self.spec, out / "eval", self.progress)
             return {"metrics": metrics, "projected": sum(m["projected"] for m in report["modules"])}
 
-        return self._row(run.name, seed, settings, compute)
+        return settings, compute
 
-    def _continual(self, run: RunSpec, seed: int | None, eval_settings: dict) -> dict:
+    def _continual(self, run: RunSpec, seed: int | None, eval_settings: dict) -> tuple[dict, object]:
         """Train the stages in order, each on the previous stage's merged model, with the reference taken from
         the original aligned model; evaluate the model after the last stage."""
         written = []
@@ -373,7 +396,7 @@ class Runner:
             metrics = evaluate(final, None, self.spec, Path(cfgs[-1].output_dir) / "eval", self.progress)
             return {"metrics": metrics, "train_seconds": seconds, "steps": steps, "stages": len(cfgs)}
 
-        return self._row(run.name, seed, settings, compute)
+        return settings, compute
 
     def _prebuild_caches(self, runs: list[RunSpec]) -> None:
         """One reference cache per dataset, for the union of the token ids of the runs on it."""
