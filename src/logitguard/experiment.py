@@ -181,6 +181,7 @@ class Placeholders:
     def __init__(self, exp: Experiment, cache_dir: str | None = None, progress: bool = True):
         self.exp, self.cache_dir, self.progress = exp, cache_dir or default_cache_dir(), progress
         self._toy: Path | None = None
+        self._toy_dir: Path | None = None
 
     def toy(self) -> Path:
         if self._toy is None:
@@ -194,7 +195,9 @@ class Placeholders:
         """The toy model's folder, built or not: its name is the hash of everything that makes the weights."""
         from .toy.model import toy_model_dir
 
-        return self._toy or toy_model_dir(Path(self.cache_dir), quick=self.exp.model == "toy-quick")
+        if self._toy is None and self._toy_dir is None:  # a second to make the corpus it hashes: once
+            self._toy_dir = toy_model_dir(Path(self.cache_dir), quick=self.exp.model == "toy-quick")
+        return self._toy or self._toy_dir
 
     def __call__(self, value):
         return self._fill(value, self.toy)

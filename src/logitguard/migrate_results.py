@@ -19,7 +19,8 @@ from .files import ContentHashes, write_json_atomic
 from .result_keys import holdout_identity, input_paths, result_key, run_identity, set_identity
 
 
-def _experiment(results: dict, experiments: Path) -> Experiment:
+def experiment_of(results: dict, experiments: Path) -> Experiment:
+    """The experiment (its variant, a sweep's grid) a results file was written from."""
     name = results["experiment"]
     base = name.split("-sweep")[0]  # a sweep's file is named <experiment>-sweep[-<reference>]
     exp = load_experiment(base, results.get("variant"), experiments)
@@ -97,7 +98,7 @@ def migrate_results(
     results = json.loads(path.read_text())
     if "rows" not in results:
         return 0  # not a runner's results file
-    exp = _experiment(results, experiments)
+    exp = experiment_of(results, experiments)
     exp_id = results["experiment"] + (f"--{results['variant']}" if results.get("variant") else "")
     legacy = Legacy(exp, exp_id, checkout, cache_dir, work, assets or checkout / "experiments" / "assets")
     hashes = ContentHashes(cache_dir / "content-hashes.json")

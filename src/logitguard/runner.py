@@ -438,11 +438,12 @@ class Runner:
 
 
 def _relative(path: Path) -> str:
-    """Relative to the working folder (the repository root, run as documented) when inside it."""
+    """Relative to the working folder (the repository root, run as documented), else the file's name: a results
+    file never holds a machine's folders."""
     try:
         return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
-        return str(path)
+        return Path(path).name
 
 
 def _read_results(path: Path) -> dict:
