@@ -156,6 +156,10 @@ class Runner:
         for row in [old.get("base"), *old.get("rows", [])]:
             if isinstance(row, dict) and isinstance(row.get("settings"), dict):
                 self.done.setdefault(shape_key(row["settings"]), []).append(row)
+        legacy = sum(1 for rows in self.done.values() for r in rows if "inputs" not in r["settings"])
+        if legacy:  # written before result_keys.py: their absolute paths never match, so they would run again
+            print(f"{self.results_path}: {legacy} rows hold absolute paths (an older logitguard); run `logitguard "
+                  "bench migrate --checkout <where they were run>` once to keep them", flush=True)  # fmt: skip
         # the aligned model's evaluation is the same measurement in every experiment that evaluates the same
         # model with the same settings (the scenarios of one model): computed once, found in a sibling file
         self.shared_bases = _sibling_bases(Path(results_dir), self.results_path)
