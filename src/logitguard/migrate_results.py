@@ -106,7 +106,8 @@ def migrate_results(
     todo = [r for r in rows if "inputs" not in r["settings"]]
     for row in todo:
         row["settings"] = _walk(row["settings"], legacy.written)
-    for row in todo:  # after all rows are rewritten: a Safe LoRA row's input is another row's settings
+    # after all rows are rewritten, Safe LoRA rows last: their model is another row's settings and inputs
+    for row in sorted(todo, key=lambda r: "safelora" in r["settings"]):
         row["settings"]["inputs"] = {p: _identity(p, row, rows, legacy, hashes) for p in input_paths(row["settings"])}
         row["key"] = result_key(row["settings"])
     for key in ("model", "eval"):
@@ -123,7 +124,10 @@ def _identity(written: str, row: dict, rows: list[dict], legacy: Legacy, hashes:
         return holdout_identity(legacy.exp.train, lambda p: _identity(p, row, rows, legacy, hashes))
     if written.startswith("{run:") and written.endswith("}"):
         other = [r for r in rows if r.get("name") == written[5:-1] and r.get("seed") is None]
-        return run_identity(other[0]["settings"]["train"]) if other else None
+        if not other:
+            return None
+        recorded = other[0]["settings"].get("inputs") or {}
+        return run_identity(other[0]["settings"]["train"], lambda p: recorded.get(p))
     from .eval.datasets import parse_spec
 
     if parse_spec(written) is not None:  # a named eval set, read from the assets folder

@@ -124,9 +124,11 @@ def set_identity(spec: str, assets: str | Path, hashes) -> str | None:
     return "set:" + hashlib.sha256(lines.encode()).hexdigest()
 
 
-def run_identity(train: dict) -> str:
-    """Another run's output (Safe LoRA's unaligned model) stands for the settings that produced it."""
-    return "run:" + result_key({"train": train})
+def run_identity(train: dict, identity) -> str:
+    """Another run's output (Safe LoRA's unaligned model) stands for what produced it: its training settings and
+    their inputs' identities."""
+    inputs = {path: identity(path) for path in input_paths({"train": train})}
+    return "run:" + result_key({"train": train, "inputs": inputs})
 
 
 def matches(recorded: dict, current: dict) -> bool:

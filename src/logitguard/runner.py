@@ -287,7 +287,8 @@ class Runner:
                 found = holdout_identity(self.exp.train, self._identity)
             elif written.startswith("{run:") and written.endswith("}"):
                 other = next((r for r in self.exp.runs if r.name == written[5:-1]), None)
-                found = run_identity(self.settings(self.written_config(other, None))) if other else None
+                train = self.settings(self.written_config(other, None)) if other else None
+                found = run_identity(train, self._identity) if other else None
             elif is_set_name(written):  # read from $LOGITGUARD_ASSETS, else experiments/assets, as evaluation does
                 found = set_identity(written, default_assets(), self.hashes)
             else:
