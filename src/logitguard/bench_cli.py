@@ -18,6 +18,12 @@ def register(subparsers) -> None:
     _common(report)
     report.add_argument("--out", help="markdown file (default: <results>/REPORT.md)")
     report.set_defaults(func=_report)
+    migrate = sub.add_parser("migrate", help="once: results files with absolute paths -> paths as written + hashes")
+    _common(migrate)
+    migrate.add_argument("--checkout", default=".", help="the folder the rows were run from (its experiments/)")
+    migrate.add_argument("--cache-dir", help="the logitguard cache they were run with (default: this machine's)")
+    migrate.add_argument("--work", default="runs/bench", help="the --work folder they were run with")
+    migrate.set_defaults(func=_migrate)
     listing = sub.add_parser("list", help="the shipped experiments and their variants")
     _common(listing)
     listing.set_defaults(func=_list)
@@ -44,6 +50,19 @@ def _report(args) -> int:
 
     path = write_report(args.results, args.out)
     print(f"report in {path}")
+    return 0
+
+
+def _migrate(args) -> int:
+    from pathlib import Path
+
+    from .config import default_cache_dir
+    from .migrate_results import migrate_results
+
+    checkout, cache = Path(args.checkout).resolve(), Path(args.cache_dir or default_cache_dir()).resolve()
+    for path in sorted(Path(args.results).glob("*.json")):
+        n = migrate_results(path, Path(args.experiments), checkout, cache, args.work)
+        print(f"{path}: {n} rows migrated")
     return 0
 
 

@@ -184,6 +184,7 @@ class Placeholders:
     def __init__(self, exp: Experiment, cache_dir: str | None = None, progress: bool = True):
         self.exp, self.cache_dir, self.progress = exp, cache_dir or default_cache_dir(), progress
         self._toy: Path | None = None
+        self._toy_dir: Path | None = None
 
     def toy(self) -> Path:
         if self._toy is None:
@@ -193,11 +194,26 @@ class Placeholders:
             self._toy = build_aligned_model(Path(self.cache_dir), progress=self.progress, quick=quick)
         return self._toy
 
+    def toy_dir(self) -> Path:
+        """The toy model's folder, built or not: its name is the hash of everything that makes the weights."""
+        from .toy.model import toy_model_dir
+
+        if self._toy is None and self._toy_dir is None:  # a second to make the corpus it hashes: once
+            self._toy_dir = toy_model_dir(Path(self.cache_dir), quick=self.exp.model == "toy-quick")
+        return self._toy or self._toy_dir
+
     def __call__(self, value):
+        return self._fill(value, self.toy)
+
+    def local(self, value):
+        """Like calling it, but builds no toy model: {toy} is the folder the toy is (or will be) in."""
+        return self._fill(value, self.toy_dir)
+
+    def _fill(self, value, toy):
         if isinstance(value, dict):
-            return {k: self(v) for k, v in value.items()}
+            return {k: self._fill(v, toy) for k, v in value.items()}
         if isinstance(value, list):
-            return [self(v) for v in value]
+            return [self._fill(v, toy) for v in value]
         if not isinstance(value, str) or "{" not in value:
             return value
         here = self.exp.path.resolve().parent
@@ -208,7 +224,7 @@ class Placeholders:
             folder = write_toy_commonsense(Path(self.cache_dir) / "toy-commonsense")
             value = value.replace("{toy_commonsense}", str(folder))
         if "{toy}" in value:
-            value = value.replace("{toy}", str(self.toy()))
+            value = value.replace("{toy}", str(toy()))
         return value.replace("{here}", str(here)).replace("{assets}", assets)
 
     def model(self) -> str:

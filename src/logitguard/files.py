@@ -77,3 +77,52 @@ def resume_checkpoint(folder: str | Path) -> str | None:
             warnings.warn(f"{p} was not saved completely (a run killed while saving it); removing it", stacklevel=2)
             shutil.rmtree(p, ignore_errors=True)  # every rank may try: whichever comes first removes it
     return str(last) if last is not None else None
+
+
+class ContentHashes:
+    """sha256 of files and folders, remembered in `store` (a JSON file) by path, size and modification time, so
+    a results key that names a 1 GB model costs one hash per change of the file, not one per run.
+
+    A folder's hash covers the relative path and content of every file under it (hidden files left out: lock
+    files and editor leftovers are not content). `None` for a path that is not here."""
+
+    def __init__(self, store: str | Path | None = None):
+        self.store = Path(store) if store else None
+        self._known: dict | None = None
+        self._changed = False
+
+    def __call__(self, path: str | Path) -> str | None:
+        path = Path(path).expanduser()
+        if path.is_file():
+            return "sha256:" + self._file(path)
+        if path.is_dir():
+            lines = [f"{p.relative_to(path).as_posix()}\0{self._file(p)}\n" for p in _visible_files(path)]
+            return "tree:" + hashlib.sha256("".join(lines).encode()).hexdigest()
+        return None
+
+    def _file(self, path: Path) -> str:
+        known = self._load()
+        stat = path.stat()
+        where, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+        if known.get(where, {}).get("stamp") != stamp:
+            known[where] = {"stamp": stamp, "sha256": file_sha256(path)}
+            self._changed = True
+        return known[where]["sha256"]
+
+    def _load(self) -> dict:
+        if self._known is None:
+            try:
+                self._known = json.loads(self.store.read_text()) if self.store else {}
+            except (OSError, ValueError):
+                self._known = {}  # no store yet, or a damaged one: hash again
+        return self._known
+
+    def save(self) -> None:
+        if self.store and self._changed:
+            write_json_atomic(self.store, self._known)
+            self._changed = False
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    found = (p for p in folder.rglob("*") if p.is_file())
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(folder).parts))

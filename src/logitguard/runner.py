@@ -3,13 +3,14 @@
 The results file holds the experiment's settings, library versions, the base model's evaluation and one
 row per run (and seed): metrics, train time, step time, safety token ids. It is rewritten atomically after
 each row, and a row whose settings are unchanged is not run again, so a killed or repeated run resumes.
+Rows record paths as the experiment file writes them plus the content hash of each input (result_keys.py),
+so a clone at another path, or without the fetched assets, finds them done.
 Runs on the same data share one reference cache, built once for the union of their token ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import platform
 import time
@@ -17,7 +18,20 @@ from pathlib import Path
 
 from .config import ConfigError, TrainConfig, _suggest, build_config
 from .experiment import EvalSpec, Experiment, Placeholders, RunSpec
-from .files import write_json_atomic, write_text_atomic
+from .files import ContentHashes, write_json_atomic, write_text_atomic
+from .result_keys import (
+    TOY_MODELS,
+    holdout_identity,
+    input_paths,
+    matches,
+    result_key,
+    run_identity,
+    set_identity,
+    shape_key,
+    train_settings,
+)
+
+_key = result_key  # the old name
 
 # Bump when what a row measures changes, so old rows are run again instead of mixed with new ones.
 RUNNER_VERSION = 1
@@ -42,32 +56,6 @@ def versions() -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
-
-
-def _non_default(values: dict, cls) -> dict:
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in
-                dataclasses.fields(cls)}  # fmt: skip
-    return {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
-
-
-# Settings that change how a run is logged or checkpointed, not what it computes: left out of the key.
-NOT_RESULTS = {"save_steps", "logging_steps", "resume"}
-TRAINER_NOT_RESULTS = {"save_strategy", "save_total_limit", "disable_tqdm", "logging_strategy", "logging_dir",
-                       "report_to", "run_name", "project", "trackio_space_id", "push_to_hub", "hub_model_id",
-                       "hub_strategy", "hub_private_repo", "hub_token"}  # fmt: skip
-
-
-def _key(settings: dict) -> str:
-    """Hash of the settings, with fields at their default left out: a field added to TrainConfig or EvalSpec
-    later (with a default) does not invalidate the rows already computed."""
-    settings = dict(settings)
-    for name, cls in (("train", TrainConfig), ("of", TrainConfig), ("eval", EvalSpec)):
-        if isinstance(settings.get(name), dict):
-            values = {k: v for k, v in settings[name].items() if k not in NOT_RESULTS}
-            if isinstance(values.get("trainer"), dict):
-                values["trainer"] = {k: v for k, v in values["trainer"].items() if k not in TRAINER_NOT_RESULTS}
-            settings[name] = _non_default(values, cls)
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _limited(items: list, limit: int | None) -> list:
@@ -163,11 +151,25 @@ class Runner:
     def __init__(self, exp: Experiment, results_dir="results", work_dir="runs/bench", cache_dir=None, progress=True):
         self.exp, self.progress = exp, progress
         self.ph = Placeholders(exp, cache_dir, progress)
+        self.hashes = ContentHashes(Path(self.ph.cache_dir) / "content-hashes.json")
         self.results_path = Path(results_dir) / f"{exp.id}.json"
         self.work = Path(work_dir) / exp.id
+        # the model as the experiment file writes it (`toy`, a GGUF file, a folder or hub name): what rows record
+        self.written_model = exp.gguf_file or exp.model
+        self._model: str | None = None
+        self._spec: EvalSpec | None = None
+        self._identities: dict[str, str | None] = {}
         old = _read_results(self.results_path)
-        # keys are recomputed from the stored settings, so rows survive a change of the key's normalization
-        self.done = {_key(row["settings"]): row for row in [old.get("base"), *old.get("rows", [])] if row}
+        # rows by their settings without inputs (recomputed from the stored settings, so rows survive a change of
+        # the key's normalization); the inputs are then checked against this machine's files
+        self.done: dict[str, list[dict]] = {}
+        for row in [old.get("base"), *old.get("rows", [])]:
+            if isinstance(row, dict) and isinstance(row.get("settings"), dict):
+                self.done.setdefault(shape_key(row["settings"]), []).append(row)
+        legacy = sum(1 for rows in self.done.values() for r in rows if "inputs" not in r["settings"])
+        if legacy:  # written before result_keys.py: their absolute paths never match, so they would run again
+            print(f"{self.results_path}: {legacy} rows hold absolute paths (an older logitguard); run `logitguard "
+                  "bench migrate --checkout <where they were run>` once to keep them", flush=True)  # fmt: skip
         # the aligned model's evaluation is the same measurement in every experiment that evaluates the same
         # model with the same settings (the scenarios of one model): computed once, found in a sibling file
         self.shared_bases = _sibling_bases(Path(results_dir), self.results_path)
@@ -179,6 +181,21 @@ class Runner:
         self.extra: dict = {}  # more top-level fields for the results file (a sweep's grid, say)
         self.cache_seconds = old.get("cache_seconds")
 
+    @property
+    def model(self) -> str:
+        """The aligned model's folder, made when a row first needs it (the toy built, a GGUF file converted): rows
+        found done need neither."""
+        if self._model is None:
+            self._model = self.ph.model()
+        return self._model
+
+    @property
+    def spec(self) -> EvalSpec:
+        """The evaluation settings with paths filled in (and {holdout} written), when a row first needs them."""
+        if self._spec is None:
+            self._spec = self._with_holdout(self.ph.eval_spec())
+        return self._spec
+
     def config(self, run: RunSpec, seed: int | None) -> TrainConfig:
         values = {**self.ph(self.exp.train), **self.ph(run.train)}
         if seed is not None:
@@ -187,12 +204,15 @@ class Runner:
         values.update(model=self.model, output_dir=str(folder), cache_dir=self.ph.cache_dir)
         return build_config(values, f"{self.exp.id}: {run.name}")
 
+    def written_config(self, run: RunSpec, seed: int | None) -> TrainConfig:
+        """The run's config with paths as the experiment file writes them: what its row's settings record."""
+        values = {**self.exp.train, **run.train, **({"seed": seed} if seed is not None else {})}
+        values["model"] = self.written_model
+        return build_config(values, f"{self.exp.id}: {run.name}")
+
     @staticmethod
     def settings(cfg: TrainConfig) -> dict:
-        values = dataclasses.asdict(cfg)
-        for key in ("output_dir", "cache_dir", "reference_cache", "resume"):  # where, not what
-            values.pop(key)
-        return values
+        return train_settings(cfg)  # output, cache and checkpoint folders left out: where, not what
 
     def run(self, only: list[str] | None = None) -> dict:
         names = [r.name for r in self.exp.runs]
@@ -200,43 +220,91 @@ class Runner:
             if name not in names:
                 raise ConfigError(f"{self.exp.id}: --only {name!r} names no run{_suggest(name, set(names))}; "
                                   f"runs: {', '.join(names)}")  # fmt: skip
-        self.model = self.ph.model()
-        self.spec = self._with_holdout(self.ph.eval_spec())
-        eval_settings = dataclasses.asdict(self.spec)
-        self.base = self._row("aligned base", None, {"model": self.model, "eval": eval_settings}, self._eval_base,
-                              shared=self.shared_bases)  # fmt: skip
+        self.base = self._row("aligned base", None, self._base_settings(), self._eval_base, shared=self.shared_bases)
         self._save()
         runs = [r for r in self.exp.runs if not only or r.name in only]
         self.selected = [r.name for r in runs]
         self._prebuild_caches([r for r in runs if r.safelora is None and r.stages is None])
+        for run, seed, settings, compute in self._planned(runs):
+            self.rows.append(self._row(run.name, seed, settings, compute))
+            self._save()
+        return self._save()
+
+    def pending(self) -> list[tuple[str, int | None]]:
+        """(name, seed) of the rows `run` would compute, in order; nothing is built, converted or computed."""
+        todo = []
+        base = self._keyed(self._base_settings())
+        shared = [row for _, row in self.shared_bases.get(shape_key(base), [])]
+        if self._find(base, self.done) is None and not any(matches(r["settings"], base["inputs"]) for r in shared):
+            todo.append(("aligned base", None))
+        for run, seed, settings, _ in self._planned(self.exp.runs):
+            if self._find(self._keyed(settings), self.done) is None:
+                todo.append((run.name, seed))
+        return todo
+
+    def _base_settings(self) -> dict:
+        return {"model": self.written_model, "eval": dataclasses.asdict(self.exp.eval)}  # as written
+
+    def _planned(self, runs: list[RunSpec]):
+        """(run, seed, settings as written, compute) of each row of these runs."""
+        eval_settings = dataclasses.asdict(self.exp.eval)
         for run in runs:
             for seed in run.seeds or [None]:
                 if run.safelora is not None:
-                    self.rows.append(self._safelora(run, seed, eval_settings))
+                    yield run, seed, *self._safelora(run, seed, eval_settings)
                 elif run.stages is not None:
-                    self.rows.append(self._continual(run, seed, eval_settings))
+                    yield run, seed, *self._continual(run, seed, eval_settings)
                 else:
-                    cfg = self.config(run, seed)
-                    settings = {"train": self.settings(cfg), "eval": eval_settings}
-                    self.rows.append(self._row(run.name, seed, settings, lambda c=cfg: self._train_eval(c)))
-                self._save()
-        return self._save()
+                    settings = {"train": self.settings(self.written_config(run, seed)), "eval": eval_settings}
+                    yield run, seed, settings, lambda r=run, s=seed: self._train_eval(self.config(r, s))
 
     def _row(self, name: str, seed: int | None, settings: dict, compute, shared: dict | None = None) -> dict:
-        settings = {**settings, "runner_version": RUNNER_VERSION}
-        key = _key(settings)
-        if key in self.done:
+        settings = self._keyed(settings)
+        done = self._find(settings, self.done)
+        if done is not None:
             print(f"== {self.exp.id} / {name}: done, skipped", flush=True)
-            return self.done[key]
-        if shared and key in shared:
-            source, row = shared[key]
-            print(f"== {self.exp.id} / {name}: the same evaluation is in {source}, reused", flush=True)
-            self.done[key] = {**row, "reused_from": source}
-            return self.done[key]
+            return done
+        for source, row in (shared or {}).get(shape_key(settings), []):
+            if matches(row["settings"], settings["inputs"]):
+                print(f"== {self.exp.id} / {name}: the same evaluation is in {source}, reused", flush=True)
+                row = {**row, "reused_from": source}
+                self.done.setdefault(shape_key(settings), []).append(row)
+                return row
         print(f"\n== {self.exp.id} / {name}" + (f" (seed {seed})" if seed is not None else ""), flush=True)
-        row = {"name": name, "seed": seed, "key": key, **compute(), "settings": settings}
-        self.done[key] = row
+        row = {"name": name, "seed": seed, "key": result_key(settings), **compute(), "settings": settings}
+        self.done.setdefault(shape_key(settings), []).append(row)
         return row
+
+    def _keyed(self, settings: dict) -> dict:
+        """The settings a row records: as written, plus the runner version and the identity of every input."""
+        settings = {**settings, "runner_version": RUNNER_VERSION}
+        return {**settings, "inputs": {path: self._identity(path) for path in input_paths(settings)}}
+
+    @staticmethod
+    def _find(settings: dict, done: dict[str, list[dict]]) -> dict | None:
+        """A finished row with these settings whose inputs match the files here (those not here: on the record)."""
+        return next((r for r in done.get(shape_key(settings), []) if matches(r["settings"], settings["inputs"])), None)
+
+    def _identity(self, written: str) -> str | None:
+        """What a path as written names, on this machine (result_keys.py); None when it is not here."""
+        from .eval.datasets import default_assets, is_set_name
+
+        if written not in self._identities:
+            if written in TOY_MODELS or written == "{toy}" or written.startswith("{toy}/"):
+                # the toy's folder name hashes its recipe and corpus: known before (and without) building it
+                found = "toy:" + self.ph.toy_dir().name
+            elif written == "{holdout}":
+                found = holdout_identity(self.exp.train, self._identity)
+            elif written.startswith("{run:") and written.endswith("}"):
+                other = next((r for r in self.exp.runs if r.name == written[5:-1]), None)
+                train = self.settings(self.written_config(other, None)) if other else None
+                found = run_identity(train, self._identity) if other else None
+            elif is_set_name(written):  # read from $LOGITGUARD_ASSETS, else experiments/assets, as evaluation does
+                found = set_identity(written, default_assets(), self.hashes)
+            else:
+                found = self.hashes(self.ph.local(written))
+            self._identities[written] = found
+        return self._identities[written]
 
     def _with_holdout(self, spec: EvalSpec) -> EvalSpec:
         """Fill {holdout} with the rows the training config holds out (the same for every run)."""
@@ -286,22 +354,22 @@ class Runner:
             "final_reg": final["reg"],
         }
 
-    def _safelora(self, run: RunSpec, seed: int | None, eval_settings: dict) -> dict:
+    def _safelora(self, run: RunSpec, seed: int | None, eval_settings: dict) -> tuple[dict, object]:
         from .safelora import safe_lora
 
         source = next(r for r in self.exp.runs if r.name == run.safelora["of"])
-        cfg = self.config(source, seed)
-        options = {k: v for k, v in self.ph(run.safelora).items() if k != "of"}
-        settings = {"of": self.settings(cfg), "safelora": options, "eval": eval_settings}
-
-        unaligned = options["unaligned"]
-        if unaligned.startswith("{run:") and unaligned.endswith("}"):  # a model another run trained
-            other = next((r for r in self.exp.runs if r.name == unaligned[5:-1]), None)
+        written = {k: v for k, v in run.safelora.items() if k != "of"}
+        settings = {"of": self.settings(self.written_config(source, seed)), "safelora": written, "eval": eval_settings}
+        other = None
+        if written["unaligned"].startswith("{run:") and written["unaligned"].endswith("}"):  # another run's model
+            other = next((r for r in self.exp.runs if r.name == written["unaligned"][5:-1]), None)
             if other is None:
-                raise ConfigError(f"{run.name}: safelora.unaligned names no run: {unaligned}")
-            unaligned = options["unaligned"] = self.config(other, None).output_dir
+                raise ConfigError(f"{run.name}: safelora.unaligned names no run: {written['unaligned']}")
 
         def compute():
+            cfg = self.config(source, seed)
+            options = self.ph(written)
+            unaligned = self.config(other, None).output_dir if other else options["unaligned"]
             if not (Path(cfg.output_dir) / "adapter_config.json").is_file():
                 raise ConfigError(f"{run.name}: run {source.name!r} first (its adapter is not in {cfg.output_dir})")
             out = self.work / (slug(run.name) + (f"-seed{seed}" if seed is not None else ""))
@@ -309,24 +377,30 @@ class Runner:
             metrics = evaluate(self.model, str(out), self.spec, out / "eval", self.progress)
             return {"metrics": metrics, "projected": sum(m["projected"] for m in report["modules"])}
 
-        return self._row(run.name, seed, settings, compute)
+        return settings, compute
 
-    def _continual(self, run: RunSpec, seed: int | None, eval_settings: dict) -> dict:
+    def _continual(self, run: RunSpec, seed: int | None, eval_settings: dict) -> tuple[dict, object]:
         """Train the stages in order, each on the previous stage's merged model, with the reference taken from
         the original aligned model; evaluate the model after the last stage."""
-        cfgs, start_model = [], self.model
+        written = []
         for k, stage in enumerate(run.stages):
-            staged = RunSpec(f"{run.name} stage {k + 1}", {**run.train, **self.ph(stage)})
-            cfg = dataclasses.replace(self.config(staged, seed), model=start_model)
+            cfg = self.written_config(RunSpec(f"{run.name} stage {k + 1}", {**run.train, **stage}), seed)
             if cfg.str_weight > 0:
-                cfg = dataclasses.replace(cfg, reference_model=self.model)
-            cfgs.append(cfg)
-            start_model = str(Path(cfg.output_dir) / "merged")
-        settings = {"stages": [self.settings(c) | {"model": None} for c in cfgs], "eval": eval_settings}
+                cfg = dataclasses.replace(cfg, reference_model=self.written_model)
+            written.append(self.settings(cfg) | {"model": None})  # each stage starts from the one before
+        settings = {"stages": written, "eval": eval_settings}
 
         def compute():
             from .train import train
 
+            cfgs, start_model = [], self.model
+            for k, stage in enumerate(run.stages):
+                staged = RunSpec(f"{run.name} stage {k + 1}", {**run.train, **self.ph(stage)})
+                cfg = dataclasses.replace(self.config(staged, seed), model=start_model)
+                if cfg.str_weight > 0:
+                    cfg = dataclasses.replace(cfg, reference_model=self.model)
+                cfgs.append(cfg)
+                start_model = str(Path(cfg.output_dir) / "merged")
             seconds, steps = 0.0, 0
             for cfg in cfgs:
                 if not (Path(cfg.output_dir) / "merged" / "config.json").is_file():
@@ -337,18 +411,19 @@ class Runner:
             metrics = evaluate(final, None, self.spec, Path(cfgs[-1].output_dir) / "eval", self.progress)
             return {"metrics": metrics, "train_seconds": seconds, "steps": steps, "stages": len(cfgs)}
 
-        return self._row(run.name, seed, settings, compute)
+        return settings, compute
 
     def _prebuild_caches(self, runs: list[RunSpec]) -> None:
         """One reference cache per dataset, for the union of the token ids of the runs on it."""
         from .train import prebuild_caches
 
-        cfgs = [self.config(r, s) for r in runs for s in (r.seeds or [None])]
-        self.cache_seconds = prebuild_caches([c for c in cfgs if not self._is_done(c)], self.progress)
+        pending = [self.config(r, s) for r in runs for s in (r.seeds or [None]) if not self._is_done(r, s)]
+        if pending:  # all done: nothing built, and the recorded build time stays
+            self.cache_seconds = prebuild_caches(pending, self.progress)
 
-    def _is_done(self, cfg: TrainConfig) -> bool:
-        settings = {"train": self.settings(cfg), "eval": dataclasses.asdict(self.spec)}
-        return _key({**settings, "runner_version": RUNNER_VERSION}) in self.done
+    def _is_done(self, run: RunSpec, seed: int | None) -> bool:
+        settings = {"train": self.settings(self.written_config(run, seed)), "eval": dataclasses.asdict(self.exp.eval)}
+        return self._find(self._keyed(settings), self.done) is not None
 
     def _all_rows(self) -> list[dict]:
         """This invocation's rows, plus the earlier rows of the experiment's other runs, in the file's run order."""
@@ -361,9 +436,9 @@ class Runner:
             "experiment": self.exp.name,
             "variant": self.exp.variant,
             "description": self.exp.description,
-            "config_file": str(self.exp.path),
-            "model": self.model,
-            "eval": dataclasses.asdict(self.spec),
+            "config_file": _relative(self.exp.path),
+            "model": self.written_model,
+            "eval": dataclasses.asdict(self.exp.eval),
             "versions": versions(),
             "base": self.base,
             "rows": self._all_rows(),
@@ -373,7 +448,17 @@ class Runner:
             **self.extra,
         }
         write_json_atomic(self.results_path, results)
+        self.hashes.save()
         return results
+
+
+def _relative(path: Path) -> str:
+    """Relative to the working folder (the repository root, run as documented), else the file's name: a results
+    file never holds a machine's folders."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
 
 
 def _read_results(path: Path) -> dict:
@@ -391,10 +476,10 @@ def _read_results(path: Path) -> dict:
     return old
 
 
-def _sibling_bases(folder: Path, own: Path) -> dict[str, tuple[str, dict]]:
-    """{key: (file name, row)} of the aligned-base rows in the other results files of `folder` (unreadable
-    files are skipped: they are not this run's to judge)."""
-    found = {}
+def _sibling_bases(folder: Path, own: Path) -> dict[str, list[tuple[str, dict]]]:
+    """{settings key without inputs: [(file name, row)]} of the aligned-base rows in the other results files of
+    `folder` (unreadable files are skipped: they are not this run's to judge)."""
+    found: dict[str, list[tuple[str, dict]]] = {}
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         if path == own:
             continue
@@ -403,7 +488,7 @@ def _sibling_bases(folder: Path, own: Path) -> dict[str, tuple[str, dict]]:
         except (ValueError, UnicodeDecodeError, AttributeError):
             continue
         if isinstance(base, dict) and isinstance(base.get("settings"), dict) and "reused_from" not in base:
-            found[_key(base["settings"])] = (path.name, base)
+            found.setdefault(shape_key(base["settings"]), []).append((path.name, base))
     return found
 
 
