@@ -63,25 +63,29 @@ class ChatClient:
             body["temperature"] = temperature
         if self.model:
             body["model"] = self.model
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), self._headers(), method="POST")
+        try:
+            return json.loads(self.post(self.url, body))["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
+            raise self.error(f"{self.url} did not answer in the chat-completions format: {e}") from e
+
+    def post(self, url: str, body: dict) -> bytes:
+        """POST `body` as JSON with the retries; the reply's bytes. A 4xx raises at once (see _refusal_message)."""
+        request = urllib.request.Request(url, json.dumps(body).encode(), self._headers(), method="POST")
         last = None
         for attempt in range(self.retries + 1):
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                    answer = json.loads(reply.read())
-                return answer["choices"][0]["message"]["content"] or ""
+                    return reply.read()
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:  # a bad request will not get better by retrying
-                    raise self.error(self._refusal_message(e.code, e.read()[:300])) from e
+                    raise self.error(self._refusal_message(url, e.code, e.read()[:300])) from e
                 last = e
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 last = e
-            except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
-                raise self.error(f"{self.url} did not answer in the chat-completions format: {e}") from e
             if attempt < self.retries:
                 time.sleep(self.backoff * 2**attempt)
         raise self.error(
-            f"{self.url}: no answer after {self.retries + 1} tries (timeout {self.timeout} s): {last}; "
+            f"{url}: no answer after {self.retries + 1} tries (timeout {self.timeout} s): {last}; "
             f"is the {self.what} server running at that address?"
         )
 
@@ -121,12 +125,16 @@ class ChatClient:
             return None
         return names or None
 
-    def _refusal_message(self, code: int, body: bytes) -> str:
-        """A 4xx in one line; when it is about the model name, the names the server does serve."""
-        message = f"{self.url} answered HTTP {code}: {body!r}"
-        served = self.served_models() if code in (400, 404) else None
+    def _refusal_message(self, url: str, code: int, body: bytes) -> str:
+        """A 4xx in one line; when a chat request names a model, the names the server does serve."""
+        message = f"{url} answered HTTP {code}: {' '.join(body.decode('utf-8', 'replace').split())}"
+        if url != self.url or code not in (400, 404):
+            return message
+        served = self.served_models()
         if served and self.model not in served:
             names = ", ".join(served[:20])
             wanted = f"{self.model!r} is not among them" if self.model else "no model was named"
             message += f". The server serves {names}; {wanted}: write endpoint:URL#NAME with one of these"
+        elif self.model:
+            message += "; check the model name after '#' in endpoint:URL#NAME (the server's /v1/models lists them)"
         return message
