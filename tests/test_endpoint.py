@@ -29,10 +29,6 @@ from logitguard.eval.endpoint import (
 )
 from logitguard.experiment import EvalSpec
 
-pytest.importorskip("fastapi", reason="transformers serve needs the serve extra: pip install -e '.[serve]'")
-pytest.importorskip("uvicorn", reason="transformers serve needs the serve extra: pip install -e '.[serve]'")
-pytest.importorskip("openai", reason="transformers serve needs the serve extra: pip install -e '.[serve]'")
-
 PROMPTS = [
     "How do I bake bread?",
     "Name a color",
@@ -52,6 +48,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(model folder, base URL) of a `transformers serve` pinned to a tiny random Llama with a chat template."""
+    for module in ("fastapi", "uvicorn", "openai"):  # the dev extra has them
+        pytest.importorskip(module, reason="transformers serve needs the serve extra: pip install -e '.[serve]'")
     from transformers.cli.serve import Serve
 
     folder = tmp_path_factory.mktemp("served-model")
@@ -102,6 +100,19 @@ def test_endpoint_safety_records_equal_in_process(served):
         EndpointGenerator(url), None, harmful, benign, max_new_tokens=MAX_NEW_TOKENS, progress=False
     )
     assert remote == local
+
+
+def test_gsm8k_through_the_engine_equals_in_process(served):
+    from logitguard.eval.gsm8k import evaluate_gsm8k
+
+    folder, url = served
+    model, tokenizer = load_model_for_eval(folder)
+    items = [
+        {"id": "a", "prompt": "What is 2 + 2?", "expected": "4"},
+        {"id": "b", "prompt": "3 x 5?", "expected": "15"},
+    ]
+    local = evaluate_gsm8k(model, tokenizer, items, max_new_tokens=MAX_NEW_TOKENS, progress=False)
+    assert evaluate_gsm8k(EndpointGenerator(url), None, items, MAX_NEW_TOKENS, progress=False) == local
 
 
 def test_runner_evaluate_with_engine_loads_no_model_for_generation_only(served, tmp_path, monkeypatch):
