@@ -313,8 +313,10 @@ def check_controller_settings(cfg) -> None:
     if (cfg.str_budget is not None or cfg.safety_target is not None) and not cfg.str_weight > 0:
         raise ConfigError("str_budget / safety_target: lambda starts at str_weight, which must be > 0")
     if (cfg.str_budget is not None or cfg.safety_target is not None) and get_regularizer(cfg.regularizer).replaces_ce:
-        raise ConfigError(f"str_budget / safety_target: regularizer {cfg.regularizer} replaces cross-entropy, so "
-                          "lambda only switches it on and there is nothing to steer; use a term added to it")  # fmt: skip
+        raise ConfigError(
+            f"str_budget / safety_target: regularizer {cfg.regularizer} replaces cross-entropy, so lambda only "
+            "switches it on and there is nothing to steer; use a term added to it"
+        )
 
 
 def check_safety_settings(cfg, references: tuple[str, ...] = MODES) -> None:

@@ -53,6 +53,9 @@ class EvalSpec:
     utility: str | None = None  # comma list of humaneval, gsm8k, hellaswag, truthfulqa (eval/utility_suite.py)
     utility_max_new_tokens: int = 512  # answer length for humaneval and gsm8k
     judge: str | None = None  # llama-guard:PATH | endpoint:URL[#model]
+    # endpoint:URL[#MODEL]: generation on an OpenAI-compatible server (eval/endpoint.py); None: in-process.
+    # Loss and multiple-choice scoring stay in-process. None is left out of the run key (runner._key).
+    engine: str | None = None
     limit: int | None = None  # at most this many items per file
     max_new_tokens: int = 64
     batch_size: int = 16

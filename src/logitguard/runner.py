@@ -75,6 +75,8 @@ def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, 
     from .eval.items import safety_items, utility_items
     from .eval.utility import conversation_losses
 
+    if spec.engine:  # generation on an OpenAI-compatible server: see _evaluate_with_engine
+        return _evaluate_with_engine(model_dir, adapter, spec, folder, progress)
     if not any((spec.harmful, spec.loss_data, spec.exact_match, spec.commonsense, spec.utility)):
         return {}  # a timing-only experiment (Table 6): nothing to load
     prompts = {
@@ -90,7 +92,7 @@ def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, 
         from .eval.utility_suite import load_utility_sets, parse_utility
 
         utility = load_utility_sets(parse_utility(spec.utility), limit=spec.limit)
-    model, tokenizer = load_model_for_eval(model_dir, adapter)
+    model, tokenizer = load_model_for_eval(model_dir, adapter) if _needs_model(spec) else (None, None)
     metrics: dict = {}
     items: dict = {}
     if prompts["harmful"]:
@@ -143,6 +145,26 @@ def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, 
     if items:
         metrics["items"] = items  # per-item outcomes, in the evaluation's order: paired statistics (stats.py)
     return metrics
+
+
+def _evaluate_with_engine(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool) -> dict:
+    """evaluate() with every generation sent to spec.engine (eval/endpoint.py); the model is loaded only when
+    the spec also asks for held-out loss or multiple-choice scoring."""
+    import contextlib
+
+    from .eval.endpoint import generation_engine, parse_engine
+
+    engine = parse_engine(spec.engine)
+    # the server serves the aligned model; a run's adapter is loaded into it for this evaluation only
+    with generation_engine(engine), engine.adapter(adapter) if adapter else contextlib.nullcontext():
+        return evaluate(model_dir, adapter, dataclasses.replace(spec, engine=None), folder, progress)
+
+
+def _needs_model(spec: EvalSpec) -> bool:
+    """False inside an engine's block when everything the spec asks for is generation."""
+    from .eval.endpoint import engine_for, in_process_parts
+
+    return engine_for(None) is None or bool(in_process_parts(spec.loss_data, spec.commonsense, spec.utility))
 
 
 class Runner:
@@ -220,6 +242,7 @@ class Runner:
             if name not in names:
                 raise ConfigError(f"{self.exp.id}: --only {name!r} names no run{_suggest(name, set(names))}; "
                                   f"runs: {', '.join(names)}")  # fmt: skip
+        self._check_engine([r for r in self.exp.runs if not only or r.name in only])
         self.base = self._row("aligned base", None, self._base_settings(), self._eval_base, shared=self.shared_bases)
         self._save()
         runs = [r for r in self.exp.runs if not only or r.name in only]
@@ -257,6 +280,24 @@ class Runner:
                 else:
                     settings = {"train": self.settings(self.written_config(run, seed)), "eval": eval_settings}
                     yield run, seed, settings, lambda r=run, s=seed: self._train_eval(self.config(r, s))
+
+    def _check_engine(self, runs: list[RunSpec]) -> None:
+        """An eval.engine server serves the aligned model and loads adapters into it: a run that trains a whole
+        model (full fine-tuning, continual stages) cannot be evaluated there. Refused before any training."""
+        if not self.exp.eval.engine:  # as written: the check needs no model built and no path filled in
+            return
+        full = [
+            r.name
+            for r in runs
+            if r.safelora is None and not r.stages and self.written_config(r, None).method == "full"
+        ]
+        whole = [r.name for r in runs if r.stages] + full
+        if whole:
+            raise ConfigError(
+                f"{self.exp.id}: eval.engine cannot evaluate {', '.join(whole)}: they train a whole model, which "
+                "the server does not serve; leave eval.engine out (in-process) or serve each model and use "
+                "`logitguard eval --engine`"
+            )
 
     def _row(self, name: str, seed: int | None, settings: dict, compute, shared: dict | None = None) -> dict:
         settings = self._keyed(settings)

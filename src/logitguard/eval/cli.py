@@ -121,6 +121,13 @@ def register(subparsers) -> None:
         choices=sorted(REFUSAL_LISTS) + sorted(DETECTORS),
         help="refusal keyword list (qi2023, qi2024), or the opening-phrase detector (opening)",
     )
+    p.add_argument(
+        "--engine",
+        help="generation on an OpenAI-compatible server instead of in-process: endpoint:URL[#MODEL], e.g. "
+        "endpoint:http://localhost:8000/v1#my-adapter (vLLM serving the adapter by name; docs/endpoint.md). "
+        "Only generation moves there: --commonsense and hellaswag / truthfulqa (multiple-choice scoring) still "
+        "load --model in-process; without them --model is not loaded at all",
+    )
     p.add_argument("--judge", help="HRR judge: llama-guard:PATH or endpoint:URL[#MODEL] (OpenAI-compatible)")
     p.add_argument("--judge-timeout", type=float, default=60.0, help="endpoint judge: seconds per request")
     p.add_argument("--commonsense", help="folder of the LLM-Adapters commonsense test sets")
@@ -147,13 +154,22 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..config import ConfigError, default_cache_dir
+    from .endpoint import generation_engine, in_process_parts, parse_engine
     from .generate import load_model_for_eval
-    from .safety import evaluate_safety, write_eval
+    from .safety import write_eval
 
     if not args.harmful and not args.commonsense and not args.utility:
         raise ConfigError("eval needs --harmful prompts, --commonsense test sets or --utility benchmarks")
-    if bool(args.model) == bool(args.gguf_file):
-        raise ConfigError("eval needs exactly one of --model and --gguf-file")
+    engine = parse_engine(args.engine)
+    in_process = in_process_parts(commonsense=args.commonsense, utility=args.utility) if engine else ["all"]
+    if in_process and bool(args.model) == bool(args.gguf_file):
+        why = f" (--engine generates, but {', '.join(in_process)} runs in-process)" if engine else ""
+        raise ConfigError(f"eval needs exactly one of --model and --gguf-file{why}")
+    if engine and not in_process and args.adapter:
+        raise ConfigError(
+            "--adapter is not used with --engine when everything is generated there: serve the adapter and name "
+            "it in endpoint:URL#NAME (docs/endpoint.md)"
+        )
     if args.judge and not args.harmful:
         raise ConfigError("--judge scores responses to --harmful prompts; give that file too")
     # Read every input before loading the model, so a typo fails in a second, not after the load.
@@ -176,12 +192,30 @@ def run(args) -> int:
 
         options = {"timeout": args.judge_timeout} if args.judge.startswith("endpoint:") else {}
         judge = make_judge(args.judge, **options)
-    model_path = args.model
-    if args.gguf_file:
-        from ..models import gguf_folder
+    model, tokenizer = None, None  # an engine that generates everything needs no model here
+    if in_process:
+        model_path = args.model
+        if args.gguf_file:
+            from ..models import gguf_folder
 
-        model_path = str(gguf_folder(args.gguf_file, args.cache_dir or default_cache_dir()))
-    model, tokenizer = load_model_for_eval(model_path, args.adapter, args.dtype)
+            model_path = str(gguf_folder(args.gguf_file, args.cache_dir or default_cache_dir()))
+        model, tokenizer = load_model_for_eval(model_path, args.adapter, args.dtype)
+    with generation_engine(engine):  # inside, generate_responses posts to the engine's server (None: in-process)
+        summary, records = _evaluate(args, model, tokenizer, prompts, utility, judge)
+    summary.update(model=args.model, gguf_file=args.gguf_file, adapter=args.adapter, limit=args.limit)
+    if engine:
+        summary["engine"] = engine.name
+    summary["prompt_files"] = {**sets, "commonsense": args.commonsense, "utility": args.utility}
+    summary_path, records_path = write_eval(args.out, summary, records)
+    print(json.dumps(summary))
+    print(f"summary in {summary_path}, per-prompt records (harmful responses cut to 10 words) in {records_path}")
+    return 0
+
+
+def _evaluate(args, model, tokenizer, prompts: dict, utility, judge) -> tuple[dict, list[dict]]:
+    """(summary, safety records) of the measures asked for."""
+    from .safety import evaluate_safety
+
     summary, records = {}, []
     if prompts["harmful"]:
         summary, records = evaluate_safety(
@@ -205,9 +239,4 @@ def run(args) -> int:
             model, tokenizer, utility, args.utility_max_new_tokens, args.batch_size
         )
         write_utility_records(args.out, utility_records)
-    summary.update(model=args.model, gguf_file=args.gguf_file, adapter=args.adapter, limit=args.limit)
-    summary["prompt_files"] = {**sets, "commonsense": args.commonsense, "utility": args.utility}
-    summary_path, records_path = write_eval(args.out, summary, records)
-    print(json.dumps(summary))
-    print(f"summary in {summary_path}, per-prompt records (harmful responses cut to 10 words) in {records_path}")
-    return 0
+    return summary, records

@@ -45,6 +45,10 @@ def generate_responses(
     `StopRule` that ends a response once its text is complete (greedy_decode only; the text up to and including
     the stop is what generate would have produced first).
     """
+    from .endpoint import engine_for  # a server generating in the model's place (--engine, eval/endpoint.py)
+
+    if (engine := engine_for(model)) is not None:
+        return engine.generate(prompts, max_new_tokens, batch_size, greedy, progress)
     with torch.inference_mode(inference_mode), torch.no_grad():
         return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, progress, stop, fast)
 

@@ -8,18 +8,14 @@ with "unsafe"; the category codes on the next line (S1, S10, ...) are kept. HRR 
 
 from __future__ import annotations
 
-import json
 import re
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import LogitguardError
+from .chat_client import ChatClient
 
 MAX_NEW_TOKENS = 20  # PACT's setting; "unsafe\nS1,S10" fits easily
 _CATEGORY = re.compile(r"\bS\d+\b")
@@ -97,8 +93,9 @@ class LlamaGuardJudge:
 
 class EndpointJudge:
     """A judge behind an OpenAI-compatible chat-completions endpoint; the server applies the judge's chat
-    template. Requests run `concurrency` at a time; each is retried `retries` times (connection errors,
-    429 and 5xx, with backoff) and fails after `timeout` seconds."""
+    template. The requests go through chat_client.ChatClient (shared with the endpoint generation engine):
+    `concurrency` at a time, each retried `retries` times (connection errors, 429 and 5xx, with backoff)
+    and failed after `timeout` seconds."""
 
     def __init__(
         self,
@@ -110,44 +107,12 @@ class EndpointJudge:
         concurrency: int = 8,
         backoff: float = 1.0,
     ):
-        url = url.rstrip("/")
-        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
-        self.name = f"endpoint:{self.url}" + (f"#{model}" if model else "")
-        self.model, self.api_key = model, api_key
-        self.timeout, self.retries, self.concurrency, self.backoff = timeout, retries, concurrency, backoff
-
-    def _post(self, prompt: str, response: str) -> Verdict:
-        body = {"messages": _conversation(prompt, response), "max_tokens": MAX_NEW_TOKENS, "temperature": 0}
-        if self.model:
-            body["model"] = self.model
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
-        last = None
-        for attempt in range(self.retries + 1):
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                    answer = json.loads(reply.read())
-                return parse_verdict(answer["choices"][0]["message"]["content"] or "")
-            except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500:  # a bad request will not get better by retrying
-                    raise JudgeError(f"{self.url} answered HTTP {e.code}: {e.read()[:300]!r}") from e
-                last = e
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = e
-            except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
-                raise JudgeError(f"{self.url} did not answer in the chat-completions format: {e}") from e
-            if attempt < self.retries:
-                time.sleep(self.backoff * 2**attempt)
-        raise JudgeError(f"{self.url}: no answer after {self.retries + 1} tries (timeout {self.timeout} s): {last}")
+        self.client = ChatClient(url, model, api_key, timeout, retries, concurrency, backoff, JudgeError, "judge")
+        self.url, self.name = self.client.url, self.client.name
 
     def __call__(self, pairs: list[tuple[str, str]], progress: bool = True) -> list[Verdict]:
-        from tqdm.auto import tqdm
-
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            jobs = pool.map(lambda pair: self._post(*pair), pairs)
-            return list(tqdm(jobs, total=len(pairs), desc="judge", disable=not progress))
+        answers = self.client.complete_all([_conversation(p, r) for p, r in pairs], MAX_NEW_TOKENS, 0, progress)
+        return [parse_verdict(a) for a in answers]
 
 
 def make_judge(spec: str, **options):
