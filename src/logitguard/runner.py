@@ -286,12 +286,9 @@ class Runner:
         model (full fine-tuning, continual stages) cannot be evaluated there. Refused before any training."""
         if not self.exp.eval.engine:  # as written: the check needs no model built and no path filled in
             return
-        full = [
-            r.name
-            for r in runs
-            if r.safelora is None and not r.stages and self.written_config(r, None).method == "full"
+        whole = [
+            r.name for r in runs if r.stages or (r.safelora is None and self.written_config(r, None).method == "full")
         ]
-        whole = [r.name for r in runs if r.stages] + full
         if whole:
             raise ConfigError(
                 f"{self.exp.id}: eval.engine cannot evaluate {', '.join(whole)}: they train a whole model, which "
