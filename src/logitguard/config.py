@@ -7,7 +7,6 @@ under `trainer:` and are checked against that class's fields.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import types
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import LogitguardError
+from .errors import ConfigError
+from .errors import suggest as _suggest  # the name the modules that import it from here use
 from .files import write_text_atomic
 from .losses import POSITIONS
 from .models import DTYPES, METHODS, PRECISIONS, QUANTIZE
@@ -29,10 +29,6 @@ from .tokens import STRATEGIES
 
 # the fields a `columns` mapping may fill (logitguard.data's row schemas)
 SCHEMA_FIELDS = ("messages", "instruction", "input", "output", "prompt", "completion")
-
-
-class ConfigError(LogitguardError, ValueError):
-    """A configuration key or value that cannot be used; the message names the key."""
 
 
 def default_cache_dir() -> str:
@@ -340,11 +336,6 @@ def check_safety_settings(cfg, references: tuple[str, ...] = MODES) -> None:
     for entry in REGISTRY.values():  # every term's own keys
         entry.check_values(cfg)
     get_regularizer(cfg.regularizer).check(cfg)  # the chosen term's settings against the rest
-
-
-def _suggest(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _coerce(key: str, value, hint):

@@ -23,7 +23,7 @@ import re
 import torch
 from transformers import TrainerCallback
 
-from .config import ConfigError
+from .errors import ConfigError
 from .files import write_json_atomic
 
 FILE = "lambda_controller.json"  # beside the adapter: settings and the lambda (and reg / refusal) trace

@@ -9,6 +9,18 @@ losses.py, which imports nothing but torch, and is caught next to this class.
 
 from __future__ import annotations
 
+import difflib
+
 
 class LogitguardError(Exception):
     """An error whose message tells the user what is wrong and how to fix it; not a bug in logitguard."""
+
+
+class ConfigError(LogitguardError, ValueError):
+    """A configuration key or value that cannot be used; the message names the key."""
+
+
+def suggest(key: str, known) -> str:
+    """' (did you mean 'x'?)' for the closest of `known` to a mistyped `key`, or ''."""
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

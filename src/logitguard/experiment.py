@@ -34,7 +34,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, _suggest, build_config, default_cache_dir
+from .config import build_config, default_cache_dir
+from .errors import ConfigError, suggest
 from .verdict import Target
 
 TOP_KEYS = {"description", "paper", "model", "gguf_file", "train", "eval", "runs", "variants", "target"}
@@ -114,7 +115,7 @@ def _merge(base: dict, over: dict) -> dict:
 def _check_keys(values: dict, allowed: set, where: str) -> None:
     for key in values:
         if key not in allowed:
-            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, allowed)}")
+            raise ConfigError(f"{where}: unknown key {key!r}{suggest(key, allowed)}")
 
 
 def load_experiment(name: str, variant: str | None = None, root: str | Path = "experiments") -> Experiment:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .head_math import CHUNK_LOGITS, autocast_off, compute_dtype, grad_hidden
 from .logit_transform import IDENTITY, LogitTransform
 from .losses import reference_topk, topk_kl_per_sequence
-from .reference import CHUNK_LOGITS, _autocast_off, _compute_dtype, _grad_hidden
 
 
 def _chunk(weight: torch.Tensor, chunk: int | None) -> int:
@@ -76,7 +76,7 @@ class _ChunkedRowTerms(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, kl_ids, kl_logp, kl_tail, chunk, need_grad, transform, nll_grad,
                 ratio):  # fmt: skip
         device = hidden.device
-        dtype = _compute_dtype(hidden)
+        dtype = compute_dtype(hidden)
         f32 = dict(dtype=torch.float32, device=device)
         n_rows = hidden.shape[0]
         with_kl = kl_ids is not None
@@ -87,7 +87,7 @@ class _ChunkedRowTerms(torch.autograd.Function):
         grad_kl = torch.empty(hidden.shape, **f32) if need_grad and with_kl and not fused else None
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        with _autocast_off(device):
+        with autocast_off(device):
             for start in range(0, n_rows, chunk):
                 rows = slice(start, start + chunk)
                 h = hidden[rows].to(dtype)  # (n, H)
@@ -101,7 +101,7 @@ class _ChunkedRowTerms(torch.autograd.Function):
                                               need_grad)  # fmt: skip
                     if grad_kl is not None:
                         g_kl = g_kl.mul_(slope) if not transform.identity else g_kl
-                        grad_kl[rows] = _grad_hidden(g_kl, w)
+                        grad_kl[rows] = grad_hidden(g_kl, w)
                 if grad_nll is None:
                     continue
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
@@ -109,7 +109,7 @@ class _ChunkedRowTerms(torch.autograd.Function):
                 if fused:  # d (nll_n + r_n kl_n) / d logits: one projection for both terms
                     g = g.add_(g_kl.mul_(ratio[rows].float()[:, None]))
                 g = g.mul_(slope) if not transform.identity else g
-                grad_nll[rows] = _grad_hidden(g, w)
+                grad_nll[rows] = grad_hidden(g, w)
         ctx.save_for_backward(grad_nll, grad_kl, ratio if fused else None)
         ctx.h_dtype = hidden.dtype
         return nll, kl
@@ -146,11 +146,11 @@ def chunked_stats(
     """The reference side, for N positions of hidden (N, H): `label_logp` (N,) log-prob of next_ids (N,) when
     given; `topk_ids` (N, k), `topk_logp` (N, k), `tail_logmass` (N,) when topk > 0. fp32, on hidden's device."""
     device = hidden.device
-    dtype = _compute_dtype(hidden)
+    dtype = compute_dtype(hidden)
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
     out: dict[str, list[torch.Tensor]] = {}
-    with _autocast_off(device):
+    with autocast_off(device):
         for start in range(0, hidden.shape[0], _chunk(weight, chunk)):
             rows = slice(start, start + _chunk(weight, chunk))
             logits = transform(F.linear(hidden[rows].to(dtype), w, b).float())  # (n, V)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LogitguardError
+from .errors import ConfigError, LogitguardError
 
 METHODS = ("lora", "dora", "pissa", "full", "salora")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -222,8 +222,6 @@ def quantization_config(quantize: str, compute_dtype: str, sharded: str | None =
 
 
 def _check_sharded_quantization(quantize: str, sharded: str | None) -> None:
-    from .config import ConfigError  # here, not at the top: config imports this module
-
     if quantize == "none" or sharded is None:
         return
     if sharded == "zero3":
@@ -325,6 +323,4 @@ def attach_method(
     try:
         return get_peft_model(model, config)
     except ValueError as e:
-        from .config import ConfigError  # here, not at the top: config imports this module
-
         raise ConfigError(f"cannot attach {method} with target_modules={target_modules}: {e}") from e

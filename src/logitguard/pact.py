@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .cache import CachedReference, build_reference_cache
+from .errors import ConfigError
 from .reference import OnlineReference, ReferenceError, frozen_safety_logits
 
 POST_FOLDER = "pact-post"
@@ -168,8 +169,6 @@ def make_pact_reference(cfg, model, tokenizer, examples, tokens, progress: bool 
     """The PACT reference of a `logitguard train` run: cached (default), two forwards per step (online), or two
     full-vocabulary forwards per step (paper: the authors' formulation)."""
     import time
-
-    from .config import ConfigError
 
     if len(tokens) < 2:  # refused before any cache is built (the trainer would refuse it after)
         raise ConfigError("the pact regularizer compares distributions over the safety tokens: it needs >= 2")

@@ -23,7 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LogitguardError
+from .head_math import CHUNK_LOGITS, autocast_off, compute_dtype, grad_hidden
+from .head_terms import chunked_row_terms, chunked_stats, full_logit_stats
 from .logit_transform import IDENTITY, LogitTransform, logit_transform
+from .losses import topk_kl_per_sequence
 
 MODES = ("cache", "online", "paper")
 
@@ -63,21 +66,6 @@ def head_supports_rows(model: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and not hasattr(head, "base_layer")
 
 
-def _autocast_off(device: torch.device):
-    """A region where autocast does not re-cast operands (a no-op on a device without autocast, e.g. meta)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on `t` runs in: autocast's where it is on for t's device, else t's own."""
-    kind = t.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return t.dtype
-
-
 def logits_from_hidden(
     hidden: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform = IDENTITY
 ) -> torch.Tensor:
@@ -86,7 +74,7 @@ def logits_from_hidden(
     fp32 whatever the autocast: bf16 logits between 16 and 32 are 0.125 apart, coarser than the regularizer's
     signal, and with K columns the fp32 matmul costs little. `rows` may sit on another device (the head's).
     """
-    with _autocast_off(hidden.device):
+    with autocast_off(hidden.device):
         out = hidden.float() @ rows.to(hidden.device, torch.float32).T  # (B, T, K)
         if bias is not None:
             out = out + bias.to(hidden.device, torch.float32)
@@ -175,8 +163,6 @@ def head_tap(
                 tap["ce_sum"] = nll.to(labels.device)
                 tap["ce_tokens"] = mask.sum().to(labels.device)
             if stats:
-                from .head_terms import chunked_stats
-
                 nxt = stats.get("next_ids")
                 flat = chunked_stats(hidden.flatten(0, 1).to(weight.device), weight, bias,
                                      None if nxt is None else nxt.flatten().to(weight.device), stats.get("topk", 0),
@@ -186,8 +172,6 @@ def head_tap(
         if ids is not None:  # backward materialises a (B, T, V) gradient
             tap["safety"] = transform(output[..., _on(ids, output.device)].float()).to(ids.device)
         if stats:
-            from .head_terms import full_logit_stats
-
             tap.update(full_logit_stats(transform(output.float()), stats.get("next_ids"), stats.get("topk", 0)))
         if labels is not None and rowwise:
             _row_terms_full(tap, transform(output.float()), labels, kl_reference)
@@ -217,8 +201,6 @@ def _to_grid(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def _row_terms(tap, hidden, weight, bias, labels, kl_reference, chunk_tokens, transform, kl_ratio=None) -> None:
     """`nll` (and `kl`) (B, T) from the hidden state (B, T, H) at the positions that predict a label."""
-    from .head_terms import chunked_row_terms
-
     targets = labels[:, 1:].to(hidden.device)
     mask = targets != -100  # (B, T - 1)
     picked = hidden[:, :-1][mask].to(weight.device)  # (N, H)
@@ -238,8 +220,6 @@ def _row_terms(tap, hidden, weight, bias, labels, kl_reference, chunk_tokens, tr
 
 def _row_terms_full(tap, logits, labels, kl_reference) -> None:
     """`_row_terms` from full logits (B, T, V) in fp32 (the model's own, after its transform)."""
-    from .losses import topk_kl_per_sequence
-
     targets = labels[:, 1:].to(logits.device)
     mask = targets != -100  # (B, T - 1)
     logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T - 1, V)
@@ -254,10 +234,6 @@ def _row_terms_full(tap, logits, labels, kl_reference) -> None:
         one = lambda x: x.flatten(0, 1)[:, None]  # noqa: E731  (B * (T - 1), 1, ...): one position per row
         kl = topk_kl_per_sequence(one(top), one(lse), one(ref_logp), one(ref_tail), one(mask.float()))
         tap["kl"] = F.pad(kl.view(mask.shape), (0, 1)).to(labels.device)
-
-
-# Positions per chunk of the chunked cross-entropy: about 2^25 logits (128 MiB in fp32) at a time.
-CHUNK_LOGITS = 2**25
 
 
 def chunked_nll(
@@ -282,21 +258,6 @@ def chunked_nll(
     return _ChunkedNLL.apply(hidden, weight, bias, targets, chunk, need, transform)
 
 
-def _grad_hidden(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(n, V) fp32 @ (V, H) in w's dtype -> (n, H) fp32.
-
-    fp16: each row is first scaled by a power of two to its largest entry (exact, undone after), so the small
-    probabilities of a confident model neither underflow nor turn subnormal (the loss scale reaches them only in
-    backward, after this).
-    """
-    if w.dtype == torch.float32:
-        return g @ w
-    if w.dtype != torch.float16:
-        return (g.to(w.dtype) @ w).float()
-    exponent = torch.frexp(g.abs().amax(dim=1, keepdim=True)).exponent  # (n, 1): max |g_row| < 2^exponent
-    return torch.ldexp((torch.ldexp(g, -exponent).to(w.dtype) @ w).float(), exponent)
-
-
 def _add_grad_weight(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
     """grad_w (V, H) fp32 += g.T (V, n) @ h (n, H): the GEMM in bf16 when h is bf16 (tensor cores; its (V, H)
     result is accumulated into fp32 over the chunks), else in fp32 (fp16 would flush small probabilities)."""
@@ -310,7 +271,7 @@ class _ChunkedNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk, need_grad, transform):
         device = hidden.device
-        dtype = _compute_dtype(hidden)
+        dtype = compute_dtype(hidden)
         total = torch.zeros((), dtype=torch.float32, device=device)
         want_h = need_grad and hidden.requires_grad
         want_w = need_grad and weight.requires_grad
@@ -324,7 +285,7 @@ class _ChunkedNLL(torch.autograd.Function):
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         grads = want_h or want_w or want_b
-        with _autocast_off(device):
+        with autocast_off(device):
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start : start + chunk].to(dtype)  # (n, H)
                 t = targets[start : start + chunk]  # (n,)
@@ -338,7 +299,7 @@ class _ChunkedNLL(torch.autograd.Function):
                 g[torch.arange(len(t), device=g.device), t] -= 1.0  # d NLL / d logits
                 g = g.mul_(slope) if not transform.identity else g  # d NLL / d head output
                 if want_h:
-                    grad_h[start : start + chunk] = _grad_hidden(g, w)
+                    grad_h[start : start + chunk] = grad_hidden(g, w)
                 if want_w:
                     _add_grad_weight(grad_w, g, h)
                 if want_b:

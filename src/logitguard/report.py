@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from statistics import mean
 
+from .errors import ConfigError
 from .files import write_text_atomic
 from .stats import Interval
 from .verdict import ALIGNED, Target, compare, plot_experiment_frontier, task_share, verdicts
@@ -250,8 +251,6 @@ def write_report(results_dir: str | Path = "results", out: str | Path | None = N
     results_dir = Path(results_dir)
     files = sorted(results_dir.glob("*.json"))
     if not files:
-        from .config import ConfigError
-
         raise ConfigError(f"no results/*.json in {results_dir}; run `logitguard bench run EXP` first")
     out = Path(out) if out else results_dir / "REPORT.md"
     sections = [

@@ -16,7 +16,8 @@ import platform
 import time
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, _suggest, build_config
+from .config import TrainConfig, build_config
+from .errors import ConfigError, suggest
 from .experiment import EvalSpec, Experiment, Placeholders, RunSpec
 from .files import ContentHashes, write_json_atomic, write_text_atomic
 from .result_keys import (
@@ -240,7 +241,7 @@ class Runner:
         names = [r.name for r in self.exp.runs]
         for name in only or []:  # before any model is loaded: a typo fails in a second
             if name not in names:
-                raise ConfigError(f"{self.exp.id}: --only {name!r} names no run{_suggest(name, set(names))}; "
+                raise ConfigError(f"{self.exp.id}: --only {name!r} names no run{suggest(name, set(names))}; "
                                   f"runs: {', '.join(names)}")  # fmt: skip
         self._check_engine([r for r in self.exp.runs if not only or r.name in only])
         self.base = self._row("aligned base", None, self._base_settings(), self._eval_base, shared=self.shared_bases)

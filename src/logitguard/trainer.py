@@ -29,7 +29,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
-from .config import ConfigError
+from .errors import ConfigError
 from .guards import FiniteGradients, NonFiniteWatch
 from .losses import check_finite, position_weights
 from .reference import head_tap

@@ -31,7 +31,7 @@ from pathlib import Path
 from statistics import mean
 
 from . import stats
-from .config import ConfigError
+from .errors import ConfigError, suggest
 
 TARGET_KEYS = {"refusal", "refusal_drop", "utility", "utility_of", "utility_gap", "task_loss", "task_gain_of",
                "task_gain_share"}  # fmt: skip
@@ -66,11 +66,9 @@ class Target:
 
     @classmethod
     def parse(cls, values: dict, where: str) -> Target:
-        from .config import _suggest
-
         for key in values:
             if key not in TARGET_KEYS:
-                raise ConfigError(f"{where}: target: unknown key {key!r}{_suggest(key, TARGET_KEYS)}")
+                raise ConfigError(f"{where}: target: unknown key {key!r}{suggest(key, TARGET_KEYS)}")
         return cls(**values)
 
 

@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..models import DTYPES
 from .keyword import DETECTORS, REFUSAL_LISTS
 
@@ -153,7 +154,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..config import ConfigError, default_cache_dir
+    from ..config import default_cache_dir
     from .endpoint import generation_engine, in_process_parts, parse_engine
     from .generate import load_model_for_eval
     from .safety import write_eval

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
+from ..errors import ConfigError
 from .chat_client import ChatClient, EndpointError
 
 API_KEY_VARIABLE = "LOGITGUARD_ENGINE_API_KEY"  # sent as a bearer token (vLLM's --api-key)
@@ -99,8 +100,6 @@ def parse_engine(spec: str | None) -> EndpointGenerator | None:
     kind, _, target = spec.partition(":")
     url, _, model = target.partition("#")
     if kind != "endpoint" or not url.startswith(("http://", "https://")):
-        from ..config import ConfigError
-
         raise ConfigError(
             f"engine {spec!r}: expected endpoint:URL[#MODEL], e.g. endpoint:http://localhost:8000/v1#my-adapter "
             "(leave the engine out to generate in-process)"

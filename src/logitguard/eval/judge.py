@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LogitguardError
+from ..errors import ConfigError, LogitguardError
 from .chat_client import ChatClient
 
 MAX_NEW_TOKENS = 20  # PACT's setting; "unsafe\nS1,S10" fits easily
@@ -126,8 +126,6 @@ def make_judge(spec: str, **options):
     if kind == "endpoint" and target:
         url, _, model = target.partition("#")
         return EndpointJudge(url, model or None, os.environ.get("LOGITGUARD_JUDGE_API_KEY"), **options)
-    from ..config import ConfigError
-
     raise ConfigError(f"judge {spec!r}: expected llama-guard:PATH or endpoint:URL[#MODEL]")
 
 

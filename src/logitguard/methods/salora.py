@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..data import ChatCollator, load_rows, to_messages, tokenize_rows
+from ..errors import ConfigError
 from ..files import write_json_atomic
 from ..reference import eval_mode
 
@@ -95,8 +96,6 @@ def _sample(rows: list[dict], n: int) -> list[dict]:
 def lora_layers(model) -> dict[str, nn.Module]:
     """The PEFT LoRA Linear layers of `model`, by name."""
     from peft.tuners.lora import LoraLayer
-
-    from ..config import ConfigError
 
     layers = {}
     for name, module in model.named_modules():
@@ -173,8 +172,6 @@ def apply(cfg, model, tokenizer, rows: list[dict], progress: bool = True):
     does and fix the safety projection on each adapter's output; any other method: (model, None)."""
     if cfg.method != "salora":
         return model, None
-    from ..config import ConfigError
-
     start = time.perf_counter()
     layers = lora_layers(model)
     for name, layer in layers.items():

@@ -21,6 +21,8 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
+
 NORMALIZATIONS = ("sequences", "positions")
 READS = ("safety", "label_logp", "topk_kl")
 
@@ -72,8 +74,6 @@ def register(entry: Regularizer) -> Regularizer:
 def get(name: str) -> Regularizer:
     """The registered regularizer `name`, or a ConfigError naming the choices."""
     if name not in REGISTRY:
-        from ..config import ConfigError
-
         close = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown regularizer {name!r}{hint}; choose from {sorted(REGISTRY)}")

@@ -6,6 +6,7 @@ aligned model's log-prob of the label, cached in the same pass as the K logits."
 
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
 from ..losses import constrained_sft_per_sequence
 from . import references
 from .base import Regularizer, register
@@ -40,16 +41,12 @@ def _kwargs(cfg, tokens) -> dict:
 
 
 def _check_values(cfg) -> None:
-    from ..config import ConfigError
-
     if not cfg.csft_beta > 0 or cfg.csft_bias_length < 0:
         raise ConfigError(f"csft_beta must be > 0 and csft_bias_length >= 0 (got {cfg.csft_beta}, "
                           f"{cfg.csft_bias_length})")  # fmt: skip
 
 
 def _check(cfg) -> None:
-    from ..config import ConfigError
-
     if cfg.reference == "paper":
         raise ConfigError(
             "reference: paper is STR's formulation (full logits for K columns); constrained_sft takes cache or online"

@@ -4,6 +4,7 @@ B x T x V reference. The trained side is computed inside the output head's forwa
 
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
 from ..losses import topk_kl_per_sequence
 from . import references
 from .base import Regularizer, register
@@ -21,15 +22,11 @@ def _per_sequence(policy_kl, reference, weights):
 
 
 def _check_values(cfg) -> None:
-    from ..config import ConfigError
-
     if cfg.kl_topk < 1:
         raise ConfigError(f"kl_topk: must be >= 1, got {cfg.kl_topk}")
 
 
 def _check(cfg) -> None:
-    from ..config import ConfigError
-
     if cfg.reference == "paper":
         raise ConfigError(
             "reference: paper is STR's formulation (full logits for K columns); kl takes cache or online"

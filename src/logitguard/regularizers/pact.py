@@ -3,6 +3,7 @@ weighted safety tokens, at response positions. Its references: logitguard.pact."
 
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
 from ..losses import pact_per_sequence
 from . import references
 from .base import Regularizer, register
@@ -18,8 +19,6 @@ class PactSettings:
 
 
 def _check_values(cfg) -> None:
-    from ..config import ConfigError
-
     if not 0 < cfg.pact_top_p <= 1:
         raise ConfigError(f"pact_top_p: must be in (0, 1], got {cfg.pact_top_p}")
     if cfg.pact_prefix < 0 or cfg.pact_tau < 0:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import ConfigError
+
 
 def _paper_only_for_logits(name: str) -> None:
-    from ..config import ConfigError
-
     raise ConfigError(f"reference 'paper' is STR's formulation (full logits for K columns); {name} takes cache or "
                       "online")  # fmt: skip
 
