@@ -4,6 +4,7 @@ A function-local import of a logitguard module that imports, directly or not, th
 worked around at run time: it was how config.py and models.py shared ConfigError before errors.py held it."""
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "logitguard"
@@ -80,3 +81,20 @@ def test_the_checker_sees_a_hidden_cycle():
     top = {"logitguard.config": {"logitguard.errors", "logitguard.models"}, "logitguard.models": set()}
     inner = {"logitguard.models": {"logitguard.config"}, "logitguard.config": set()}
     assert hidden_cycles(top, inner) == {("logitguard.models", "logitguard.config")}
+
+
+# a comparison of a method or regularizer setting with a name: the registries answer such questions instead
+NAME_BRANCH = re.compile(r"\b(method|regularizer)\s*(==|!=|\bin\b|\bnot in\b)\s*[\(\[\{\"']")
+REGISTRIES = ("adapters.py", "regularizers/", "methods/")
+
+
+def test_no_branch_on_a_method_or_regularizer_name_outside_the_registries():
+    found = []
+    for path in SRC.rglob("*.py"):
+        where = path.relative_to(SRC).as_posix()
+        if where.startswith(REGISTRIES):
+            continue
+        lines = enumerate(path.read_text().splitlines(), 1)
+        found += [f"{where}:{i}" for i, line in lines if NAME_BRANCH.search(line)]
+    assert not found, found
+    assert NAME_BRANCH.search('if cfg.method == "full":') and NAME_BRANCH.search("if regularizer in ('str', 'kl'):")

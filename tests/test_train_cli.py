@@ -65,7 +65,7 @@ def test_other_methods_train(tmp_path, model_dir, method):
 
 def test_online_reference_refused_for_pissa(tmp_path, model_dir, capsys):
     run_train(tmp_path, model_dir, "--method", "pissa", "--reference", "online", rc=2)
-    assert "PiSSA" in capsys.readouterr().err
+    assert "method 'pissa' rewrites the base weights; use reference cache" in capsys.readouterr().err
 
 
 def test_config_typo_is_reported(tmp_path, capsys):

@@ -29,7 +29,12 @@ from .files import write_text_atomic
 from .losses import position_weights, restricted_kl, str_per_sequence
 from .reference import adapter_disabled, eval_mode, frozen_safety_logits, head_tap
 
-ANCHOR_TERMS = ("str", "restricted_kl", "kl")
+# the terms on the K safety logits (policy, reference, weights, temperature) -> (B,); "kl" reads the full vocabulary
+SAFETY_TERMS = {
+    "str": lambda policy, reference, weights, temperature: str_per_sequence(policy, reference, weights),
+    "restricted_kl": restricted_kl,
+}
+ANCHOR_TERMS = (*SAFETY_TERMS, "kl")
 
 
 def anchor_conversations(
@@ -91,6 +96,7 @@ class Anchors:
         self.collate = ChatCollator(pad_token_id)
         self.ids = torch.as_tensor(list(safety_ids), dtype=torch.long)
         self.regularizer, self.per_step, self.weight = regularizer, min(per_step, len(self.examples)), weight
+        self.full_vocab = regularizer not in SAFETY_TERMS  # kl: the reference is the full next-token distribution
         self.kl_tokens, self.seed = kl_tokens, seed
         self.temperature = temperature
         self.reference = [self._reference(model, ex) for ex in self.examples]  # per example, on the CPU
@@ -98,7 +104,7 @@ class Anchors:
     @torch.no_grad()
     def _reference(self, model, example: dict) -> torch.Tensor:
         batch = {k: v.to(next(model.parameters()).device) for k, v in self.collate([example]).items()}
-        if self.regularizer != "kl":
+        if not self.full_vocab:
             return frozen_safety_logits(model, batch["input_ids"], batch["attention_mask"], self.ids)[0].cpu()
         with eval_mode(model), adapter_disabled(model):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0]
@@ -118,7 +124,7 @@ class Anchors:
     def term(self, model, chosen: list[int], device) -> torch.Tensor:
         """Mean over the chosen anchors of the per-sequence term (scalar, differentiable)."""
         batch = {k: v.to(device) for k, v in self.collate([self.examples[i] for i in chosen]).items()}
-        if self.regularizer == "kl":
+        if self.full_vocab:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             first = self._first_response(batch)  # (B, T)
             logp = F.log_softmax(logits.float()[first], dim=-1)  # (positions, V)
@@ -131,6 +137,4 @@ class Anchors:
         for b, i in enumerate(chosen):
             reference[b, : len(self.reference[i])] = self.reference[i].to(device)
         weights = position_weights(batch["attention_mask"], batch["labels"], "response")
-        if self.regularizer == "str":
-            return str_per_sequence(tap["safety"], reference, weights).mean()
-        return restricted_kl(tap["safety"], reference, weights, self.temperature).mean()
+        return SAFETY_TERMS[self.regularizer](tap["safety"], reference, weights, self.temperature).mean()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from . import adapters
+from .anchors import ANCHOR_TERMS
 from .errors import ConfigError
 from .errors import suggest as _suggest  # the name the modules that import it from here use
 from .files import write_text_atomic
@@ -50,8 +52,8 @@ class AnchorSettings:
 
 
 def check_anchor_settings(cfg) -> None:
-    if cfg.anchor_regularizer not in ("str", "restricted_kl", "kl"):
-        raise ConfigError(f"anchor_regularizer: {cfg.anchor_regularizer!r} is not one of str, restricted_kl, kl")
+    if cfg.anchor_regularizer not in ANCHOR_TERMS:
+        raise ConfigError(f"anchor_regularizer: {cfg.anchor_regularizer!r} is not one of {', '.join(ANCHOR_TERMS)}")
     for key in ("anchor_count", "anchors_per_step", "anchor_kl_tokens"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
@@ -224,9 +226,11 @@ class TrainConfig(RegularizerSettings, AnchorSettings):
                 f"dtype {self.dtype} with precision fp32 would train in pure half precision without autocast or a "
                 f"loss scaler; set precision {'fp16' if self.dtype == 'float16' else 'bf16'}, or dtype float32"
             )
-        if self.quantize != "none" and self.method not in ("lora", "dora"):
+        kind = adapters.get(self.method)
+        if self.quantize != "none" and not kind.quantizable:
+            able = ", ".join(k.name for k in adapters.REGISTRY.values() if k.quantizable)
             raise ConfigError(f"quantize: {self.quantize} trains an adapter on a frozen quantized model; "
-                              f"use method lora or dora, not {self.method}")  # fmt: skip
+                              f"use method {able}, not {self.method}")  # fmt: skip
         check_anchor_settings(self)
         if self.monitor_every < 1:
             raise ConfigError(f"monitor_every: must be >= 1, got {self.monitor_every}")
@@ -272,16 +276,13 @@ def check_method_settings(cfg) -> None:
     for key in ("salora_safety_samples", "salora_safety_rank", "salora_task_samples", "salora_task_rank"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
-    if cfg.method == "salora":
-        if not cfg.salora_safety_data:
-            raise ConfigError("salora_safety_data: method salora needs safety samples (harmful prompts with refusals)")
-        if cfg.str_weight > 0 and cfg.reference != "cache":
-            raise ConfigError(
-                f"reference {cfg.reference!r} takes the aligned model by disabling the adapter, which is wrong for "
-                "method salora (it rewrites the base weights); use reference cache"
-            )
-    elif cfg.salora_safety_data:
-        raise ConfigError(f"salora_safety_data: only used by method salora, not {cfg.method}")
+    adapters.check_settings(cfg)
+    why = adapters.get(cfg.method).online_reference_error
+    if why and cfg.str_weight > 0 and cfg.reference != "cache":
+        raise ConfigError(
+            f"reference {cfg.reference!r} takes the aligned model by disabling the adapter, which is wrong here: "
+            f"{why}; use reference cache"
+        )
 
 
 def check_controller_settings(cfg) -> None:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from . import adapters
 from .errors import ConfigError, LogitguardError
 
-METHODS = ("lora", "dora", "pissa", "full", "salora")
+METHODS = tuple(adapters.REGISTRY)  # what `method:` takes (logitguard.adapters)
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 QUANTIZE = ("none", "4bit", "8bit")
@@ -145,7 +146,7 @@ def resolve_dtype(dtype: str, precision: str, method: str = "lora") -> str:
     bf16 weight drops every update below 2^-8 of itself (LoRA adapters are fp32 through PEFT's own upcast)."""
     if dtype != "auto":
         return dtype
-    if method == "full" and precision in ("fp16", "bf16"):
+    if adapters.get(method).whole_model and precision in ("fp16", "bf16"):
         return "float32"
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
 
@@ -295,9 +296,8 @@ def attach_method(
     """Wrap `model` for training: a PEFT adapter (LoRA, DoRA, PiSSA; for `salora` a LoRA adapter that
     `logitguard.methods.salora.apply` then initialises) or, for `full`, all weights trainable.
     A quantized model first gets PEFT's k-bit preparation (norms in fp32, input gradients for checkpointing)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "full":
+    kind = adapters.get(method)
+    if kind.whole_model:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
@@ -314,11 +314,8 @@ def attach_method(
         task_type="CAUSAL_LM",
         r=rank,
         lora_alpha=alpha,
-        # PiSSA's and SaLoRA's adapters start as singular directions of W; dropout would perturb that start
-        lora_dropout=0.0 if method in ("pissa", "salora") else dropout,
         target_modules=list(target_modules) if target_modules else None,
-        use_dora=method == "dora",
-        init_lora_weights="pissa" if method == "pissa" else True,
+        **{"lora_dropout": dropout, **kind.lora_options},  # the kind's own: DoRA, PiSSA's init, no dropout
     )
     try:
         return get_peft_model(model, config)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import adapters
 from .errors import LogitguardError
 from .head_math import CHUNK_LOGITS, autocast_off, compute_dtype, grad_hidden
 from .head_terms import chunked_row_terms, chunked_stats, full_logit_stats
@@ -386,11 +387,11 @@ class OnlineReference:
     policy_from_full_logits = False
 
     def __init__(self, token_ids: list[int], method: str = "lora"):
-        if method in ("pissa", "full"):
-            why = "PiSSA rewrites the base weights" if method == "pissa" else "full fine-tuning has no adapter"
+        why = adapters.get(method).online_reference_error
+        if why is not None:
             raise ReferenceError(
-                f"reference 'online' takes the aligned model by disabling the adapter, which is wrong for "
-                f"method {method!r} ({why}); use reference 'cache', which is built before the adapter is attached"
+                f"reference 'online' takes the aligned model by disabling the adapter, which is wrong here: "
+                f"{why}; use reference 'cache', which is built before the adapter is attached"
             )
         self.ids = torch.as_tensor(token_ids, dtype=torch.long)
 

@@ -16,6 +16,7 @@ import platform
 import time
 from pathlib import Path
 
+from . import adapters
 from .config import TrainConfig, build_config
 from .errors import ConfigError, suggest
 from .experiment import EvalSpec, Experiment, Placeholders, RunSpec
@@ -288,7 +289,9 @@ class Runner:
         if not self.exp.eval.engine:  # as written: the check needs no model built and no path filled in
             return
         whole = [
-            r.name for r in runs if r.stages or (r.safelora is None and self.written_config(r, None).method == "full")
+            r.name
+            for r in runs
+            if r.stages or (r.safelora is None and adapters.get(self.written_config(r, None).method).whole_model)
         ]
         if whole:
             raise ConfigError(
@@ -379,7 +382,9 @@ class Runner:
         release_trainer(result.pop("trainer"))  # model, optimizer and their accelerator memory, before evaluation
         start = time.perf_counter()
         # full fine-tuning saves a whole model, the PEFT methods an adapter on the aligned model
-        model, adapter = (cfg.output_dir, None) if cfg.method == "full" else (self.model, cfg.output_dir)
+        model, adapter = (
+            (cfg.output_dir, None) if adapters.get(cfg.method).whole_model else (self.model, cfg.output_dir)
+        )
         metrics = evaluate(model, adapter, self.spec, Path(cfg.output_dir) / "eval", self.progress)
         return {
             "metrics": metrics,

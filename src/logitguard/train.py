@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import adapters
 from .cache import build_reference_cache
 from .config import ConfigError, TrainConfig, save_config
 from .controllers import make_controller
@@ -260,7 +261,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
     if held_out:  # kept for eval loss on data the run never saw, as the paper does with Alpaca
         write_text_atomic(out / "holdout.jsonl", "".join(json.dumps(_public(r)) + "\n" for r in held_out))
     pissa_init = out / "pissa_init"
-    if cfg.method == "pissa" and not pissa_init.exists():
+    if adapters.get(cfg.method).converts_on_save and not pissa_init.exists():
         _save_pissa_init(model, pissa_init)
     monitor = _safety_monitor(cfg, tokenizer, trainer)
     controller = make_controller(cfg, monitor)  # str_budget / safety_target: lambda moves (after the monitor)
@@ -389,11 +390,12 @@ def _save_pissa_init(model, folder: Path) -> None:
 
 def _save_outputs(cfg, trainer, model, tokenizer, out: Path, pissa_init: Path) -> None:
     """trainer.save_model runs on every rank: under FSDP and ZeRO-3 gathering the weights is collective."""
-    if cfg.method != "pissa":
+    converts = adapters.get(cfg.method).converts_on_save
+    if not converts:
         trainer.save_model(str(out), _internal_call=True)  # pushed once, below, with everything beside it
     if not trainer.is_world_process_zero():
         return
-    if cfg.method == "pissa":
+    if converts:
         model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(pissa_init))
     tokenizer.save_pretrained(str(out))
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in trainer.state.log_history))
