@@ -62,9 +62,38 @@ def check_anchor_settings(cfg) -> None:
 
 
 @dataclass
-class TrainConfig(RegularizerSettings, AnchorSettings):
+class SafetySettings:
+    """The safety keys `logitguard train` (TrainConfig) and the TRL integration (STRSFTConfig) share, declared once:
+    the safety tokens, the regularizer and its weight, the positions, the reference."""
+
+    safety_words: list[str] = field(default_factory=lambda: ["I"], metadata={"help": "safety words, e.g. I,cannot"})
+    token_strategy: str = field(default="first", metadata={"help": f"word -> ids strategy, one of {STRATEGIES}"})
+    allow_punctuation: bool = field(
+        default=False, metadata={"help": "let whitespace- or punctuation-only pieces be safety tokens"}
+    )
+    token_file: str | None = field(default=None, metadata={"help": "token set JSON (overrides safety_words)"})
+    random_tokens: bool = field(
+        default=False, metadata={"help": "control: as many random tokens as the resolved safety set"}
+    )
+    regularizer: str = field(default="str", metadata={"help": f"one of {sorted(regularizer_names())}"})
+    str_weight: float = field(default=1.0, metadata={"help": "lambda; 0 trains the plain method"})
+    positions: str = field(default="all", metadata={"help": f"regularized positions, one of {POSITIONS}"})
+    first_response_tokens: int = field(default=0, metadata={"help": "extra weight on the first N response tokens"})
+    first_response_weight: float = field(default=1.0, metadata={"help": "weight of those first response tokens"})
+    temperature: float = field(default=2.0, metadata={"help": "temperature of pact and restricted_kl"})
+    reference: str = field(
+        default="cache", metadata={"help": f"reference logits, one of {MODES} (TRL: cache, online)"}
+    )
+    reference_dtype: str = field(default="float32", metadata={"help": "cache storage: float32|float16|bfloat16"})
+    reference_cache: str | None = field(default=None, metadata={"help": "explicit cache folder"})
+    cache_dir: str = field(default_factory=default_cache_dir, metadata={"help": "root of logitguard's caches"})
+
+
+@dataclass
+class TrainConfig(RegularizerSettings, AnchorSettings, SafetySettings):
     """Every key of `logitguard train`. Each regularizer's own settings (pact_*, csft_*, kl_topk) come from its
-    module's settings dataclass (logitguard.regularizers), declared there once; the anchors' from AnchorSettings."""
+    module's settings dataclass (logitguard.regularizers), declared there once; the anchors' from AnchorSettings; the
+    safety keys the TRL integration shares from SafetySettings."""
 
     model: str = field(default="", metadata={"help": "aligned model: local folder or hub name"})
     gguf_file: str | None = field(
@@ -85,28 +114,9 @@ class TrainConfig(RegularizerSettings, AnchorSettings):
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "modules to adapt"}
     )
-    safety_words: list[str] = field(default_factory=lambda: ["I"], metadata={"help": "safety words, e.g. I,cannot"})
-    token_strategy: str = field(default="first", metadata={"help": f"word -> ids strategy, one of {STRATEGIES}"})
-    allow_punctuation: bool = field(
-        default=False, metadata={"help": "let whitespace- or punctuation-only pieces be safety tokens"}
-    )
-    token_file: str | None = field(default=None, metadata={"help": "token set JSON (overrides safety_words)"})
-    random_tokens: bool = field(
-        default=False, metadata={"help": "control: as many random tokens as the resolved safety set"}
-    )
-    regularizer: str = field(default="str", metadata={"help": f"one of {sorted(regularizer_names())}"})
-    str_weight: float = field(default=1.0, metadata={"help": "lambda; 0 trains the plain method"})
-    positions: str = field(default="all", metadata={"help": f"regularized positions, one of {POSITIONS}"})
-    first_response_tokens: int = field(default=0, metadata={"help": "extra weight on the first N response tokens"})
-    first_response_weight: float = field(default=1.0, metadata={"help": "weight of those first response tokens"})
-    temperature: float = field(default=2.0, metadata={"help": "temperature of pact and restricted_kl"})
-    reference: str = field(default="cache", metadata={"help": f"reference logits, one of {MODES}"})
     reference_model: str | None = field(
         default=None, metadata={"help": "cache the reference from this model instead (continual learning)"}
     )
-    reference_dtype: str = field(default="float32", metadata={"help": "cache storage: float32|float16|bfloat16"})
-    reference_cache: str | None = field(default=None, metadata={"help": "explicit cache folder"})
-    cache_dir: str = field(default_factory=default_cache_dir, metadata={"help": "root of logitguard's caches"})
     epochs: float = field(default=1.0, metadata={"help": "training epochs"})
     learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
     batch_size: int = field(default=4, metadata={"help": "per-device batch size"})

@@ -26,7 +26,7 @@ How it fits TRL 1.16:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,15 +35,14 @@ from packaging.version import Version
 from trl import SFTConfig, SFTTrainer
 
 from ..cache import build_reference_cache
-from ..config import AnchorSettings, ConfigError, check_anchor_settings, check_safety_settings, default_cache_dir
-from ..errors import LogitguardError
+from ..config import AnchorSettings, SafetySettings, check_anchor_settings, check_safety_settings
+from ..errors import ConfigError, LogitguardError
 from ..keyed import KeyedReference
 from ..logit_transform import logit_transform
 from ..models import whole_model
 from ..reference import head_supports_rows, logits_from_hidden, unwrap
 from ..regularizers import RegularizerSettings
 from ..regularizers import get as get_regularizer
-from ..regularizers import names as regularizer_names
 from ..trainer import SafetyRegularization
 
 # This module reaches into TRL's internals (its fused LM head, `maybe_gather_lm_head_ctx`, how SFTTrainer scales its
@@ -66,25 +65,10 @@ _REWRITING_INITS = ("pissa", "olora", "corda", "eva", "loftq")
 
 
 @dataclass
-class STRSFTConfig(SFTConfig, RegularizerSettings, AnchorSettings):
+class STRSFTConfig(SFTConfig, RegularizerSettings, AnchorSettings, SafetySettings):
     """TRL's SFTConfig plus logitguard's safety keys (every SFTConfig / TrainingArguments field still works); each
-    regularizer's own keys (pact_*, csft_*, kl_topk) and the anchors' come from the dataclasses TrainConfig uses."""
-
-    safety_words: list[str] = field(default_factory=lambda: ["I"], metadata={"help": "safety words, e.g. I,cannot"})
-    token_strategy: str = field(default="first", metadata={"help": "word -> ids: first | all | whole"})
-    allow_punctuation: bool = field(default=False, metadata={"help": "allow whitespace/punctuation pieces"})
-    token_file: str | None = field(default=None, metadata={"help": "token set JSON (overrides safety_words)"})
-    random_tokens: bool = field(default=False, metadata={"help": "control: random tokens of the same count"})
-    str_weight: float = field(default=1.0, metadata={"help": "lambda; 0 trains plain SFT"})
-    regularizer: str = field(default="str", metadata={"help": f"one of {sorted(regularizer_names())}"})
-    temperature: float = field(default=2.0, metadata={"help": "temperature of pact and restricted_kl"})
-    positions: str = field(default="all", metadata={"help": "all | response"})
-    first_response_tokens: int = field(default=0, metadata={"help": "extra weight on the first N response tokens"})
-    first_response_weight: float = field(default=1.0, metadata={"help": "weight of those first response tokens"})
-    reference: str = field(default="cache", metadata={"help": "cache (built once) | online (a forward per step)"})
-    reference_dtype: str = field(default="float32", metadata={"help": "cache storage: float32|float16|bfloat16"})
-    reference_cache: str | None = field(default=None, metadata={"help": "explicit cache folder"})
-    cache_dir: str = field(default_factory=default_cache_dir, metadata={"help": "root of logitguard's caches"})
+    regularizer's own keys (pact_*, csft_*, kl_topk), the anchors' and the safety keys (SafetySettings) come from the
+    dataclasses TrainConfig uses: each declared once, with one help text."""
 
     def __post_init__(self):
         super().__post_init__()
