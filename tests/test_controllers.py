@@ -305,8 +305,8 @@ def test_toy_probe_is_in_no_toy_evaluation_or_training_set():
 def test_real_probe_is_in_no_shipped_evaluation_set():
     """The real-model probe (docs/controllers.md): the 64 AdvBench anchor prompts less those that are (nearly) in an
     evaluation set. Needs the fetched assets (LOGITGUARD_ASSETS or experiments/assets)."""
-    from logitguard.eval.cli import read_prompts
     from logitguard.eval.datasets import SETS, default_assets, load_prompts
+    from logitguard.eval.prompts import read_prompts
 
     assets = default_assets()
     if not (assets / "advbench_anchor.jsonl").is_file() or not (assets / "evals").is_dir():

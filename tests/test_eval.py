@@ -29,7 +29,8 @@ from logitguard.eval import (
     summarize,
     write_eval,
 )
-from logitguard.eval.cli import read_prompts, register
+from logitguard.eval.cli import register
+from logitguard.eval.prompts import read_prompts
 from logitguard.models import ModelLoadError
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]

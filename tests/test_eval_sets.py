@@ -12,7 +12,7 @@ import pytest
 from fake_assets import FETCH_REASON, HAS_REAL_ASSETS, REAL_ASSETS, forbidden, write_fake_assets
 
 from logitguard.data import DataError
-from logitguard.eval.cli import read_prompts, register
+from logitguard.eval.cli import register
 from logitguard.eval.datasets import (
     SETS,
     is_set_name,
@@ -23,6 +23,7 @@ from logitguard.eval.datasets import (
     read_jsonl_gz,
     set_files,
 )
+from logitguard.eval.prompts import read_prompts
 from logitguard.eval.utility_suite import headline_metrics, load_utility_sets, parse_utility
 
 needs_assets = pytest.mark.skipif(not HAS_REAL_ASSETS, reason=FETCH_REASON)
@@ -171,7 +172,7 @@ def test_harmful_set_lists_are_scored_per_set_and_loss_files_each(assets, model_
 
 
 def test_prompt_set_lists_and_their_errors(assets, tmp_path):
-    from logitguard.eval.cli import read_prompt_sets
+    from logitguard.eval.prompts import read_prompt_sets
 
     path = tmp_path / "mine.txt"
     path.write_text("one\ntwo\n")

@@ -92,7 +92,7 @@ def _show_tokens(tokens, args) -> None:
 
 
 def _run_mine(args) -> int:
-    from .eval.cli import read_prompts
+    from .eval.prompts import read_prompts
     from .mining import PACT_MAX_PAIRS, PACT_TOP, file_sha256, format_ranking, read_pairs
     from .models import load_model, load_tokenizer
 

@@ -73,8 +73,8 @@ def _conversations(path: str, limit: int | None) -> list[list[dict]]:
 def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool = True) -> dict:
     """Every measure the spec asks for, on one model (plus adapter); records go to `folder` (redacted)."""
     from .eval import evaluate_safety, exact_match, load_model_for_eval, write_eval
-    from .eval.cli import read_prompt_sets, read_prompts
     from .eval.items import safety_items, utility_items
+    from .eval.prompts import read_prompt_sets, read_prompts
     from .eval.utility import conversation_losses
 
     if spec.engine:  # generation on an OpenAI-compatible server: see _evaluate_with_engine

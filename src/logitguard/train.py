@@ -143,7 +143,7 @@ def make_anchors(cfg: TrainConfig, model, tokenizer, tokens: SafetyTokens):
     if not cfg.anchor_prompts:
         return None
     from .anchors import Anchors, anchor_conversations, tokenize_anchors
-    from .eval.cli import read_prompts
+    from .eval.prompts import read_prompts
 
     prompts = read_prompts(cfg.anchor_prompts)[: cfg.anchor_count]
     examples = tokenize_anchors(
@@ -352,8 +352,8 @@ def _safety_monitor(cfg: TrainConfig, tokenizer, trainer):
     if not cfg.monitor_harmful:
         return None
     from .callbacks import SafetyMonitor
-    from .eval.cli import read_prompts
     from .eval.keyword import refusal_keywords
+    from .eval.prompts import read_prompts
 
     refusal_keywords(cfg.monitor_keywords)  # an unknown list name fails before training starts
     benign = read_prompts(cfg.monitor_benign) if cfg.monitor_benign else None

@@ -104,9 +104,9 @@ def self_refusals(
 ) -> tuple[list[dict], dict]:
     """(rows, info): the model's greedy refusals to the prompts in `prompts_file`, as chat rows, and what was
     generated, kept and dropped. Generated once per model and prompts; later calls read the cache."""
-    from ..eval.cli import read_prompts
     from ..eval.generate import generate_responses
     from ..eval.keyword import is_refusal, refusal_keywords
+    from ..eval.prompts import read_prompts
 
     refusal_keywords(keywords)  # an unknown list name fails before any generation
     prompts = read_prompts(prompts_file)
