@@ -8,11 +8,10 @@ initialisation `logitguard.methods.salora` computes from data before training; i
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from .errors import ConfigError, registered
 
 
 @dataclass(frozen=True)
@@ -67,11 +66,7 @@ def register(kind: AdapterKind) -> AdapterKind:
 
 def get(name: str) -> AdapterKind:
     """The registered kind `name`, or a ConfigError naming the choices."""
-    if name not in REGISTRY:
-        close = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"method: unknown {name!r}{hint}; choose from {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+    return registered(REGISTRY, name, "method")
 
 
 register(AdapterKind("lora", "a LoRA adapter (PEFT)", quantizable=True))

@@ -24,3 +24,11 @@ def suggest(key: str, known) -> str:
     """' (did you mean 'x'?)' for the closest of `known` to a mistyped `key`, or ''."""
     close = difflib.get_close_matches(str(key), list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def registered(registry: dict, name: str, what: str):
+    """registry[name], or a ConfigError naming the choices (and the closest to a typo)."""
+    if name not in registry:
+        choices = ", ".join(sorted(registry))
+        raise ConfigError(f"unknown {what} {name!r}{suggest(name, registry)}; choose from {choices}")
+    return registry[name]

@@ -17,11 +17,10 @@ An entry says (torchtune's loss protocols: capability fields, not names):
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from ..errors import registered
 
 NORMALIZATIONS = ("sequences", "positions")
 READS = ("safety", "label_logp", "topk_kl")
@@ -73,8 +72,4 @@ def register(entry: Regularizer) -> Regularizer:
 
 def get(name: str) -> Regularizer:
     """The registered regularizer `name`, or a ConfigError naming the choices."""
-    if name not in REGISTRY:
-        close = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown regularizer {name!r}{hint}; choose from {sorted(REGISTRY)}")
-    return REGISTRY[name]
+    return registered(REGISTRY, name, "regularizer")
