@@ -46,3 +46,16 @@ def test_demo_rerun_reuses_finished_runs(demo, capsys):
     assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache)]) == 0
     assert marker.stat().st_mtime_ns == stamp
     assert "results.json, results.md, results.png and frontier.png are in" in capsys.readouterr().out
+
+
+def test_demo_results_name_no_folder_of_this_machine(tmp_path):
+    """results.json is a record: the cache and an absolute --out become placeholders, whole folder names only."""
+    from logitguard.config import default_cache_dir
+    from logitguard.demo import portable
+
+    cache = default_cache_dir()
+    out = tmp_path / "demo"
+    record = {"model": f"{cache}/toy-full-1", "dir": str(out / "runs" / "x"), "other": f"{cache}_old/toy", "n": 1}
+    assert portable(record, out, cache) == {"model": "~/.cache/logitguard/toy-full-1", "dir": "{out}/runs/x",
+                                            "other": f"{cache}_old/toy", "n": 1}  # fmt: skip
+    assert portable({"model": "/elsewhere/c/toy"}, out, "/elsewhere/c") == {"model": "{cache}/toy"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ ANCHORED_KL = {**ANCHORED, "anchor_regularizer": "restricted_kl", "safety_words"
 # with its safety subspace from the same refusal conversations
 SAFETY_MIX = {"str_weight": 0.0, "safety_mix": ANCHORS, "safety_mix_count": 20}
 SALORA = {"str_weight": 0.0, "method": "salora", "salora_safety_data": ANCHORS}
+CONSTRAINED_SFT = {"regularizer": "constrained_sft", "str_weight": 1.0}
+TOPK_KL = {"regularizer": "kl", "kl_topk": 32, "str_weight": 1.0}
 MINED = "mined"  # stands for the token set the demo mines into <out>/mined_tokens.json
 PACT_TOKENS = "pact-mined"  # <out>/pact_tokens.json: PACT's rule on the aligned toy and its unaligned base
 MINED_TOP = 5
@@ -91,6 +94,15 @@ RUNS = (
     Run("benign / safety mix", "new_task", SAFETY_MIX),
     Run("attack / SaLoRA", "attack", SALORA),
     Run("benign / SaLoRA", "new_task", SALORA),
+    # Qi et al. 2025's token-wise constrained SFT (it replaces cross-entropy; the authors' beta schedule), and KL to
+    # the aligned model over its cached top-32 tokens plus a tail bucket, at every position (lambda 1)
+    Run("attack / constrained SFT", "attack", CONSTRAINED_SFT),
+    Run("benign / constrained SFT", "new_task", CONSTRAINED_SFT),
+    Run("attack / KL top-32", "attack", TOPK_KL),
+    Run("benign / KL top-32", "new_task", TOPK_KL),
+    # two defences stacked: does STR on "I" plus safety mixing keep what each keeps, or add their costs?
+    Run("attack / STR(I) + safety mix", "attack", {**SAFETY_MIX, **STR_I}),
+    Run("benign / STR(I) + safety mix", "new_task", {**SAFETY_MIX, **STR_I}),
 )
 # Post-hoc rows: Safe LoRA projects a trained LoRA adapter with V = W_aligned - W_base (the toy's own base).
 SAFE_LORA = (("attack / Safe LoRA", "attack / LoRA"), ("benign / Safe LoRA", "benign / LoRA"))
@@ -239,7 +251,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, cache_dir: str
         "keyword_list": "qi2023",
         "total_seconds": time.perf_counter() - start,
     }
-    write_json_atomic(out / "results.json", results)
+    write_json_atomic(out / "results.json", portable(results, out, cache_dir))
     table = format_table(rows)
     write_text_atomic(out / "results.md", table + "\n")
     plot(rows, out / "results.png")
@@ -296,6 +308,19 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
     corner = (lora - TARGET["new_task_gap"], aligned - TARGET["refusal_drop"])
     title = "benign fine-tuning: safety-utility frontier (marker size = benign over-refusal; green = target)"
     draw(points, path, "new-task exact match", title, corner)
+
+
+def portable(results: dict, out: Path, cache_dir: str) -> dict:
+    """The results with this machine's folders written as placeholders: the cache as ~/.cache/logitguard (the
+    default) or {cache}, an absolute --out as {out} (a relative one stays as given): a record, not a layout."""
+    text = json.dumps(results)
+    cache = "~/.cache/logitguard" if str(cache_dir) == default_cache_dir() else "{cache}"
+    roots = {str(Path(cache_dir).expanduser().resolve()): cache, str(Path(cache_dir)): cache}
+    if Path(out).is_absolute():
+        roots[str(Path(out).resolve())] = roots[str(out)] = "{out}"
+    for root, mark in sorted(roots.items(), key=lambda kv: -len(kv[0])):  # the longest first: nested folders
+        text = re.sub(re.escape(json.dumps(root)[1:-1]) + r'(?=[/"])', mark, text)  # whole folder names only
+    return json.loads(text)
 
 
 def _evaluate_to(folder: Path, model_dir, adapter, corpus, limit, progress) -> dict:
