@@ -267,7 +267,7 @@ def from_experiment(name: str, scale: float, adapter: str | None, folder: Path) 
     'random' makes a LoRA adapter of the experiment's rank on the model's attention and MLP projections."""
     import dataclasses
 
-    from logitguard.eval.cli import read_prompt_sets, read_prompts
+    from logitguard.eval.prompts import read_prompt_sets, read_prompts
     from logitguard.eval.utility_suite import load_utility_sets, parse_utility
     from logitguard.experiment import Placeholders, load_experiment
     from logitguard.runner import _conversations

@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import perturb_adapter
 
+from logitguard.cli.eval import register
 from logitguard.data import DataError
 from logitguard.eval import (
     REFUSAL_LISTS,
@@ -29,7 +30,6 @@ from logitguard.eval import (
     summarize,
     write_eval,
 )
-from logitguard.eval.cli import register
 from logitguard.eval.prompts import read_prompts
 from logitguard.models import ModelLoadError
 

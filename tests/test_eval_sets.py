@@ -11,8 +11,8 @@ import json
 import pytest
 from fake_assets import FETCH_REASON, HAS_REAL_ASSETS, REAL_ASSETS, forbidden, write_fake_assets
 
+from logitguard.cli.eval import register
 from logitguard.data import DataError
-from logitguard.eval.cli import register
 from logitguard.eval.datasets import (
     SETS,
     is_set_name,

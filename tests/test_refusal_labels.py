@@ -12,8 +12,8 @@ import pytest
 from fake_assets import FETCH_REASON, HAS_REAL_ASSETS, REAL_ASSETS
 from helpers import ASSETS
 
+from logitguard.cli.eval import register
 from logitguard.eval import is_jailbroken, is_refusal, summarize
-from logitguard.eval.cli import register
 from logitguard.eval.datasets import SETS, read_commented_csv
 from logitguard.eval.refusal_labels import agreement, agreement_table, detector
 from logitguard.eval.refusal_opening import WINDOW, is_opening_refusal, normalize

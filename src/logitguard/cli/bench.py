@@ -35,8 +35,8 @@ def _common(p) -> None:
 
 
 def _run(args) -> int:
-    from .experiment import load_experiment
-    from .runner import Runner
+    from ..experiment import load_experiment
+    from ..runner import Runner
 
     exp = load_experiment(args.experiment, args.variant, args.experiments)
     runner = Runner(exp, args.results, args.work, args.cache_dir)
@@ -46,7 +46,7 @@ def _run(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import write_report
+    from ..report import write_report
 
     path = write_report(args.results, args.out)
     print(f"report in {path}")
@@ -56,8 +56,8 @@ def _report(args) -> int:
 def _migrate(args) -> int:
     from pathlib import Path
 
-    from .config import default_cache_dir
-    from .migrate_results import migrate_results
+    from ..config import default_cache_dir
+    from ..migrate_results import migrate_results
 
     checkout, cache = Path(args.checkout).resolve(), Path(args.cache_dir or default_cache_dir()).resolve()
     for path in sorted(Path(args.results).glob("*.json")):
@@ -69,7 +69,7 @@ def _migrate(args) -> int:
 def _list(args) -> int:
     from pathlib import Path
 
-    from .experiment import load_experiment, variants_of
+    from ..experiment import load_experiment, variants_of
 
     for path in sorted(Path(args.experiments).glob("*.yaml")):
         exp = load_experiment(str(path))

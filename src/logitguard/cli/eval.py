@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 
 from ..errors import ConfigError
+from ..eval.keyword import DETECTORS, REFUSAL_LISTS
+from ..eval.prompts import read_prompt_sets, read_prompts
 from ..models import DTYPES
-from .keyword import DETECTORS, REFUSAL_LISTS
-
-# read here by `logitguard eval`; they live in eval/prompts.py (kept importable from here)
-from .prompts import PROMPT_KEYS, is_set_spec, read_prompt_sets, read_prompts, set_label  # noqa: F401
 
 
 def register(subparsers) -> None:
@@ -68,9 +66,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..config import default_cache_dir
-    from .endpoint import generation_engine, in_process_parts, parse_engine
-    from .generate import load_model_for_eval
-    from .safety import write_eval
+    from ..eval.endpoint import generation_engine, in_process_parts, parse_engine
+    from ..eval.generate import load_model_for_eval
+    from ..eval.safety import write_eval
 
     if not args.harmful and not args.commonsense and not args.utility:
         raise ConfigError("eval needs --harmful prompts, --commonsense test sets or --utility benchmarks")
@@ -93,16 +91,16 @@ def run(args) -> int:
     prompts["harmful"] = read_prompt_sets(args.harmful, args.assets, args.limit) if args.harmful else None
     utility = None
     if args.utility:
-        from .utility_suite import load_utility_sets, parse_utility
+        from ..eval.utility_suite import load_utility_sets, parse_utility
 
         utility = load_utility_sets(parse_utility(args.utility), args.assets, args.limit)
     if args.commonsense:
-        from .commonsense import available_tasks
+        from ..eval.commonsense import available_tasks
 
         available_tasks(args.commonsense)
     judge = None
     if args.judge:
-        from .judge import make_judge
+        from ..eval.judge import make_judge
 
         options = {"timeout": args.judge_timeout} if args.judge.startswith("endpoint:") else {}
         judge = make_judge(args.judge, **options)
@@ -128,7 +126,7 @@ def run(args) -> int:
 
 def _evaluate(args, model, tokenizer, prompts: dict, utility, judge) -> tuple[dict, list[dict]]:
     """(summary, safety records) of the measures asked for."""
-    from .safety import evaluate_safety
+    from ..eval.safety import evaluate_safety
 
     summary, records = {}, []
     if prompts["harmful"]:
@@ -137,17 +135,17 @@ def _evaluate(args, model, tokenizer, prompts: dict, utility, judge) -> tuple[di
             keyword_list=args.keywords, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         )  # fmt: skip
     if judge is not None:
-        from .judge import judge_records
+        from ..eval.judge import judge_records
 
         summary.update(judge_records(judge, records))
     if args.commonsense:
-        from .commonsense import evaluate_commonsense
+        from ..eval.commonsense import evaluate_commonsense
 
         summary["commonsense"] = evaluate_commonsense(
             model, tokenizer, args.commonsense, args.commonsense_mode, limit=args.limit, batch_size=args.batch_size
         )
     if utility:
-        from .utility_suite import evaluate_utility, write_utility_records
+        from ..eval.utility_suite import evaluate_utility, write_utility_records
 
         summary["utility"], utility_records = evaluate_utility(
             model, tokenizer, utility, args.utility_max_new_tokens, args.batch_size
