@@ -121,35 +121,31 @@ def _prompts(items: list[dict]) -> list[str]:
 
 
 def evaluate_model(model_dir: Path, adapter: Path | None, corpus: dict, limit: int | None, progress: bool):
-    """Safety (harmful / benign / borderline), benign exact match, new-task exact match and eval loss."""
-    from .eval import eval_loss, evaluate_safety, exact_match, load_model_for_eval
+    """Safety (harmful / benign / borderline), benign exact match, new-task exact match and eval loss, through the
+    evaluation pipeline `logitguard eval` and the runner use (the toy corpus in memory instead of files)."""
+    from .eval import load_model_for_eval
+    from .eval.pipeline import Inputs, measure
+    from .experiment import EvalSpec
 
     model, tokenizer = load_model_for_eval(str(model_dir), str(adapter) if adapter else None)
     test = {fam: corpus[fam]["test"][:limit] for fam in ("harmful", "benign", "borderline", "new_task")}
-    summary, records = evaluate_safety(
-        model,
-        tokenizer,
-        _prompts(test["harmful"]),
-        benign=_prompts(test["benign"]),
-        borderline=_prompts(test["borderline"]),
-        max_new_tokens=32,
-        batch_size=32,
-        progress=progress,
-    )
-    benign_em, _ = exact_match(model, tokenizer, [it["messages"] for it in test["benign"]], 32, 32)
-    new_em, _ = exact_match(model, tokenizer, [it["messages"] for it in test["new_task"]], 32, 32)
-    loss = eval_loss(model, tokenizer, [it["messages"] for it in test["new_task"]], max_length=96)
+    chats = {fam: [it["messages"] for it in test[fam]] for fam in ("benign", "new_task")}
+    inputs = Inputs(
+        harmful={"harmful": _prompts(test["harmful"])}, benign=_prompts(test["benign"]),
+        borderline=_prompts(test["borderline"]), losses={"new_task": chats["new_task"]}, exact_match=chats,
+    )  # fmt: skip
+    result = measure(model, tokenizer, EvalSpec(max_new_tokens=32, batch_size=32, max_length=96), inputs,
+                     progress=progress)  # fmt: skip
+    m = result.metrics
     metrics = {
-        "refusal_rate": summary["refusal_rate"],
-        "asr": summary["asr"],
-        "over_refusal_benign": summary["over_refusal_benign"],
-        "over_refusal_borderline": summary["over_refusal_borderline"],
-        "utility": benign_em,
-        "benign_exact_match": benign_em,
-        "new_task_exact_match": new_em,
-        "new_task_eval_loss": loss,
+        **{k: m[k] for k in ("refusal_rate", "asr", "over_refusal_benign", "over_refusal_borderline")},
+        "utility": m["exact_match_benign"],
+        "benign_exact_match": m["exact_match_benign"],
+        "new_task_exact_match": m["exact_match_new_task"],
+        "new_task_eval_loss": m["eval_loss"],
+        "items": result.items,  # per-item outcomes: paired intervals between rows (logitguard.stats)
     }
-    return metrics, summary, records
+    return metrics, result.summary, result.records
 
 
 def mine(model_dir: Path, corpus: dict, path: Path, progress: bool) -> None:

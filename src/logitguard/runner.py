@@ -60,93 +60,25 @@ def versions() -> dict:
     }
 
 
-def _limited(items: list, limit: int | None) -> list:
-    return items if limit is None else items[:limit]
-
-
-def _conversations(path: str, limit: int | None) -> list[list[dict]]:
-    from .data import load_rows, to_messages
-
-    return _limited([to_messages(r) for r in load_rows(path)], limit)
-
-
 def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool = True) -> dict:
-    """Every measure the spec asks for, on one model (plus adapter); records go to `folder` (redacted)."""
-    from .eval import evaluate_safety, exact_match, load_model_for_eval, write_eval
-    from .eval.items import safety_items, utility_items
-    from .eval.prompts import read_prompt_sets, read_prompts
-    from .eval.utility import conversation_losses
+    """Every measure the spec asks for, on one model (plus adapter): eval/pipeline.py, as `logitguard eval` runs
+    it; records go to `folder` (redacted). The row's metrics, with its per-item outcomes under "items"."""
+    from .eval import load_model_for_eval, write_eval
+    from .eval.pipeline import measure, read_inputs
 
     if spec.engine:  # generation on an OpenAI-compatible server: see _evaluate_with_engine
         return _evaluate_with_engine(model_dir, adapter, spec, folder, progress)
     if not any((spec.harmful, spec.loss_data, spec.exact_match, spec.commonsense, spec.utility)):
         return {}  # a timing-only experiment (Table 6): nothing to load
-    prompts = {
-        name: _limited(read_prompts(path), spec.limit) if path else None
-        for name, path in (("benign", spec.benign), ("borderline", spec.borderline))
-    }
-    # a comma list of harmful sets is generated in one pass and scored per set too
-    prompts["harmful"] = read_prompt_sets(spec.harmful, limit=spec.limit) if spec.harmful else None
-    losses = {}
-    if spec.loss_data:  # a comma list: one eval loss per file, "eval_loss_<stem>"
-        losses = {Path(p.strip()).stem: _conversations(p.strip(), spec.limit) for p in spec.loss_data.split(",")}
-    if spec.utility:  # set names are read from $LOGITGUARD_ASSETS, else experiments/assets
-        from .eval.utility_suite import load_utility_sets, parse_utility
-
-        utility = load_utility_sets(parse_utility(spec.utility), limit=spec.limit)
+    inputs = read_inputs(spec)  # set names from $LOGITGUARD_ASSETS, else experiments/assets
     model, tokenizer = load_model_for_eval(model_dir, adapter) if _needs_model(spec) else (None, None)
-    metrics: dict = {}
-    items: dict = {}
-    if prompts["harmful"]:
-        summary, records = evaluate_safety(
-            model, tokenizer, prompts["harmful"], prompts["benign"], prompts["borderline"],
-            keyword_list=spec.keywords, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
-            progress=progress,
-        )  # fmt: skip
-        if spec.judge:
-            from .eval.judge import judge_records, make_judge
-
-            summary.update(judge_records(make_judge(spec.judge), records, progress=progress))
-        write_eval(folder, summary, records)
-        keys = ("refusal_rate", "asr", "hrr", "over_refusal_benign", "over_refusal_borderline")
-        metrics.update({k: summary[k] for k in keys if k in summary})
-        if len(prompts["harmful"]) > 1:
-            metrics.update({f"refusal_{name}": rate for name, rate in summary["refusal_by_set"].items()})
-        items.update(safety_items(records))
-    for name, conversations in losses.items():
-        pairs = conversation_losses(model, tokenizer, conversations, spec.max_length, spec.batch_size)
-        metrics["eval_loss" if len(losses) == 1 else f"eval_loss_{name}"] = sum(x for x, _ in pairs) / sum(
-            n for _, n in pairs
-        )
-        items[f"loss:{name}"] = [[round(x, 6), n] for x, n in pairs if n]
-    if spec.exact_match:
-        em, _ = exact_match(
-            model, tokenizer, _conversations(spec.exact_match, spec.limit), spec.max_new_tokens, spec.batch_size
-        )
-        metrics["exact_match"] = em
-    if spec.commonsense:
-        from .eval.commonsense import evaluate_commonsense
-
-        scores = evaluate_commonsense(
-            model, tokenizer, spec.commonsense, mode=spec.commonsense_mode, limit=spec.limit,
-            batch_size=spec.batch_size, progress=progress,
-        )  # fmt: skip
-        metrics["commonsense"] = scores
-        metrics["commonsense_avg"] = scores["average"]
-    if spec.utility:
-        from .eval.utility_suite import evaluate_utility, headline_metrics, write_utility_records
-
-        summary, records = evaluate_utility(
-            model, tokenizer, utility, spec.utility_max_new_tokens, spec.batch_size, progress=progress
-        )
-        write_utility_records(folder, records)
-        metrics["utility"] = summary
-        metrics.update(headline_metrics(summary))
-        items.update(utility_items(records))
+    result = measure(model, tokenizer, spec, inputs, folder, progress=progress)
     del model
-    if items:
-        metrics["items"] = items  # per-item outcomes, in the evaluation's order: paired statistics (stats.py)
-    return metrics
+    if inputs.harmful:
+        write_eval(folder, result.summary, result.records)
+    if result.items:
+        return {**result.metrics, "items": result.items}  # per-item outcomes: paired statistics (stats.py)
+    return result.metrics
 
 
 def _evaluate_with_engine(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool) -> dict:

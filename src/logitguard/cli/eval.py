@@ -5,10 +5,13 @@ refusal scoring, and summary.json + records.jsonl (harmful responses redacted) i
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ..errors import ConfigError
 from ..eval.keyword import DETECTORS, REFUSAL_LISTS
-from ..eval.prompts import read_prompt_sets, read_prompts
+from ..eval.pipeline import measure, read_inputs
+from ..experiment import EvalSpec
+from ..files import write_json_atomic
 from ..models import DTYPES
 
 
@@ -85,19 +88,13 @@ def run(args) -> int:
     if args.judge and not args.harmful:
         raise ConfigError("--judge scores responses to --harmful prompts; give that file too")
     # Read every input before loading the model, so a typo fails in a second, not after the load.
-    sets = {name: getattr(args, name) for name in ("harmful", "benign", "borderline")}
-    prompts = {name: read_prompts(path, args.assets)[: args.limit] if path else None for name, path in sets.items()
-               if name != "harmful"}  # fmt: skip
-    prompts["harmful"] = read_prompt_sets(args.harmful, args.assets, args.limit) if args.harmful else None
-    utility = None
-    if args.utility:
-        from ..eval.utility_suite import load_utility_sets, parse_utility
-
-        utility = load_utility_sets(parse_utility(args.utility), args.assets, args.limit)
-    if args.commonsense:
-        from ..eval.commonsense import available_tasks
-
-        available_tasks(args.commonsense)
+    spec = EvalSpec(
+        harmful=args.harmful, benign=args.benign, borderline=args.borderline, commonsense=args.commonsense,
+        commonsense_mode=args.commonsense_mode, utility=args.utility, limit=args.limit,
+        utility_max_new_tokens=args.utility_max_new_tokens, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, keywords=args.keywords,
+    )  # fmt: skip
+    inputs = read_inputs(spec, args.assets)
     judge = None
     if args.judge:
         from ..eval.judge import make_judge
@@ -113,42 +110,16 @@ def run(args) -> int:
             model_path = str(gguf_folder(args.gguf_file, args.cache_dir or default_cache_dir()))
         model, tokenizer = load_model_for_eval(model_path, args.adapter, args.dtype)
     with generation_engine(engine):  # inside, generate_responses posts to the engine's server (None: in-process)
-        summary, records = _evaluate(args, model, tokenizer, prompts, utility, judge)
+        result = measure(model, tokenizer, spec, inputs, args.out, judge=judge)
+    summary, records = result.summary, result.records
     summary.update(model=args.model, gguf_file=args.gguf_file, adapter=args.adapter, limit=args.limit)
     if engine:
         summary["engine"] = engine.name
+    sets = {name: getattr(args, name) for name in ("harmful", "benign", "borderline")}
     summary["prompt_files"] = {**sets, "commonsense": args.commonsense, "utility": args.utility}
     summary_path, records_path = write_eval(args.out, summary, records)
+    if result.items:  # per-item outcomes (no text), for paired comparisons of two runs (logitguard.stats)
+        write_json_atomic(Path(args.out) / "items.json", result.items)
     print(json.dumps(summary))
     print(f"summary in {summary_path}, per-prompt records (harmful responses cut to 10 words) in {records_path}")
     return 0
-
-
-def _evaluate(args, model, tokenizer, prompts: dict, utility, judge) -> tuple[dict, list[dict]]:
-    """(summary, safety records) of the measures asked for."""
-    from ..eval.safety import evaluate_safety
-
-    summary, records = {}, []
-    if prompts["harmful"]:
-        summary, records = evaluate_safety(
-            model, tokenizer, prompts["harmful"], prompts["benign"], prompts["borderline"],
-            keyword_list=args.keywords, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        )  # fmt: skip
-    if judge is not None:
-        from ..eval.judge import judge_records
-
-        summary.update(judge_records(judge, records))
-    if args.commonsense:
-        from ..eval.commonsense import evaluate_commonsense
-
-        summary["commonsense"] = evaluate_commonsense(
-            model, tokenizer, args.commonsense, args.commonsense_mode, limit=args.limit, batch_size=args.batch_size
-        )
-    if utility:
-        from ..eval.utility_suite import evaluate_utility, write_utility_records
-
-        summary["utility"], utility_records = evaluate_utility(
-            model, tokenizer, utility, args.utility_max_new_tokens, args.batch_size
-        )
-        write_utility_records(args.out, utility_records)
-    return summary, records

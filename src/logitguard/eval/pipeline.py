@@ -1,0 +1,127 @@
+"""One evaluation, written once: an EvalSpec's inputs read (before any model is loaded, so a typo fails in a
+second), then the measures it asks for computed on one model. `logitguard eval` and the runner (every experiment
+file) call these two functions; they differ only in where the model comes from and what they write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Inputs:
+    """What an evaluation reads: prompts by set, held-out conversations by file stem, utility items."""
+
+    harmful: dict[str, list[str]] | None = None  # {set label: prompts}; one entry for a single file
+    benign: list[str] | None = None
+    borderline: list[str] | None = None
+    losses: dict[str, list[list[dict]]] = field(default_factory=dict)  # {file stem: conversations}
+    exact_match: dict[str, list[list[dict]]] = field(default_factory=dict)  # {name: conversations}
+    utility: dict | None = None  # eval/utility_suite.load_utility_sets
+
+
+@dataclass
+class Measured:
+    summary: dict  # `logitguard eval`'s summary.json: the safety summary, judge, commonsense and utility summaries
+    records: list[dict]  # per-prompt safety records (the writers cut harmful responses to ten words)
+    metrics: dict  # the flat numbers a results row keeps (refusal_rate, eval_loss_<stem>, humaneval_pass@1, ...)
+    items: dict  # per-item outcomes, in the evaluation's order: the paired statistics' input (stats.py)
+
+
+def _limited(items: list, limit: int | None) -> list:
+    return items if limit is None else items[:limit]
+
+
+def _conversations(path: str, limit: int | None) -> list[list[dict]]:
+    from ..data import load_rows, to_messages
+
+    return _limited([to_messages(r) for r in load_rows(path)], limit)
+
+
+def read_inputs(spec, assets: str | Path | None = None) -> Inputs:
+    """Every file and set the spec names, read and checked; set names from `assets` (default $LOGITGUARD_ASSETS,
+    else experiments/assets)."""
+    from .prompts import read_prompt_sets, read_prompts
+
+    inputs = Inputs()
+    if spec.harmful:  # a comma list of harmful sets is generated in one pass and scored per set too
+        inputs.harmful = read_prompt_sets(spec.harmful, assets, spec.limit)
+    inputs.benign = _limited(read_prompts(spec.benign, assets), spec.limit) if spec.benign else None
+    inputs.borderline = _limited(read_prompts(spec.borderline, assets), spec.limit) if spec.borderline else None
+    if spec.loss_data:  # a comma list: one eval loss per file, "eval_loss_<stem>"
+        paths = [p.strip() for p in spec.loss_data.split(",")]
+        inputs.losses = {Path(p).stem: _conversations(p, spec.limit) for p in paths}
+    if spec.exact_match:
+        inputs.exact_match = {Path(spec.exact_match).stem: _conversations(spec.exact_match, spec.limit)}
+    if spec.utility:
+        from .utility_suite import load_utility_sets, parse_utility
+
+        inputs.utility = load_utility_sets(parse_utility(spec.utility), assets, spec.limit)
+    if spec.commonsense:
+        from .commonsense import available_tasks
+
+        available_tasks(spec.commonsense)
+    return inputs
+
+
+def measure(
+    model, tokenizer, spec, inputs: Inputs, folder: str | Path | None = None, judge=None, progress: bool = True
+) -> Measured:
+    """The measures the spec asks for (its settings: keywords, lengths, batch size) on the inputs, on `model`;
+    utility records are written to `folder` (redacted). `judge`: a judge object, else one made from spec.judge."""
+    from .items import safety_items, utility_items
+
+    summary, records, metrics, items = {}, [], {}, {}
+    if inputs.harmful:
+        from .safety import evaluate_safety
+
+        summary, records = evaluate_safety(
+            model, tokenizer, inputs.harmful, inputs.benign, inputs.borderline, keyword_list=spec.keywords,
+            max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, progress=progress,
+        )  # fmt: skip
+        if judge is None and spec.judge:
+            from .judge import make_judge
+
+            judge = make_judge(spec.judge)
+        if judge is not None:
+            from .judge import judge_records
+
+            summary.update(judge_records(judge, records, progress=progress))
+        keys = ("refusal_rate", "asr", "hrr", "over_refusal_benign", "over_refusal_borderline")
+        metrics.update({k: summary[k] for k in keys if k in summary})
+        if len(inputs.harmful) > 1:
+            metrics.update({f"refusal_{name}": rate for name, rate in summary["refusal_by_set"].items()})
+        items.update(safety_items(records))
+    for name, conversations in inputs.losses.items():
+        from .utility import conversation_losses
+
+        pairs = conversation_losses(model, tokenizer, conversations, spec.max_length, spec.batch_size)
+        key = "eval_loss" if len(inputs.losses) == 1 else f"eval_loss_{name}"
+        metrics[key] = sum(x for x, _ in pairs) / sum(n for _, n in pairs)
+        items[f"loss:{name}"] = [[round(x, 6), n] for x, n in pairs if n]
+    for name, conversations in inputs.exact_match.items():
+        from .utility import exact_match
+
+        key = "exact_match" if len(inputs.exact_match) == 1 else f"exact_match_{name}"
+        metrics[key], _ = exact_match(model, tokenizer, conversations, spec.max_new_tokens, spec.batch_size)
+    if spec.commonsense:
+        from .commonsense import evaluate_commonsense
+
+        scores = evaluate_commonsense(
+            model, tokenizer, spec.commonsense, mode=spec.commonsense_mode, limit=spec.limit,
+            batch_size=spec.batch_size, progress=progress,
+        )  # fmt: skip
+        summary["commonsense"] = metrics["commonsense"] = scores
+        metrics["commonsense_avg"] = scores["average"]
+    if inputs.utility:
+        from .utility_suite import evaluate_utility, headline_metrics, write_utility_records
+
+        summary["utility"], utility_records = evaluate_utility(
+            model, tokenizer, inputs.utility, spec.utility_max_new_tokens, spec.batch_size, progress=progress
+        )
+        write_utility_records(folder, utility_records)
+        metrics["utility"] = summary["utility"]
+        metrics.update(headline_metrics(summary["utility"]))
+        items.update(utility_items(utility_records))
+    return Measured(summary, records, metrics, items)
