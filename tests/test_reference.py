@@ -80,7 +80,7 @@ def test_pissa_uses_the_cache_made_before_the_adapter(model, tokenizer, tmp_path
     with torch.no_grad(), pissa.disable_adapter():
         residual = pissa(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert (residual - base_logits).abs().max() > 1e-2
-    with pytest.raises(ReferenceError, match="PiSSA"):
+    with pytest.raises(ReferenceError, match="method .pissa. rewrites the base weights"):
         OnlineReference(ids, method="pissa")
 
 

@@ -95,7 +95,7 @@ RUNS = (
     Run("attack / SaLoRA", "attack", SALORA),
     Run("benign / SaLoRA", "new_task", SALORA),
     # Qi et al. 2025's token-wise constrained SFT (it replaces cross-entropy; the authors' beta schedule), and KL to
-    # the aligned model over its cached top-32 tokens plus a tail bucket, at every position (lambda 1)
+    # the aligned model over its cached top-32 tokens plus a tail bucket, at response positions (lambda 1)
     Run("attack / constrained SFT", "attack", CONSTRAINED_SFT),
     Run("benign / constrained SFT", "new_task", CONSTRAINED_SFT),
     Run("attack / KL top-32", "attack", TOPK_KL),
