@@ -267,10 +267,10 @@ def from_experiment(name: str, scale: float, adapter: str | None, folder: Path) 
     'random' makes a LoRA adapter of the experiment's rank on the model's attention and MLP projections."""
     import dataclasses
 
+    from logitguard.eval.pipeline import conversations
     from logitguard.eval.prompts import read_prompt_sets, read_prompts
     from logitguard.eval.utility_suite import load_utility_sets, parse_utility
     from logitguard.experiment import Placeholders, load_experiment
-    from logitguard.runner import _conversations
 
     exp = load_experiment(name)
     ph = Placeholders(exp)
@@ -283,7 +283,7 @@ def from_experiment(name: str, scale: float, adapter: str | None, folder: Path) 
     for path in (spec.benign, spec.borderline):
         prompts += cut(read_prompts(path)) if path else []
     utility = load_utility_sets(parse_utility(spec.utility)) if spec.utility else {}
-    loss = [c for p in (spec.loss_data or "").split(",") if p.strip() for c in cut(_conversations(p.strip(), None))]
+    loss = [c for p in (spec.loss_data or "").split(",") if p.strip() for c in cut(conversations(p.strip(), None))]
     sets = {
         "prompts": prompts,
         "humaneval": cut(utility.get("humaneval", [])),

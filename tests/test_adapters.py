@@ -56,3 +56,16 @@ def test_kind_settings_quantization_and_other_kinds_keys():
     with pytest.raises(ConfigError, match="salora_safety_data: only used by method salora, not lora"):
         build_config({"model": "m", "data": "d", "salora_safety_data": "s.jsonl"})
     assert build_config({"model": "m", "data": "d", "method": "dora", "quantize": "8bit"}).quantize == "8bit"
+
+
+def test_runs_that_train_on_other_examples_do_not_share_a_prebuilt_cache():
+    """A run with safety rows mixed in trains on other examples than a plain run on the same file: its own cache."""
+    from logitguard.train import cache_group
+
+    plain = build_config({"model": "m", "data": "d.jsonl", "safety_words": ["I"]})
+    other_words = build_config({"model": "m", "data": "d.jsonl", "safety_words": ["cannot"], "str_weight": 0.3})
+    mixed = build_config({"model": "m", "data": "d.jsonl", "safety_mix": "s.jsonl", "safety_mix_count": 5})
+    assert cache_group(plain) == cache_group(other_words)  # one cache, the union of their ids
+    assert cache_group(plain) != cache_group(mixed)
+    assert cache_group(mixed) != cache_group(build_config({"model": "m", "data": "d.jsonl", "safety_mix": "s.jsonl",
+                                                           "safety_mix_count": 5, "seed": 1}))  # fmt: skip

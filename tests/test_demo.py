@@ -49,13 +49,20 @@ def test_demo_rerun_reuses_finished_runs(demo, capsys):
 
 
 def test_demo_results_name_no_folder_of_this_machine(tmp_path):
-    """results.json is a record: the cache and an absolute --out become placeholders, whole folder names only."""
-    from logitguard.config import default_cache_dir
+    """results.json is a record: the cache and an absolute --out become placeholders; only values that are one of
+    those folders or lie inside one are rewritten (not a longer folder name, not a word like "cache")."""
+    from pathlib import Path
+
     from logitguard.demo import portable
 
-    cache = default_cache_dir()
+    home = str(Path.home() / ".cache" / "logitguard")
     out = tmp_path / "demo"
-    record = {"model": f"{cache}/toy-full-1", "dir": str(out / "runs" / "x"), "other": f"{cache}_old/toy", "n": 1}
-    assert portable(record, out, cache) == {"model": "~/.cache/logitguard/toy-full-1", "dir": "{out}/runs/x",
-                                            "other": f"{cache}_old/toy", "n": 1}  # fmt: skip
-    assert portable({"model": "/elsewhere/c/toy"}, out, "/elsewhere/c") == {"model": "{cache}/toy"}
+    record = {"model": f"{home}/toy-full-1", "dir": [str(out / "runs" / "x")], "other": f"{home}_old/toy", "n": 1}
+    assert portable(record, out, home) == {"model": "~/.cache/logitguard/toy-full-1", "dir": ["{out}/runs/x"],
+                                           "other": f"{home}_old/toy", "n": 1}  # fmt: skip
+    # another cache (LOGITGUARD_CACHE, --cache-dir): {cache}, never a folder it did not use
+    assert portable({"model": "/elsewhere/c/toy", "x": "/a/elsewhere/c/y"}, out, "/elsewhere/c") == {
+        "model": "{cache}/toy", "x": "/a/elsewhere/c/y"}  # fmt: skip
+    # a relative --cache-dir is left alone, and so are values that merely contain its name
+    assert portable({"reference": "cache", "reference_cache": None}, Path("o"), "cache") == {
+        "reference": "cache", "reference_cache": None}  # fmt: skip

@@ -98,3 +98,21 @@ def test_no_branch_on_a_method_or_regularizer_name_outside_the_registries():
         found += [f"{where}:{i}" for i, line in lines if NAME_BRANCH.search(line)]
     assert not found, found
     assert NAME_BRANCH.search('if cfg.method == "full":') and NAME_BRANCH.search("if regularizer in ('str', 'kl'):")
+
+
+def test_old_import_paths_still_work_and_say_where_to_go():
+    """logitguard.eval.cli and logitguard.bench_cli moved (cli/, eval/prompts.py): kept one release, with a warning."""
+    import importlib
+    import sys
+    import warnings
+
+    for name in ("logitguard.eval.cli", "logitguard.bench_cli"):
+        sys.modules.pop(name, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(name)
+        assert callable(module.register) and any(issubclass(w.category, DeprecationWarning) for w in caught)
+    from logitguard.eval.cli import read_prompts
+    from logitguard.eval.prompts import read_prompts as moved
+
+    assert read_prompts is moved

@@ -28,7 +28,7 @@ class AdapterKind:
     quantizable: bool = False
     # saved as a plain LoRA adapter through PEFT's conversion against the adapter's initial state (PiSSA)
     converts_on_save: bool = False
-    # PEFT LoraConfig options beyond rank, alpha, dropout and targets
+    # PEFT LoraConfig options beyond rank, alpha and targets (lora_dropout here overrides the configured dropout)
     lora_options: dict = field(default_factory=dict)
     # the kind's own config keys (set under another method, they are a mistake) and their check (cfg -> None, or
     # a ConfigError), run with the rest of a TrainConfig's

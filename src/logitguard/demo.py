@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,17 +305,29 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
     draw(points, path, "new-task exact match", title, corner)
 
 
-def portable(results: dict, out: Path, cache_dir: str) -> dict:
-    """The results with this machine's folders written as placeholders: the cache as ~/.cache/logitguard (the
-    default) or {cache}, an absolute --out as {out} (a relative one stays as given): a record, not a layout."""
-    text = json.dumps(results)
-    cache = "~/.cache/logitguard" if str(cache_dir) == default_cache_dir() else "{cache}"
-    roots = {str(Path(cache_dir).expanduser().resolve()): cache, str(Path(cache_dir)): cache}
-    if Path(out).is_absolute():
-        roots[str(Path(out).resolve())] = roots[str(out)] = "{out}"
-    for root, mark in sorted(roots.items(), key=lambda kv: -len(kv[0])):  # the longest first: nested folders
-        text = re.sub(re.escape(json.dumps(root)[1:-1]) + r'(?=[/"])', mark, text)  # whole folder names only
-    return json.loads(text)
+def portable(results, out: Path, cache_dir: str):
+    """The results with this machine's folders written as placeholders: the cache as ~/.cache/logitguard when it is
+    that folder, else {cache}; an absolute --out as {out} (relative paths stay as given): a record, not a layout.
+    Only string values that are one of those folders or lie inside one are rewritten."""
+    cache = Path(cache_dir).expanduser()
+    home_cache = (Path.home() / ".cache" / "logitguard").resolve()
+    mark = "~/.cache/logitguard" if cache.resolve() == home_cache else "{cache}"
+    roots = {str(cache.resolve()): mark, str(cache): mark}
+    roots.update({str(Path(out).resolve()): "{out}", str(out): "{out}"} if Path(out).is_absolute() else {})
+    roots = sorted(((r, m) for r, m in roots.items() if Path(r).is_absolute()), key=lambda rm: -len(rm[0]))
+
+    def rewrite(value):
+        if isinstance(value, dict):
+            return {k: rewrite(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rewrite(v) for v in value]
+        if isinstance(value, str):
+            for root, placeholder in roots:  # the longest first: an --out inside the cache is {out}
+                if value == root or value.startswith(root + "/"):
+                    return placeholder + value[len(root) :]
+        return value
+
+    return rewrite(results)
 
 
 def _evaluate_to(folder: Path, model_dir, adapter, corpus, limit, progress) -> dict:

@@ -63,7 +63,7 @@ def versions() -> dict:
 def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool = True) -> dict:
     """Every measure the spec asks for, on one model (plus adapter): eval/pipeline.py, as `logitguard eval` runs
     it; records go to `folder` (redacted). The row's metrics, with its per-item outcomes under "items"."""
-    from .eval import load_model_for_eval, write_eval
+    from .eval import load_model_for_eval
     from .eval.pipeline import measure, read_inputs
 
     if spec.engine:  # generation on an OpenAI-compatible server: see _evaluate_with_engine
@@ -72,10 +72,8 @@ def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, 
         return {}  # a timing-only experiment (Table 6): nothing to load
     inputs = read_inputs(spec)  # set names from $LOGITGUARD_ASSETS, else experiments/assets
     model, tokenizer = load_model_for_eval(model_dir, adapter) if _needs_model(spec) else (None, None)
-    result = measure(model, tokenizer, spec, inputs, folder, progress=progress)
+    result = measure(model, tokenizer, spec, inputs, folder, progress=progress)  # writes the records to folder
     del model
-    if inputs.harmful:
-        write_eval(folder, result.summary, result.records)
     if result.items:
         return {**result.metrics, "items": result.items}  # per-item outcomes: paired statistics (stats.py)
     return result.metrics

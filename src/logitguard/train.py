@@ -87,8 +87,7 @@ def prebuild_caches(cfgs: list[TrainConfig], progress: bool = True) -> float:
     ensure_chat_template(tokenizer)
     groups: dict[tuple, list[TrainConfig]] = {}
     for c in cfgs:
-        key = (c.reference_model or c.model, c.data, c.data_split, json.dumps(c.columns, sort_keys=True), c.holdout,
-               c.max_length, c.reference_dtype, c.dtype, c.precision, c.quantize, c.cache_dir)  # fmt: skip
+        key = cache_group(c)
         groups.setdefault(key, []).append(c)
     models: dict[tuple, object] = {}
     for group in groups.values():
@@ -106,6 +105,17 @@ def prebuild_caches(cfgs: list[TrainConfig], progress: bool = True) -> float:
                 **_cache_extras(group),
             )  # fmt: skip
     return time.perf_counter() - start
+
+
+def cache_group(c: TrainConfig) -> tuple:
+    """Runs with equal groups read one cache: the same reference model and dtype, and everything that decides the
+    examples training tokenizes: the data, its split and hold-out, and the safety rows mixed into it (a mixed run
+    trains on other examples than a plain one on the same file)."""
+    mixing = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name.startswith("safety_mix")}
+    seeded = c.seed if (c.holdout or c.safety_mix) else None
+    return (c.reference_model or c.model, c.data, c.data_split, json.dumps(c.columns, sort_keys=True), c.holdout,
+            c.max_length, c.reference_dtype, c.dtype, c.precision, c.quantize, c.cache_dir,
+            json.dumps(mixing, sort_keys=True), seeded)  # fmt: skip
 
 
 def _cache_extras(cfgs: list[TrainConfig]) -> dict:

@@ -1,5 +1,6 @@
 """`logitguard eval`: greedy generation on harmful (and optional benign / borderline) prompt files, keyword
-refusal scoring, and summary.json + records.jsonl (harmful responses redacted) in --out.
+refusal scoring, utility and commonsense benchmarks; summary.json, records.jsonl (harmful responses redacted) and
+items.json (per-item outcomes) in --out, through eval/pipeline.py as the experiment runner evaluates.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: auto, but float32 on CPU")
     p.add_argument("--cache-dir", help="where GGUF conversions are kept (default: logitguard's cache)")
-    p.add_argument("--out", required=True, help="folder for summary.json and records.jsonl")
+    p.add_argument("--out", required=True, help="folder for summary.json, records.jsonl and items.json")
     p.set_defaults(func=run)
 
 
@@ -121,5 +122,6 @@ def run(args) -> int:
     if result.items:  # per-item outcomes (no text), for paired comparisons of two runs (logitguard.stats)
         write_json_atomic(Path(args.out) / "items.json", result.items)
     print(json.dumps(summary))
-    print(f"summary in {summary_path}, per-prompt records (harmful responses cut to 10 words) in {records_path}")
+    print(f"summary in {summary_path}, per-prompt records (harmful responses cut to 10 words) in {records_path}"
+          + (", per-item outcomes in items.json" if result.items else ""))  # fmt: skip
     return 0

@@ -33,7 +33,8 @@ def _limited(items: list, limit: int | None) -> list:
     return items if limit is None else items[:limit]
 
 
-def _conversations(path: str, limit: int | None) -> list[list[dict]]:
+def conversations(path: str, limit: int | None = None) -> list[list[dict]]:
+    """A chat data file's conversations (any format logitguard trains on), the first `limit`."""
     from ..data import load_rows, to_messages
 
     return _limited([to_messages(r) for r in load_rows(path)], limit)
@@ -51,9 +52,9 @@ def read_inputs(spec, assets: str | Path | None = None) -> Inputs:
     inputs.borderline = _limited(read_prompts(spec.borderline, assets), spec.limit) if spec.borderline else None
     if spec.loss_data:  # a comma list: one eval loss per file, "eval_loss_<stem>"
         paths = [p.strip() for p in spec.loss_data.split(",")]
-        inputs.losses = {Path(p).stem: _conversations(p, spec.limit) for p in paths}
+        inputs.losses = {Path(p).stem: conversations(p, spec.limit) for p in paths}
     if spec.exact_match:
-        inputs.exact_match = {Path(spec.exact_match).stem: _conversations(spec.exact_match, spec.limit)}
+        inputs.exact_match = {Path(spec.exact_match).stem: conversations(spec.exact_match, spec.limit)}
     if spec.utility:
         from .utility_suite import load_utility_sets, parse_utility
 
@@ -69,7 +70,11 @@ def measure(
     model, tokenizer, spec, inputs: Inputs, folder: str | Path | None = None, judge=None, progress: bool = True
 ) -> Measured:
     """The measures the spec asks for (its settings: keywords, lengths, batch size) on the inputs, on `model`;
-    utility records are written to `folder` (redacted). `judge`: a judge object, else one made from spec.judge."""
+    the safety summary and records (redacted) and the utility benchmarks' per-item records are written to `folder`
+    (needed with utility benchmarks). `judge`: a judge object,
+    else one made from spec.judge."""
+    if inputs.utility and folder is None:
+        raise ValueError("measure: utility benchmarks write their records to a folder; give one")
     from .items import safety_items, utility_items
 
     summary, records, metrics, items = {}, [], {}, {}
@@ -93,18 +98,22 @@ def measure(
         if len(inputs.harmful) > 1:
             metrics.update({f"refusal_{name}": rate for name, rate in summary["refusal_by_set"].items()})
         items.update(safety_items(records))
-    for name, conversations in inputs.losses.items():
+        if folder is not None:  # kept now, before the slower measures: a later failure does not lose them
+            from .safety import write_eval
+
+            write_eval(folder, summary, records)
+    for name, chats in inputs.losses.items():
         from .utility import conversation_losses
 
-        pairs = conversation_losses(model, tokenizer, conversations, spec.max_length, spec.batch_size)
+        pairs = conversation_losses(model, tokenizer, chats, spec.max_length, spec.batch_size)
         key = "eval_loss" if len(inputs.losses) == 1 else f"eval_loss_{name}"
         metrics[key] = sum(x for x, _ in pairs) / sum(n for _, n in pairs)
         items[f"loss:{name}"] = [[round(x, 6), n] for x, n in pairs if n]
-    for name, conversations in inputs.exact_match.items():
+    for name, chats in inputs.exact_match.items():
         from .utility import exact_match
 
         key = "exact_match" if len(inputs.exact_match) == 1 else f"exact_match_{name}"
-        metrics[key], _ = exact_match(model, tokenizer, conversations, spec.max_new_tokens, spec.batch_size)
+        metrics[key], _ = exact_match(model, tokenizer, chats, spec.max_new_tokens, spec.batch_size)
     if spec.commonsense:
         from .commonsense import evaluate_commonsense
 
