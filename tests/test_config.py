@@ -43,3 +43,20 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "none.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "model: [unclosed\n"))
+
+
+def test_flags_and_saved_config_read_model_and_data_first(tmp_path):
+    """Composed settings (safety, anchors, regularizers) come after TrainConfig's own keys in `train --help` and in
+    the config.yaml a run saves, though dataclass inheritance lists them first; no key is lost."""
+    import dataclasses
+
+    import yaml
+
+    from logitguard.config import TrainConfig, build_config, ordered_fields, save_config
+
+    names = [f.name for f in ordered_fields()]
+    assert names[:3] == ["model", "gguf_file", "data"] and sorted(names) == sorted(
+        f.name for f in dataclasses.fields(TrainConfig))  # fmt: skip
+    save_config(build_config({"model": "m", "data": "d", "str_weight": 0.5}), tmp_path / "c.yaml")
+    saved = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert list(saved)[:3] == ["model", "gguf_file", "data"] and saved["str_weight"] == 0.5

@@ -498,5 +498,16 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return build_config(values, source=str(path) if path else "config")
 
 
+def ordered_fields(cls=None) -> list[dataclasses.Field]:
+    """TrainConfig's fields in reading order: its own first (model, data, ...), then the composed settings
+    (safety, anchors, each regularizer's), which dataclass inheritance would otherwise put first."""
+    cls = cls or TrainConfig
+    own = set(cls.__dict__.get("__annotations__", {}))
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    values = dataclasses.asdict(cfg)
+    values = {f.name: values[f.name] for f in ordered_fields(type(cfg))}
+    write_text_atomic(path, yaml.safe_dump(values, sort_keys=False))

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import typing
 
-from ..config import TrainConfig, load_config
+from ..config import TrainConfig, load_config, ordered_fields
 from ..errors import ConfigError
 
 
@@ -14,7 +14,7 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with safety token regularization (YAML + flag overrides)")
     p.add_argument("config", nargs="?", help="YAML config file; flags below override its keys")
     hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    for f in ordered_fields():  # model, data, ... first; then the safety, anchor and regularizer settings
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if f.name == "trainer":
