@@ -127,7 +127,7 @@ def test_rewind_is_refused_under_sharding():
 
 def test_settings_from_yaml_and_their_checks(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"model": "m", "data": "d", "str_weight": 0.5, "monitor_harmful": "p.jsonl",
+    path.write_text(yaml.safe_dump({"model": "m", "data": "d", "reg_weight": 0.5, "monitor_harmful": "p.jsonl",
                                     "safety_target": 0.9, "safety_target_up": 3, "safety_target_down": 0.8,
                                     "safety_target_rewind": True}))  # fmt: skip
     cfg = load_config(path)
@@ -149,7 +149,7 @@ def test_settings_from_yaml_and_their_checks(tmp_path):
         "safety_target_rewind: needs safety_target": {"safety_target_rewind": True},
         "safety_target_up": {"safety_target_up": 1.0},
         "safety_target_down": {"safety_target_down": 1.5},
-        "must be > 0": {"str_budget": 1.0, "str_weight": 0.0},
+        "must be > 0": {"str_budget": 1.0, "reg_weight": 0.0},
         "replaces cross-entropy": {"str_budget": 1.0, "regularizer": "constrained_sft"},
     }
     for message, values in bad.items():
@@ -161,7 +161,7 @@ def test_new_settings_default_off_and_leave_results_keys_alone():
     from logitguard.runner import _key
 
     cfg = TrainConfig(model="m", data="d")
-    assert make_controller(cfg) is None  # lambda stays str_weight
+    assert make_controller(cfg) is None  # lambda stays reg_weight
     new = ("str_budget", "str_budget_lr", "safety_target", "safety_target_up", "safety_target_down",
            "safety_target_rewind")  # fmt: skip
     values = {k: v for k, v in vars(cfg).items() if k not in new}  # a row's settings from before these keys
@@ -177,7 +177,7 @@ def test_budget_run_holds_the_running_regularizer_near_the_budget(quick_toy, tmp
     it, and ends with a running reg of ~4.3."""
     budget = 5.0
     flags = []
-    for key, value in toy_config(quick_toy, tmp_path, "budget", str_weight=1.0, str_budget=budget).items():
+    for key, value in toy_config(quick_toy, tmp_path, "budget", reg_weight=1.0, str_budget=budget).items():
         flags += ["--" + key.replace("_", "-"), str(value)]
     assert main(["train", *flags, "--trainer", '{"use_cpu": true, "disable_tqdm": true}']) == 0
     out = tmp_path / "budget"
@@ -201,7 +201,7 @@ def test_budget_run_holds_the_running_regularizer_near_the_budget(quick_toy, tmp
 
     # the same run with lambda held at 0 (plain LoRA, its regularizer still measured)
     monkeypatch.setattr(train_module, "make_controller", lambda cfg, monitor=None: LambdaController(0.0))
-    cfg = load_config(None, toy_config(quick_toy, tmp_path, "lambda0", str_weight=1.0))
+    cfg = load_config(None, toy_config(quick_toy, tmp_path, "lambda0", reg_weight=1.0))
     free = train_module.train(cfg, progress=False)["lambda_controller"]["history"]
     assert all(row["lambda"] == 0 for row in free)
     final, free_final = trace[-1]["reg_running"], free[-1]["reg_running"]
@@ -252,7 +252,7 @@ def test_safety_target_below_target_grows_lambda_and_rewinds(quick_toy, tmp_path
         return self
 
     monkeypatch.setattr(SafetyTarget, "attach", attach_and_check)
-    result = run_target(quick_toy, tmp_path, probe, "high", str_weight=0.01, safety_target=0.9,
+    result = run_target(quick_toy, tmp_path, probe, "high", reg_weight=0.01, safety_target=0.9,
                         safety_target_rewind=True)  # fmt: skip
     trace = result["lambda_controller"]["history"]
     assert [row["step"] for row in trace] == [0, 5, 10, 15, 20, 25, 30, 35, 40]
@@ -273,7 +273,7 @@ def test_safety_target_below_target_grows_lambda_and_rewinds(quick_toy, tmp_path
 
 
 def test_safety_target_above_target_decays_lambda_without_rewinding(quick_toy, tmp_path, probe):
-    result = run_target(quick_toy, tmp_path, probe, "low", str_weight=1.0, safety_target=0.0,
+    result = run_target(quick_toy, tmp_path, probe, "low", reg_weight=1.0, safety_target=0.0,
                         safety_target_rewind=True)  # fmt: skip
     trace = result["lambda_controller"]["history"]
     assert all(row["met"] and row["rewound_to"] is None for row in trace)
@@ -325,8 +325,8 @@ def test_real_probe_is_in_no_shipped_evaluation_set():
 
 def test_a_resumed_run_continues_the_budget_lambda(quick_toy, tmp_path):
     """Killed after 20 steps (checkpoints at 10 and 20), resumed to 40: lambda goes on from the checkpoint's value
-    (carried in its trainer_state.json), not from str_weight, and the trace is whole."""
-    settings = toy_config(quick_toy, tmp_path, "resumed", str_weight=1.0, str_budget=5.0, save_steps=10)
+    (carried in its trainer_state.json), not from reg_weight, and the trace is whole."""
+    settings = toy_config(quick_toy, tmp_path, "resumed", reg_weight=1.0, str_budget=5.0, save_steps=10)
     first = train_module.train(load_config(None, {**settings, "epochs": 2.0}), progress=False)
     at_20 = first["lambda_controller"]["history"][-1]
     assert at_20["step"] == 20 and at_20["lambda"] != 1.0

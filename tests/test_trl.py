@@ -11,7 +11,7 @@ from datasets import Dataset  # noqa: E402
 from test_trainer import lora, one_step_update  # noqa: E402
 
 from logitguard.config import ConfigError  # noqa: E402
-from logitguard.integrations.trl import STRSFTConfig, STRSFTTrainer  # noqa: E402
+from logitguard.integrations.trl import SafetySFTConfig, SafetySFTTrainer  # noqa: E402
 from logitguard.tokens import SafetyTokens  # noqa: E402
 
 CHAT = [
@@ -32,7 +32,7 @@ def config(tmp_path, **overrides):
         safety_words=["I", "cannot"], cache_dir=str(tmp_path / "cache"), bf16=False,
     )  # fmt: skip
     values.update(overrides)
-    return STRSFTConfig(**values)
+    return SafetySFTConfig(**values)
 
 
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
@@ -40,7 +40,7 @@ def test_trl_trains_lora_with_str_for_both_loss_types(model, tokenizer, tmp_path
     from peft import LoraConfig
 
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    trainer = STRSFTTrainer(
+    trainer = SafetySFTTrainer(
         model=model, args=config(tmp_path, loss_type=loss_type), train_dataset=Dataset.from_list(CHAT),
         processing_class=tokenizer, peft_config=peft_config,
     )  # fmt: skip
@@ -55,7 +55,7 @@ def test_trl_trains_lora_with_str_for_both_loss_types(model, tokenizer, tmp_path
 
 def test_trl_prompt_completion_and_online_reference(model, tokenizer, tmp_path):
     rows = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in CHAT]
-    trainer = STRSFTTrainer(
+    trainer = SafetySFTTrainer(
         model=lora(model), args=config(tmp_path, reference="online", positions="response"),
         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
     )  # fmt: skip
@@ -69,23 +69,23 @@ def test_trl_refuses_packing_and_rewriting_inits(model, tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="packing"):
         config(tmp_path, packing=True)
     with pytest.raises(ConfigError, match="rewrites the base weights"):
-        STRSFTTrainer(
+        SafetySFTTrainer(
             model=model, args=config(tmp_path), train_dataset=Dataset.from_list(CHAT), processing_class=tokenizer,
             peft_config=LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"),
         )  # fmt: skip
 
 
 def trl_step_update(tmp_path, tokenizer, examples, ids, batch_size, accum):
-    """One SGD step of STRSFTTrainer on logitguard's own tokenized examples (input_ids + completion_mask)."""
+    """One SGD step of SafetySFTTrainer on logitguard's own tokenized examples (input_ids + completion_mask)."""
     from conftest import tiny_llama
 
     peft_model = lora(tiny_llama(len(tokenizer)))
     perturb_adapter(peft_model, scale=0.1)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     rows = [{"input_ids": e["input_ids"], "completion_mask": [int(x != -100) for x in e["labels"]]} for e in examples]
-    trainer = STRSFTTrainer(
+    trainer = SafetySFTTrainer(
         model=peft_model, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-        args=config(tmp_path, str_weight=2.0, safety_words=["I", "cannot"], max_steps=1, optim="sgd",
+        args=config(tmp_path, reg_weight=2.0, safety_words=["I", "cannot"], max_steps=1, optim="sgd",
                     learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
                     per_device_train_batch_size=batch_size, gradient_accumulation_steps=accum,
                     completion_only_loss=True, output_dir=str(tmp_path / f"trl-{batch_size}-{accum}")),
@@ -115,8 +115,8 @@ def test_trl_builds_the_cache_where_the_model_trains_under_fsdp_or_deepspeed(mod
     import logitguard.integrations.trl as integration
 
     args = config(tmp_path)
-    monkeypatch.setattr(STRSFTConfig, "place_model_on_device", property(lambda self: False))  # as FSDP, DeepSpeed
-    monkeypatch.setattr(STRSFTConfig, "device", property(lambda self: torch.device("meta")))
+    monkeypatch.setattr(SafetySFTConfig, "place_model_on_device", property(lambda self: False))  # as FSDP, DeepSpeed
+    monkeypatch.setattr(SafetySFTConfig, "device", property(lambda self: torch.device("meta")))
 
     class Stop(Exception):
         pass
@@ -129,7 +129,9 @@ def test_trl_builds_the_cache_where_the_model_trains_under_fsdp_or_deepspeed(mod
 
     monkeypatch.setattr(integration, "build_reference_cache", build)
     with pytest.raises(Stop):
-        STRSFTTrainer(model=lora(model), args=args, train_dataset=Dataset.from_list(CHAT), processing_class=tokenizer)
+        SafetySFTTrainer(
+            model=lora(model), args=args, train_dataset=Dataset.from_list(CHAT), processing_class=tokenizer
+        )
     assert seen == [{torch.device("meta")}]
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from . import adapters
 from .anchors import ANCHOR_TERMS
+from .deprecated import renamed_keys
 from .errors import ConfigError
 from .errors import suggest as _suggest  # the name the modules that import it from here use
 from .files import write_text_atomic
@@ -63,7 +64,7 @@ def check_anchor_settings(cfg) -> None:
 
 @dataclass
 class SafetySettings:
-    """The safety keys `logitguard train` (TrainConfig) and the TRL integration (STRSFTConfig) share, declared once:
+    """The safety keys `logitguard train` (TrainConfig) and the TRL integration (SafetySFTConfig) share, declared once:
     the safety tokens, the regularizer and its weight, the positions, the reference."""
 
     safety_words: list[str] = field(default_factory=lambda: ["I"], metadata={"help": "safety words, e.g. I,cannot"})
@@ -76,7 +77,9 @@ class SafetySettings:
         default=False, metadata={"help": "control: as many random tokens as the resolved safety set"}
     )
     regularizer: str = field(default="str", metadata={"help": f"one of {sorted(regularizer_names())}"})
-    str_weight: float = field(default=1.0, metadata={"help": "lambda; 0 trains the plain method"})
+    reg_weight: float = field(
+        default=1.0, metadata={"help": "lambda, the regularizer's weight (was str_weight); 0: the plain method"}
+    )
     positions: str = field(default="all", metadata={"help": f"regularized positions, one of {POSITIONS}"})
     first_response_tokens: int = field(default=0, metadata={"help": "extra weight on the first N response tokens"})
     first_response_weight: float = field(default=1.0, metadata={"help": "weight of those first response tokens"})
@@ -177,7 +180,7 @@ class TrainConfig(RegularizerSettings, AnchorSettings, SafetySettings):
         default=128, metadata={"help": "method salora: training rows for the task subspace"}
     )
     salora_task_rank: int = field(default=32, metadata={"help": "method salora: task directions"})
-    # lambda controllers (logitguard.controllers, docs/controllers.md): lambda starts at str_weight and moves; off by
+    # lambda controllers (logitguard.controllers, docs/controllers.md): lambda starts at reg_weight and moves; off by
     # default, so runs that do not set them keep their meaning (and their results key)
     str_budget: float | None = field(
         default=None, metadata={"help": "constrained training: hold the regularizer's running mean <= this budget "
@@ -288,7 +291,7 @@ def check_method_settings(cfg) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
     adapters.check_settings(cfg)
     why = adapters.get(cfg.method).online_reference_error
-    if why and cfg.str_weight > 0 and cfg.reference != "cache":
+    if why and cfg.reg_weight > 0 and cfg.reference != "cache":
         raise ConfigError(
             f"reference {cfg.reference!r} takes the aligned model by disabling the adapter, which is wrong here: "
             f"{why}; use reference cache"
@@ -317,8 +320,8 @@ def check_controller_settings(cfg) -> None:
         raise ConfigError(f"safety_target_up: must be > 1, got {cfg.safety_target_up}")
     if not 0 < cfg.safety_target_down <= 1:
         raise ConfigError(f"safety_target_down: must be in (0, 1], got {cfg.safety_target_down}")
-    if (cfg.str_budget is not None or cfg.safety_target is not None) and not cfg.str_weight > 0:
-        raise ConfigError("str_budget / safety_target: lambda starts at str_weight, which must be > 0")
+    if (cfg.str_budget is not None or cfg.safety_target is not None) and not cfg.reg_weight > 0:
+        raise ConfigError("str_budget / safety_target: lambda starts at reg_weight, which must be > 0")
     if (cfg.str_budget is not None or cfg.safety_target is not None) and get_regularizer(cfg.regularizer).replaces_ce:
         raise ConfigError(
             f"str_budget / safety_target: regularizer {cfg.regularizer} replaces cross-entropy, so lambda only "
@@ -340,8 +343,8 @@ def check_safety_settings(cfg, references: tuple[str, ...] = MODES) -> None:
             raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {list(allowed)}")
     if not cfg.temperature > 0:
         raise ConfigError(f"temperature: must be > 0, got {cfg.temperature}")
-    if cfg.str_weight < 0:
-        raise ConfigError(f"str_weight: must be >= 0, got {cfg.str_weight}")
+    if cfg.reg_weight < 0:
+        raise ConfigError(f"reg_weight: must be >= 0, got {cfg.reg_weight}")
     if not cfg.safety_words and not cfg.token_file:
         raise ConfigError("safety_words: give at least one word, or a token_file")
     for entry in REGISTRY.values():  # every term's own keys
@@ -471,7 +474,7 @@ def build_config(values: dict, source: str = "config") -> TrainConfig:
     """TrainConfig from a mapping, rejecting unknown keys with a suggestion."""
     hints = typing.get_type_hints(TrainConfig)
     clean = {}
-    for key, value in route_trainer_keys(values, source).items():
+    for key, value in route_trainer_keys(renamed_keys(values, source), source).items():
         clean[key] = _coerce(key, value, hints[key])
     if clean.get("gguf_file") and not clean.get("model"):
         clean["model"] = clean["gguf_file"]
@@ -493,8 +496,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        values.update(loaded or {})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        values.update(renamed_keys(loaded or {}, str(path)))  # old names first: a flag of the new name wins
+    values.update(renamed_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "command line"))
     return build_config(values, source=str(path) if path else "config")
 
 

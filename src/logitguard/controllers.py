@@ -10,7 +10,7 @@ The trainer asks its controller for lambda at the one place lambda multiplies th
   refusal < T multiplies lambda by `up` (and, with `rewind`, restores the trainable weights and the optimizer
   state of the last check that met T); refusal >= T multiplies it by `down`.
 
-Both start at str_weight, log lambda in the trainer's logs (key `lambda`, beside `reg`), keep a history (a row
+Both start at reg_weight, log lambda in the trainer's logs (key `lambda`, beside `reg`), keep a history (a row
 per step for the budget, per safety check for the target) written as `lambda_controller.json` beside the adapter,
 and carry their state across a resume in the checkpoint's trainer_state.json.
 """
@@ -98,7 +98,7 @@ class LambdaController(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         saved = state.stateful_callbacks.get(STATE_KEY) if state.global_step > 0 else None
-        if saved is not None:  # resumed: continue from the checkpoint's lambda, not str_weight
+        if saved is not None:  # resumed: continue from the checkpoint's lambda, not reg_weight
             self.load_state(saved)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -245,11 +245,11 @@ def restore(model, optimizer, kept: dict) -> None:
 
 
 def make_controller(cfg, monitor=None) -> LambdaController | None:
-    """The controller a TrainConfig asks for, or None (lambda fixed at str_weight)."""
+    """The controller a TrainConfig asks for, or None (lambda fixed at reg_weight)."""
     if cfg.str_budget is not None:
-        return BudgetController(cfg.str_weight, cfg.str_budget, cfg.str_budget_lr)
+        return BudgetController(cfg.reg_weight, cfg.str_budget, cfg.str_budget_lr)
     if cfg.safety_target is not None:
-        return SafetyTarget(cfg.str_weight, cfg.safety_target, monitor, cfg.safety_target_up, cfg.safety_target_down,
+        return SafetyTarget(cfg.reg_weight, cfg.safety_target, monitor, cfg.safety_target_up, cfg.safety_target_down,
                             cfg.safety_target_rewind)  # fmt: skip
     return None
 
@@ -282,3 +282,13 @@ def overlap(probe: list[str], evaluated: list[str], similar: float | None = None
                         pairs.append((p, e))
                         break
     return pairs
+
+
+def thinned(report: dict, points: int = 50) -> dict:
+    """A controller's report with its per-step history cut to about `points` steps, the last always kept: the copy a
+    results row keeps (lambda_controller.json beside the adapter keeps every step)."""
+    history = report["history"]
+    kept = history[:: max(1, -(-len(history) // points))]
+    if history and kept[-1] is not history[-1]:
+        kept.append(history[-1])
+    return {**report, "history": kept}

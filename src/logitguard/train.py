@@ -1,4 +1,4 @@
-"""`logitguard train`: config -> data -> safety tokens -> reference -> adapter -> STRTrainer -> outputs.
+"""`logitguard train`: config -> data -> safety tokens -> reference -> adapter -> SafetyTrainer -> outputs.
 
 Output folder: the adapter (or full weights) as safetensors, `safety_tokens.json`, `config.yaml` (the
 resolved config), `metrics.jsonl` (the Trainer's log history) and `checkpoint-*` folders for resuming.
@@ -36,7 +36,7 @@ from .regularizers import get as get_regularizer
 from .regularizers.references import build_kwargs
 from .tokens import SafetyTokens
 from .train_clock import TrainClock
-from .trainer import STRTrainer
+from .trainer import SafetyTrainer
 
 # Fixed, not cfg.seed: runs that differ only in seed hold out the same rows, so their eval losses compare.
 HOLDOUT_SEED = 0
@@ -78,7 +78,7 @@ def prebuild_caches(cfgs: list[TrainConfig], progress: bool = True) -> float:
     """Build once the reference caches that these runs (of one aligned model) will ask for: one per distinct
     training data, holding the union of the runs' token ids, from exactly the examples training tokenizes, on
     the training device and in the dtype training loads. A run then finds its cache complete. Returns seconds."""
-    cfgs = [c for c in cfgs if c.str_weight > 0 and c.reference == "cache" and not c.reference_cache]
+    cfgs = [c for c in cfgs if c.reg_weight > 0 and c.reference == "cache" and not c.reference_cache]
     if not cfgs:
         return 0.0
     start = time.perf_counter()
@@ -129,7 +129,7 @@ def make_reference(cfg: TrainConfig, model, tokenizer, examples, tokens: SafetyT
     """The reference for this run, as the regularizer's registry entry builds it. A cache is built here, before any
     adapter is attached, on the device the model trains on (each rank its share of the shards under `accelerate
     launch`)."""
-    if cfg.str_weight == 0:
+    if cfg.reg_weight == 0:
         return None
     entry = get_regularizer(cfg.regularizer)
     if len(tokens) < entry.min_tokens:  # refused before any cache is built (the trainer would refuse it after)
@@ -247,7 +247,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
             model, cfg.method, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.gradient_checkpointing
         )
         model, salora_report = salora.apply(cfg, model, tokenizer, rows, progress)  # SaLoRA's projection and init
-    trainer = STRTrainer(
+    trainer = SafetyTrainer(
         model=model,
         args=args,
         train_dataset=_Examples(examples),
@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
         processing_class=tokenizer,
         safety_ids=list(tokens.ids),
         reference=reference,
-        str_weight=cfg.str_weight,
+        reg_weight=cfg.reg_weight,
         regularizer=cfg.regularizer,
         temperature=cfg.temperature,
         positions=cfg.positions,

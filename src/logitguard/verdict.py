@@ -19,7 +19,7 @@ worse end is within the margin, *misses* when the whole interval is beyond it, *
 without per-item data (written before they were recorded) is "unresolved (no per-item data)": its point values
 alone cannot tell a 2-point drop from noise. docs/statistics.md says how to read it all.
 
-`bench report` shows the verdict column and each compared cell's interval, and draws the frontier plot (safety
+`experiment report` shows the verdict column and each compared cell's interval, and draws the frontier plot (safety
 against skill, one point per run, the target's corner drawn); the demo draws its frontier with the same function.
 """
 

@@ -1,8 +1,8 @@
 """Safety token regularization inside TRL's SFTTrainer: a drop-in for an existing TRL script.
 
-    from logitguard.integrations.trl import STRSFTConfig as SFTConfig, STRSFTTrainer as SFTTrainer
+    from logitguard.integrations.trl import SafetySFTConfig as SFTConfig, SafetySFTTrainer as SFTTrainer
 
-and the script gains STR (keys: safety_words, str_weight, regularizer, positions, reference, ...), keeping TRL's
+and the script gains STR (keys: safety_words, reg_weight, regularizer, positions, reference, ...), keeping TRL's
 dataset formats, `assistant_only_loss` / `completion_only_loss`, `peft_config`, loss types and logging.
 
 How it fits TRL 1.16:
@@ -26,7 +26,7 @@ How it fits TRL 1.16:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..cache import build_reference_cache
 from ..config import AnchorSettings, SafetySettings, check_anchor_settings, check_safety_settings
+from ..deprecated import renamed_keys, warn
 from ..errors import ConfigError, LogitguardError
 from ..keyed import KeyedReference
 from ..logit_transform import logit_transform
@@ -65,7 +66,7 @@ _REWRITING_INITS = ("pissa", "olora", "corda", "eva", "loftq")
 
 
 @dataclass
-class STRSFTConfig(SFTConfig, RegularizerSettings, AnchorSettings, SafetySettings):
+class SafetySFTConfig(SFTConfig, RegularizerSettings, AnchorSettings, SafetySettings):
     """TRL's SFTConfig plus logitguard's safety keys (every SFTConfig / TrainingArguments field still works); each
     regularizer's own keys (pact_*, csft_*, kl_topk), the anchors' and the safety keys (SafetySettings) come from the
     dataclasses TrainConfig uses: each declared once, with one help text."""
@@ -76,22 +77,22 @@ class STRSFTConfig(SFTConfig, RegularizerSettings, AnchorSettings, SafetySetting
             self.safety_words = [w.strip() for w in self.safety_words.split(",") if w.strip()]
         check_safety_settings(self, references=("cache", "online"))
         check_anchor_settings(self)
-        if self.str_weight > 0 and get_regularizer(self.regularizer).replaces_ce and self.loss_type != "nll":
+        if self.reg_weight > 0 and get_regularizer(self.regularizer).replaces_ce and self.loss_type != "nll":
             raise ConfigError(f"regularizer {self.regularizer} replaces the SFT loss; loss_type {self.loss_type!r} "
                               "would be dropped: use loss_type nll")  # fmt: skip
-        if (self.str_weight > 0 or self.anchor_prompts) and (self.packing or self.padding_free):
+        if (self.reg_weight > 0 or self.anchor_prompts) and (self.packing or self.padding_free):
             raise ConfigError(
                 "packing / padding_free: logitguard's regularizer needs one example per row (its reference cache "
                 "matches whole examples, and STR averages per sequence); set packing=False and padding_free=False"
             )
 
 
-class STRSFTTrainer(SafetyRegularization, SFTTrainer):
+class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
     """TRL's SFTTrainer with CE + lambda * regularizer(safety-token logits)."""
 
-    def __init__(self, model, args: STRSFTConfig | None = None, *rest, **kwargs):
-        if args is not None and not isinstance(args, STRSFTConfig):
-            raise ConfigError("STRSFTTrainer needs an STRSFTConfig (logitguard.integrations.trl) as args")
+    def __init__(self, model, args: SafetySFTConfig | None = None, *rest, **kwargs):
+        if args is not None and not isinstance(args, SafetySFTConfig):
+            raise ConfigError("SafetySFTTrainer needs a SafetySFTConfig (logitguard.integrations.trl) as args")
         peft_config = kwargs.get("peft_config")
         init = getattr(peft_config, "init_lora_weights", True)
         if isinstance(init, str) and init.split("_")[0].lower() in _REWRITING_INITS:
@@ -102,17 +103,17 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
         super().__init__(model, args, *rest, **kwargs)
         from ..train import resolve_tokens
 
-        if self.args.str_weight > 0 and not head_supports_rows(self.model):
+        if self.args.reg_weight > 0 and not head_supports_rows(self.model):
             raise ConfigError("the output head is not a plain linear map (an adapter on lm_head); "
                               "use logitguard's own trainer, which falls back to full logits")  # fmt: skip
         self.safety_tokens = resolve_tokens(self.args, self.processing_class)
         entry = get_regularizer(self.args.regularizer)
-        if self.args.str_weight > 0 and len(self.safety_tokens) < entry.min_tokens:
+        if self.args.reg_weight > 0 and len(self.safety_tokens) < entry.min_tokens:
             raise ConfigError(f"the {entry.name} regularizer compares distributions over the safety tokens: it "
                               "needs >= 2")  # fmt: skip
-        reference = self._make_reference(entry) if self.args.str_weight > 0 else None
+        reference = self._make_reference(entry) if self.args.reg_weight > 0 else None
         self.setup_safety(
-            list(self.safety_tokens.ids), reference, self.args.str_weight, self.args.regularizer,
+            list(self.safety_tokens.ids), reference, self.args.reg_weight, self.args.regularizer,
             self.args.temperature, self.args.positions, self.args.first_response_tokens,
             self.args.first_response_weight, entry.kwargs(self.args, self.safety_tokens) or None,
         )  # fmt: skip
@@ -173,7 +174,7 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         step_wide = num_items_in_batch is not None  # TRL's CE is then a step-wide sum / token count
-        if mode == "eval" or self.str_weight == 0:
+        if mode == "eval" or self.configured_weight == 0:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return self._with_anchors(model, loss, mode, step_wide, return_outputs)
         reads = self.entry.reads  # what the forward must yield for the term (registry entry)
@@ -210,6 +211,28 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             self.safety_tokens.save(Path(output_dir or self.args.output_dir) / "safety_tokens.json")
+
+
+@dataclass
+class STRSFTConfig(SafetySFTConfig):
+    """The old name of SafetySFTConfig, kept for one release; it takes the old `str_weight` key too (also as a TRL
+    script flag). See logitguard.deprecated."""
+
+    str_weight: float | None = field(default=None, metadata={"help": "deprecated: use reg_weight"})
+
+    def __post_init__(self):
+        warn("STRSFTConfig", "SafetySFTConfig")
+        if self.str_weight is not None:
+            self.reg_weight = renamed_keys({"str_weight": self.str_weight}, "STRSFTConfig")["reg_weight"]
+        super().__post_init__()
+
+
+class STRSFTTrainer(SafetySFTTrainer):
+    """The old name of SafetySFTTrainer, kept for one release. See logitguard.deprecated."""
+
+    def __init__(self, *args, **kwargs):
+        warn("STRSFTTrainer", "SafetySFTTrainer")
+        super().__init__(*args, **kwargs)
 
 
 @contextlib.contextmanager
