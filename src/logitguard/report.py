@@ -17,7 +17,7 @@ from statistics import mean
 from .errors import ConfigError
 from .files import write_text_atomic
 from .stats import Interval
-from .verdict import ALIGNED, Target, compare, plot_experiment_frontier, task_share, verdicts
+from .verdict import ALIGNED, Target, compare, plot_experiment_frontier, plot_trade, task_share, verdicts
 
 # (metric key, column title, format): the columns a table shows when any row has the metric
 COLUMNS = [
@@ -273,6 +273,9 @@ def write_report(results_dir: str | Path = "results", out: str | Path | None = N
             frontier = path.with_suffix(".frontier.png")
             if plot_experiment_frontier(results, group_rows(results), frontier):
                 sections.append(f"![frontier]({os.path.relpath(frontier, out.parent)})\n")
+            trade = path.with_suffix(".trade.png")  # refusal change against the task gain kept, with intervals
+            if plot_trade(results, group_rows(results), trade):
+                sections.append(f"![safety-utility trade]({os.path.relpath(trade, out.parent)})\n")
         if results.get("sweep"):
             from .sweep import plot_frontier
 
