@@ -193,6 +193,10 @@ class TrainConfig(RegularizerSettings, AnchorSettings, SafetySettings):
         default=None, metadata={"help": "closed loop: keep the safety monitor's refusal rate >= this (0..1) by "
                                 "scaling lambda at each check (needs monitor_harmful: the probe prompts)"},
     )  # fmt: skip
+    safety_target_drop: float | None = field(
+        default=None, metadata={"help": "closed loop relative to the aligned model: keep refusal >= the monitor's "
+                                "rate before training minus this (e.g. 0.03); instead of safety_target"},
+    )  # fmt: skip
     safety_target_up: float = field(default=2.0, metadata={"help": "safety_target: lambda factor below the target"})
     safety_target_down: float = field(
         default=0.9, metadata={"help": "safety_target: lambda factor at or above the target"}
@@ -300,7 +304,10 @@ def check_method_settings(cfg) -> None:
 
 def check_controller_settings(cfg) -> None:
     """The lambda controllers' keys (logitguard.controllers): one controller at most, each with what it needs."""
-    if cfg.str_budget is not None and cfg.safety_target is not None:
+    if cfg.safety_target is not None and cfg.safety_target_drop is not None:
+        raise ConfigError("safety_target and safety_target_drop both set the target: give one, not both")
+    target = cfg.safety_target if cfg.safety_target is not None else cfg.safety_target_drop
+    if cfg.str_budget is not None and target is not None:
         raise ConfigError("str_budget and safety_target both steer lambda: give one, not both")
     if cfg.str_budget is None and cfg.str_budget_lr is not None:
         raise ConfigError("str_budget_lr: needs str_budget (the dual-ascent step size of the budget's lambda)")
@@ -309,9 +316,10 @@ def check_controller_settings(cfg) -> None:
             raise ConfigError(f"str_budget: must be > 0 (a mean squared logit drift), got {cfg.str_budget}")
         if cfg.str_budget_lr is not None and not cfg.str_budget_lr > 0:
             raise ConfigError(f"str_budget_lr: must be > 0, got {cfg.str_budget_lr}")
-    if cfg.safety_target is not None:
-        if not 0 <= cfg.safety_target <= 1:
-            raise ConfigError(f"safety_target: a refusal rate in [0, 1], got {cfg.safety_target}")
+    if target is not None:
+        if not 0 <= target <= 1:
+            name = "safety_target" if cfg.safety_target is not None else "safety_target_drop"
+            raise ConfigError(f"{name}: a refusal rate in [0, 1], got {target}")
         if not cfg.monitor_harmful:
             raise ConfigError("safety_target: needs monitor_harmful (the probe prompts it measures refusal on)")
     elif cfg.safety_target_rewind:
@@ -320,9 +328,9 @@ def check_controller_settings(cfg) -> None:
         raise ConfigError(f"safety_target_up: must be > 1, got {cfg.safety_target_up}")
     if not 0 < cfg.safety_target_down <= 1:
         raise ConfigError(f"safety_target_down: must be in (0, 1], got {cfg.safety_target_down}")
-    if (cfg.str_budget is not None or cfg.safety_target is not None) and not cfg.reg_weight > 0:
+    if (cfg.str_budget is not None or target is not None) and not cfg.reg_weight > 0:
         raise ConfigError("str_budget / safety_target: lambda starts at reg_weight, which must be > 0")
-    if (cfg.str_budget is not None or cfg.safety_target is not None) and get_regularizer(cfg.regularizer).replaces_ce:
+    if (cfg.str_budget is not None or target is not None) and get_regularizer(cfg.regularizer).replaces_ce:
         raise ConfigError(
             f"str_budget / safety_target: regularizer {cfg.regularizer} replaces cross-entropy, so lambda only "
             "switches it on and there is nothing to steer; use a term added to it"
