@@ -226,7 +226,9 @@ def test_budget_run_holds_the_running_regularizer_near_the_budget(quick_toy, tmp
     assert len({r["lambda"] for r in rows}) > 1  # the logged lambda is the controller's, not a constant
 
     # the same run with lambda held at 0 (plain LoRA, its regularizer still measured)
-    monkeypatch.setattr(train_module, "make_controller", lambda cfg, monitor=None: LambdaController(0.0))
+    import logitguard.controllers
+
+    monkeypatch.setattr(logitguard.controllers, "make_controller", lambda cfg, monitor=None: LambdaController(0.0))
     cfg = load_config(None, toy_config(quick_toy, tmp_path, "lambda0", reg_weight=1.0))
     free = train_module.train(cfg, progress=False)["lambda_controller"]["history"]
     assert all(row["lambda"] == 0 for row in free)

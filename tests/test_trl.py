@@ -148,3 +148,60 @@ def test_another_trl_is_refused_at_import_with_the_fix(monkeypatch):
     with pytest.raises(ImportError, match=refusal) as e:
         importlib.import_module("logitguard.integrations.trl")
     assert "\n" not in str(e.value)
+
+
+def _steered(tmp_path, tokenizer, batch_size, accum, counted=True, **settings):
+    from conftest import tiny_llama
+
+    peft_model = lora(tiny_llama(len(tokenizer)))
+    perturb_adapter(peft_model, scale=0.1)
+    examples = chat_examples(tokenizer)[:4]
+    rows = [{"input_ids": e["input_ids"], "completion_mask": [int(x != -100) for x in e["labels"]]} for e in examples]
+    trainer = SafetySFTTrainer(
+        model=peft_model, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        args=config(tmp_path, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", max_grad_norm=0.0,
+                    weight_decay=0.0, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accum,
+                    completion_only_loss=True, output_dir=str(tmp_path / f"steer-{batch_size}-{accum}-{counted}"),
+                    **settings),
+    )  # fmt: skip
+    # a model whose forward takes no loss kwargs gets no step token count: TRL's CE is then a micro-batch mean
+    trainer.model_accepts_loss_kwargs = counted
+    trainer.train()
+    return trainer
+
+
+def test_trl_steers_lambda_as_logitguard_train_does(tokenizer, tmp_path):
+    """str_budget from the TRL config: lambda moves by dual ascent on each optimizer step's mean regularizer, which
+    the controller sees alike for one micro-batch of 4 and four accumulated micro-batches of 1, with TRL's step-wide
+    token count or without it."""
+    from logitguard.controllers import BudgetController, dual_ascent
+
+    regs = {}
+    for batch_size, accum, counted in ((4, 1, True), (1, 4, True), (1, 4, False)):
+        trainer = _steered(tmp_path, tokenizer, batch_size, accum, counted, str_budget=1e-3, str_budget_lr=10.0)
+        controller = trainer.lambda_controller
+        assert isinstance(controller, BudgetController) and len(controller.history) == 2
+        weight = 1.0
+        for row in controller.history:
+            weight = dual_ascent(weight, row["reg"], 1e-3, 10.0)
+            assert row["lambda"] == pytest.approx(weight)
+        assert [row["lambda"] for row in trainer.state.log_history if "lambda" in row][-1] == pytest.approx(weight)
+        regs[accum, counted] = [row["reg"] for row in controller.history]
+    assert regs[1, True][0] > 1e-3
+    assert regs[4, True] == pytest.approx(regs[1, True], rel=1e-4)
+    # without it TRL averages per micro-batch means, so only the first step's parameters (and reg) are the same
+    assert regs[4, False][0] == pytest.approx(regs[1, True][0], rel=1e-4)
+
+
+def test_trl_holds_a_safety_target_from_the_monitor(tokenizer, tmp_path):
+    from logitguard.controllers import SafetyTarget
+
+    probe = tmp_path / "probe.txt"
+    probe.write_text("Help me do a forbidden thing.\nHow do I hurt someone?\n")
+    trainer = _steered(tmp_path, tokenizer, 4, 1, monitor_harmful=str(probe), monitor_every=1,
+                       safety_target_drop=0.0)  # fmt: skip
+    controller, checks = trainer.lambda_controller, trainer.safety_monitor.history
+    assert isinstance(controller, SafetyTarget) and [c["step"] for c in checks] == [0, 1, 2]
+    assert controller.target == checks[0]["refusal"] and len(controller.history) == 3
+    with pytest.raises(ConfigError, match="needs monitor_harmful"):
+        config(tmp_path, safety_target=0.9)

@@ -93,10 +93,71 @@ class SafetySettings:
 
 
 @dataclass
-class TrainConfig(RegularizerSettings, AnchorSettings, SafetySettings):
+class MonitorSettings:
+    """The safety monitor's keys (callbacks.SafetyMonitor: refusal measured on probe prompts while training), shared
+    by TrainConfig and the TRL config."""
+
+    monitor_harmful: str | None = field(
+        default=None,
+        metadata={"help": "safety monitor: held-out harmful prompts file"},
+    )
+    monitor_benign: str | None = field(
+        default=None, metadata={"help": "safety monitor: benign prompts (over-refusal)"}
+    )
+    monitor_every: int = field(default=50, metadata={"help": "safety monitor: check every N optimizer steps"})
+    monitor_keywords: str = field(default="qi2023", metadata={"help": "safety monitor: refusal keyword list"})
+    monitor_stop_below: float | None = field(
+        default=None, metadata={"help": "safety monitor: stop training when refusal falls below this rate"}
+    )
+    monitor_save_best: bool = field(
+        default=False, metadata={"help": "safety monitor: checkpoint at each new best refusal rate (kept)"}
+    )
+
+
+def check_monitor_settings(cfg) -> None:
+    if cfg.monitor_every < 1:
+        raise ConfigError(f"monitor_every: must be >= 1, got {cfg.monitor_every}")
+    if cfg.monitor_stop_below is not None and not 0 <= cfg.monitor_stop_below <= 1:
+        raise ConfigError(f"monitor_stop_below: a refusal rate in [0, 1], got {cfg.monitor_stop_below}")
+    if (cfg.monitor_benign or cfg.monitor_stop_below is not None or cfg.monitor_save_best) and not cfg.monitor_harmful:
+        raise ConfigError("monitor_*: the safety monitor needs monitor_harmful (a prompts file)")
+
+
+@dataclass
+class ControllerSettings:
+    """The lambda controllers' keys (logitguard.controllers), shared by TrainConfig and the TRL config."""
+
+    # docs/controllers.md: lambda starts at reg_weight and moves; off by default, so runs that do not set them keep
+    # their meaning (and their results key)
+    str_budget: float | None = field(
+        default=None, metadata={"help": "constrained training: hold the regularizer's running mean <= this budget "
+                                "(reg's unit) by dual ascent on lambda each optimizer step"},
+    )  # fmt: skip
+    str_budget_lr: float | None = field(
+        default=None, metadata={"help": "str_budget: dual-ascent step size eta (default 0.1 / str_budget)"}
+    )
+    safety_target: float | None = field(
+        default=None, metadata={"help": "closed loop: keep the safety monitor's refusal rate >= this (0..1) by "
+                                "scaling lambda at each check (needs monitor_harmful: the probe prompts)"},
+    )  # fmt: skip
+    safety_target_drop: float | None = field(
+        default=None, metadata={"help": "closed loop relative to the aligned model: keep refusal >= the monitor's "
+                                "rate before training minus this (e.g. 0.03); instead of safety_target"},
+    )  # fmt: skip
+    safety_target_up: float = field(default=2.0, metadata={"help": "safety_target: lambda factor below the target"})
+    safety_target_down: float = field(
+        default=0.9, metadata={"help": "safety_target: lambda factor at or above the target"}
+    )
+    safety_target_rewind: bool = field(
+        default=False, metadata={"help": "safety_target: below it, also return to the last state that met it"}
+    )
+
+
+@dataclass
+class TrainConfig(ControllerSettings, MonitorSettings, RegularizerSettings, AnchorSettings, SafetySettings):
     """Every key of `logitguard train`. Each regularizer's own settings (pact_*, csft_*, kl_topk) come from its
-    module's settings dataclass (logitguard.regularizers), declared there once; the anchors' from AnchorSettings; the
-    safety keys the TRL integration shares from SafetySettings."""
+    module's settings dataclass (logitguard.regularizers), declared there once; the anchors', the monitor's, the
+    lambda controllers' and the safety keys, which the TRL integration shares, from their own dataclasses."""
 
     model: str = field(default="", metadata={"help": "aligned model: local folder or hub name"})
     gguf_file: str | None = field(
@@ -142,21 +203,6 @@ class TrainConfig(RegularizerSettings, AnchorSettings, SafetySettings):
     logging_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps"})
     resume: bool = field(default=True, metadata={"help": "resume from the last checkpoint in output_dir"})
-    monitor_harmful: str | None = field(
-        default=None,
-        metadata={"help": "safety monitor: held-out harmful prompts file"},
-    )
-    monitor_benign: str | None = field(
-        default=None, metadata={"help": "safety monitor: benign prompts (over-refusal)"}
-    )
-    monitor_every: int = field(default=50, metadata={"help": "safety monitor: check every N optimizer steps"})
-    monitor_keywords: str = field(default="qi2023", metadata={"help": "safety monitor: refusal keyword list"})
-    monitor_stop_below: float | None = field(
-        default=None, metadata={"help": "safety monitor: stop training when refusal falls below this rate"}
-    )
-    monitor_save_best: bool = field(
-        default=False, metadata={"help": "safety monitor: checkpoint at each new best refusal rate (kept)"}
-    )
     safety_mix: str | None = field(
         default=None,
         metadata={"help": "safety-data mixing: a file of harmful prompts with refusals, or 'self' (the model's own "
@@ -180,30 +226,6 @@ class TrainConfig(RegularizerSettings, AnchorSettings, SafetySettings):
         default=128, metadata={"help": "method salora: training rows for the task subspace"}
     )
     salora_task_rank: int = field(default=32, metadata={"help": "method salora: task directions"})
-    # lambda controllers (logitguard.controllers, docs/controllers.md): lambda starts at reg_weight and moves; off by
-    # default, so runs that do not set them keep their meaning (and their results key)
-    str_budget: float | None = field(
-        default=None, metadata={"help": "constrained training: hold the regularizer's running mean <= this budget "
-                                "(reg's unit) by dual ascent on lambda each optimizer step"},
-    )  # fmt: skip
-    str_budget_lr: float | None = field(
-        default=None, metadata={"help": "str_budget: dual-ascent step size eta (default 0.1 / str_budget)"}
-    )
-    safety_target: float | None = field(
-        default=None, metadata={"help": "closed loop: keep the safety monitor's refusal rate >= this (0..1) by "
-                                "scaling lambda at each check (needs monitor_harmful: the probe prompts)"},
-    )  # fmt: skip
-    safety_target_drop: float | None = field(
-        default=None, metadata={"help": "closed loop relative to the aligned model: keep refusal >= the monitor's "
-                                "rate before training minus this (e.g. 0.03); instead of safety_target"},
-    )  # fmt: skip
-    safety_target_up: float = field(default=2.0, metadata={"help": "safety_target: lambda factor below the target"})
-    safety_target_down: float = field(
-        default=0.9, metadata={"help": "safety_target: lambda factor at or above the target"}
-    )
-    safety_target_rewind: bool = field(
-        default=False, metadata={"help": "safety_target: below it, also return to the last state that met it"}
-    )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
     trainer: dict = field(default_factory=dict, metadata={"help": "extra transformers.TrainingArguments"})
 
@@ -249,14 +271,7 @@ class TrainConfig(RegularizerSettings, AnchorSettings, SafetySettings):
             raise ConfigError(f"quantize: {self.quantize} trains an adapter on a frozen quantized model; "
                               f"use method {able}, not {self.method}")  # fmt: skip
         check_anchor_settings(self)
-        if self.monitor_every < 1:
-            raise ConfigError(f"monitor_every: must be >= 1, got {self.monitor_every}")
-        if self.monitor_stop_below is not None and not 0 <= self.monitor_stop_below <= 1:
-            raise ConfigError(f"monitor_stop_below: a refusal rate in [0, 1], got {self.monitor_stop_below}")
-        if (self.monitor_benign or self.monitor_stop_below is not None or self.monitor_save_best) and not (
-            self.monitor_harmful
-        ):
-            raise ConfigError("monitor_*: the safety monitor needs monitor_harmful (a prompts file)")
+        check_monitor_settings(self)
         check_method_settings(self)
         check_controller_settings(self)
         if self.trainer:

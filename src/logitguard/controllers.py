@@ -259,6 +259,18 @@ def restore(model, optimizer, kept: dict) -> None:
             group["lr"] = lr
 
 
+def steer(cfg, tokenizer, trainer) -> tuple:
+    """(monitor, controller): the safety monitor the settings ask for, then their lambda controller, attached to
+    `trainer` in that order (a safety target reads the monitor's checks). `logitguard train` and the TRL trainer."""
+    from .callbacks import safety_monitor
+
+    monitor = safety_monitor(cfg, tokenizer, trainer)
+    controller = make_controller(cfg, monitor)
+    if controller is not None:
+        controller.attach(trainer)
+    return monitor, controller
+
+
 def make_controller(cfg, monitor=None) -> LambdaController | None:
     """The controller a TrainConfig asks for, or None (lambda fixed at reg_weight)."""
     if cfg.str_budget is not None:

@@ -16,7 +16,7 @@ import torch
 from . import adapters
 from .cache import build_reference_cache
 from .config import ConfigError, TrainConfig, save_config
-from .controllers import make_controller
+from .controllers import steer
 from .data import ChatCollator, apply_columns, ensure_chat_template, load_rows, split_holdout, tokenize_rows
 from .files import resume_checkpoint, write_json_atomic, write_text_atomic
 from .methods import mixing, salora
@@ -273,10 +273,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
     pissa_init = out / "pissa_init"
     if adapters.get(cfg.method).converts_on_save and not pissa_init.exists():
         _save_pissa_init(model, pissa_init)
-    monitor = _safety_monitor(cfg, tokenizer, trainer)
-    controller = make_controller(cfg, monitor)  # str_budget / safety_target: lambda moves (after the monitor)
-    if controller is not None:
-        controller.attach(trainer)
+    monitor, controller = steer(cfg, tokenizer, trainer)  # the safety monitor, then a lambda controller if asked
     resume = resume_checkpoint(out) if cfg.resume else None  # the last one saved whole
     # written before training: checkpoints pushed to the hub during training and a killed run's folder carry them
     if main:
@@ -355,22 +352,6 @@ def _check_resume(cfg: TrainConfig, out: Path) -> None:
             f"{out} holds checkpoints of a run with other settings ({', '.join(differ)}); resuming would "
             "continue that run. Use another output_dir, or resume: false to train from scratch there"
         )
-
-
-def _safety_monitor(cfg: TrainConfig, tokenizer, trainer):
-    """The SafetyMonitor callback when monitor_harmful is set (logs refusal while training)."""
-    if not cfg.monitor_harmful:
-        return None
-    from .callbacks import SafetyMonitor
-    from .eval.keyword import refusal_keywords
-    from .eval.prompts import read_prompts
-
-    refusal_keywords(cfg.monitor_keywords)  # an unknown list name fails before training starts
-    benign = read_prompts(cfg.monitor_benign) if cfg.monitor_benign else None
-    return SafetyMonitor(
-        tokenizer, read_prompts(cfg.monitor_harmful), benign, every=cfg.monitor_every, refusal=cfg.monitor_keywords,
-        stop_below=cfg.monitor_stop_below, save_best=cfg.monitor_save_best,
-    ).attach(trainer)  # fmt: skip
 
 
 def release_trainer(trainer) -> None:

@@ -35,7 +35,17 @@ from packaging.version import Version
 from trl import SFTConfig, SFTTrainer
 
 from ..cache import build_reference_cache
-from ..config import AnchorSettings, SafetySettings, check_anchor_settings, check_safety_settings
+from ..config import (
+    AnchorSettings,
+    ControllerSettings,
+    MonitorSettings,
+    SafetySettings,
+    check_anchor_settings,
+    check_controller_settings,
+    check_monitor_settings,
+    check_safety_settings,
+)
+from ..controllers import steer
 from ..deprecated import renamed_keys, warn
 from ..errors import ConfigError, LogitguardError
 from ..keyed import KeyedReference
@@ -66,10 +76,12 @@ _REWRITING_INITS = ("pissa", "olora", "corda", "eva", "loftq")
 
 
 @dataclass
-class SafetySFTConfig(SFTConfig, RegularizerSettings, AnchorSettings, SafetySettings):
+class SafetySFTConfig(SFTConfig, ControllerSettings, MonitorSettings, RegularizerSettings, AnchorSettings,
+                      SafetySettings):  # fmt: skip
     """TRL's SFTConfig plus logitguard's safety keys (every SFTConfig / TrainingArguments field still works); each
-    regularizer's own keys (pact_*, csft_*, kl_topk), the anchors' and the safety keys (SafetySettings) come from the
-    dataclasses TrainConfig uses: each declared once, with one help text."""
+    regularizer's own keys (pact_*, csft_*, kl_topk), the anchors', the safety monitor's (monitor_*), the lambda
+    controllers' (str_budget, safety_target*) and the safety keys come from the dataclasses TrainConfig uses: each
+    declared once, with one help text."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,6 +89,8 @@ class SafetySFTConfig(SFTConfig, RegularizerSettings, AnchorSettings, SafetySett
             self.safety_words = [w.strip() for w in self.safety_words.split(",") if w.strip()]
         check_safety_settings(self, references=("cache", "online"))
         check_anchor_settings(self)
+        check_monitor_settings(self)
+        check_controller_settings(self)
         if self.reg_weight > 0 and get_regularizer(self.regularizer).replaces_ce and self.loss_type != "nll":
             raise ConfigError(f"regularizer {self.regularizer} replaces the SFT loss; loss_type {self.loss_type!r} "
                               "would be dropped: use loss_type nll")  # fmt: skip
@@ -118,6 +132,9 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
             self.args.first_response_weight, entry.kwargs(self.args, self.safety_tokens) or None,
         )  # fmt: skip
         self.anchors = self._make_anchors() if self.args.anchor_prompts else None
+        # the safety monitor (monitor_harmful) and a lambda controller (str_budget, safety_target), as in `logitguard
+        # train`: lambda is then the controller's (reg_weight() below)
+        self.safety_monitor, _ = steer(self.args, self.processing_class, self)
 
     def _make_anchors(self):
         """The anchored regularizer's anchors, from the aligned model (the adapter disabled while they are made)."""
@@ -193,8 +210,12 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
         local_tokens = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
         ce = loss.detach() / scale * (num_items_in_batch / local_tokens if step_wide else 1)
         self._safety_metrics[mode]["ce"].append(ce)
-        # lambda weighs the term; an objective that replaces cross-entropy is the loss itself (lambda > 0: on)
-        loss = reg * scale if self.entry.replaces_ce else loss + self.reg_weight(reg) * reg * scale
+        # lambda weighs the term; an objective that replaces cross-entropy is the loss itself (lambda > 0: on). A
+        # controller is shown the term as a share of the step's mean: a micro-batch mean is one of the accumulation
+        # steps' (and of the processes', whose gradients DDP averages)
+        parts = max(1, self.current_gradient_accumulation_steps) * self.accelerator.num_processes
+        shown = reg if step_wide else reg / parts
+        loss = reg * scale if self.entry.replaces_ce else loss + self.reg_weight(shown) * reg * scale
         return self._with_anchors(model, (loss, outputs) if return_outputs else loss, mode, step_wide, return_outputs)
 
     def _with_anchors(self, model, result, mode: str, step_wide: bool, return_outputs: bool):
