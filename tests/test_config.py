@@ -1,6 +1,6 @@
 import pytest
 
-from logitguard.config import ConfigError, load_config
+from logitguard.config import ConfigError, TrainConfig, load_config
 
 
 def write(tmp_path, text):
@@ -60,3 +60,14 @@ def test_flags_and_saved_config_read_model_and_data_first(tmp_path):
     save_config(build_config({"model": "m", "data": "d", "reg_weight": 0.5}), tmp_path / "c.yaml")
     saved = yaml.safe_load((tmp_path / "c.yaml").read_text())
     assert list(saved)[:3] == ["model", "gguf_file", "data"] and saved["reg_weight"] == 0.5
+
+
+def test_every_key_is_in_the_configuration_reference():
+    """docs/configuration.md's key table names every TrainConfig key (a key added without a row fails here)."""
+    import dataclasses
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    table = doc[doc.index("## Config keys") : doc.index("## Data")]
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in table]
+    assert missing == []
