@@ -45,10 +45,10 @@ def main() -> None:
         return result
 
     for fixed in (0.0, 1.0):
-        trace = run(f"fixed{fixed:g}", fixed=fixed, str_weight=1.0)["lambda_controller"]["history"]
+        trace = run(f"fixed{fixed:g}", fixed=fixed, reg_weight=1.0)["lambda_controller"]["history"]
         print(f"lambda held at {fixed:g}: final running reg {trace[-1]['reg_running']:.2f}")
     for relative in (0.03, 0.1, 0.3, 1.0):
-        trace = run(f"budget{relative:g}", str_weight=1.0, str_budget=5.0, str_budget_lr=relative / 5.0)
+        trace = run(f"budget{relative:g}", reg_weight=1.0, str_budget=5.0, str_budget_lr=relative / 5.0)
         trace = trace["lambda_controller"]["history"]
         lambdas = [round(r["lambda"], 3) for r in trace]
         regs = [round(r["reg"], 2) for r in trace]
@@ -56,12 +56,12 @@ def main() -> None:
               f"lambda min {min(lambdas)} max {max(lambdas)}\n  lambda {lambdas}\n  reg {regs}")  # fmt: skip
     monitor = {"monitor_harmful": str(probe), "monitor_every": 5}
     for rewind in (False, True):
-        trace = run(f"target_rewind{rewind}", str_weight=0.01, safety_target=0.9, safety_target_rewind=rewind,
+        trace = run(f"target_rewind{rewind}", reg_weight=0.01, safety_target=0.9, safety_target_rewind=rewind,
                     **monitor)["lambda_controller"]["history"]  # fmt: skip
         print(f"safety_target 0.9, rewind {rewind}: (step, probe refusal, lambda, rewound to) "
               f"{[(r['step'], r['refusal'], round(r['lambda'], 3), r['rewound_to']) for r in trace]}")  # fmt: skip
     for weight in (0.0, 0.01, 0.1):
-        curve = run(f"monitor{weight:g}", str_weight=weight, **monitor)["safety_monitor"]
+        curve = run(f"monitor{weight:g}", reg_weight=weight, **monitor)["safety_monitor"]
         print(f"lambda fixed at {weight:g}: probe refusal {[(r['step'], r['refusal']) for r in curve]}")
 
 

@@ -31,11 +31,11 @@ EVERY = {"attack": 5, "new_task": 20}  # safety checks: ~10 per run
 
 
 def runs(scenario: str, r0: float | None) -> list[tuple[str, dict]]:
-    out = [("probe (lambda 1e-6)", {"str_weight": 1e-6})]
-    out += [(f"STR lambda {w:g}", {"str_weight": w}) for w in (0.03, 0.1, 0.25, 1.0)]
+    out = [("probe (lambda 1e-6)", {"reg_weight": 1e-6})]
+    out += [(f"STR lambda {w:g}", {"reg_weight": w}) for w in (0.03, 0.1, 0.25, 1.0)]
     if r0 is not None:
-        out += [(f"str_budget R0/{k}", {"str_weight": 1.0, "str_budget": round(r0 / k, 4)}) for k in (4, 16)]
-    target = {"str_weight": 0.1, "safety_target": 0.95}
+        out += [(f"str_budget R0/{k}", {"reg_weight": 1.0, "str_budget": round(r0 / k, 4)}) for k in (4, 16)]
+    target = {"reg_weight": 0.1, "safety_target": 0.95}
     out += [("safety_target 0.95", target), ("safety_target 0.95 rewind", {**target, "safety_target_rewind": True})]
     return out
 
@@ -90,7 +90,7 @@ class Bench:
             self.done["R0"] = row["final_reg"]
         self.done["runs"][name] = row
         write_json_atomic(self.out, self.results)
-        weight = controller["final_lambda"] if controller else settings["str_weight"]
+        weight = controller["final_lambda"] if controller else settings["reg_weight"]
         print(f"{self.key} {name}: refusal {metrics['refusal_rate']:.2f} new-task EM "
               f"{metrics['new_task_exact_match']:.2f} benign EM {metrics['benign_exact_match']:.2f} "
               f"reg {row['final_reg']:.3f} lambda {weight:.4g} ({row['seconds']:.0f} s)", flush=True)  # fmt: skip

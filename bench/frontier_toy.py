@@ -22,11 +22,11 @@ from controllers_toy import Bench, runs
 
 
 def frontier_runs() -> list[tuple[str, dict]]:
-    kl = [(f"KL top-32 lambda {w:g}", {"regularizer": "kl", "kl_topk": 32, "str_weight": w})
+    kl = [(f"KL top-32 lambda {w:g}", {"regularizer": "kl", "kl_topk": 32, "reg_weight": w})
           for w in (0.01, 0.03, 0.1, 0.3, 1.0)]  # fmt: skip
-    csft = [(f"constrained SFT beta {b:g}", {"regularizer": "constrained_sft", "str_weight": 1.0, "csft_beta": b})
+    csft = [(f"constrained SFT beta {b:g}", {"regularizer": "constrained_sft", "reg_weight": 1.0, "csft_beta": b})
             for b in (0.1, 0.03, 0.01)]  # fmt: skip
-    return [("STR(I) lambda 1", {"str_weight": 1.0}), *kl, *csft]
+    return [("STR(I) lambda 1", {"reg_weight": 1.0}), *kl, *csft]
 
 
 def main() -> None:

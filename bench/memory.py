@@ -2,7 +2,7 @@
 
 Variants, each a LoRA step (forward, backward, AdamW step) on the same model and batches:
   stock            the model's own forward with labels: full (B, T, V) logits, plain cross-entropy
-  logitguard_lora  logitguard's STRTrainer with str_weight 0: cross-entropy chunked from the final hidden state
+  logitguard_lora  logitguard's SafetyTrainer with reg_weight 0: cross-entropy chunked from the final hidden state
   str_cached       logitguard STR with the reference cache: the same, plus K safety logits from K head rows
 
 Default shape: a Qwen-sized vocabulary (151,936), seq 512, batch 4, LoRA r 8, on a small random Llama (the

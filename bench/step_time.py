@@ -1,8 +1,8 @@
 """Step time and peak memory of plain LoRA vs three ways of getting STR's reference logits, and PACT's two.
 
-Variants, all through the Trainer's own step (STRTrainer.get_batch_samples, training_step: compute_loss under the
+Variants, all through the Trainer's own step (SafetyTrainer.get_batch_samples, training_step: compute_loss under the
 Trainer's autocast and backward through its accelerator, the non-finite check, the optimizer step):
-  lora         plain LoRA (str_weight 0)
+  lora         plain LoRA (reg_weight 0)
   paper        the paper's formulation: extra full-vocabulary forward of the adapter-disabled model per step,
                trained side's K logits gathered from the full logits
   online       extra no-grad decoder forward per step, K head rows only; trained side from hidden states
@@ -139,7 +139,7 @@ def _examples(size: dict, steps: int, seed: int) -> list[dict]:
 
 def make_trainers(model, examples, size, cache_folder, out_dir, pact_cached=None, extras_folder=None):
     """(model, trainers, optimizer): the model with LoRA attached and prepared by the Trainer's accelerator (on a GPU:
-    its forward runs under bf16 autocast, as in `trainer.train()`), one STRTrainer per variant."""
+    its forward runs under bf16 autocast, as in `trainer.train()`), one SafetyTrainer per variant."""
     from transformers import TrainingArguments
 
     from logitguard.anchors import Anchors
@@ -147,7 +147,7 @@ def make_trainers(model, examples, size, cache_folder, out_dir, pact_cached=None
     from logitguard.models import attach_method
     from logitguard.pact import PactOnlineReference
     from logitguard.reference import OnlineReference, PaperReference
-    from logitguard.trainer import STRTrainer
+    from logitguard.trainer import SafetyTrainer
 
     # from the aligned model, before the adapter: their reference is computed here, once
     anchors = Anchors(model, _anchor_examples(size), 0, SAFETY_IDS, regularizer="restricted_kl", per_step=2)
@@ -170,19 +170,19 @@ def make_trainers(model, examples, size, cache_folder, out_dir, pact_cached=None
     }
     pact = dict(regularizer="pact", regularizer_kwargs={"token_weights": pact_weights()})
     trainers = {
-        name: STRTrainer(
+        name: SafetyTrainer(
             model=peft_model,
             args=args,
             safety_ids=PACT_IDS if name.startswith("pact") else SAFETY_IDS,
             reference=ref,
-            str_weight=0.0 if name == "lora" else 1.0,
+            reg_weight=0.0 if name == "lora" else 1.0,
             **(pact if name.startswith("pact") else {"regularizer": name} if name in PER_TOKEN else {}),
         )
         for name, ref in refs.items()
         if name == "lora" or ref is not None
     }
-    trainers["anchored"] = STRTrainer(
-        model=peft_model, args=args, safety_ids=SAFETY_IDS, reference=None, str_weight=0.0, anchors=anchors
+    trainers["anchored"] = SafetyTrainer(
+        model=peft_model, args=args, safety_ids=SAFETY_IDS, reference=None, reg_weight=0.0, anchors=anchors
     )
     peft_model = trainers["lora"].accelerator.prepare_model(peft_model)  # bf16 autocast on a GPU, as train() does
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)

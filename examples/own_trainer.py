@@ -1,6 +1,6 @@
 """Your own data pipeline and a transformers Trainer, with STR and the cached reference.
 
-A user who tokenizes data their own way and brings their own collator swaps `Trainer` for `STRTrainer` and
+A user who tokenizes data their own way and brings their own collator swaps `Trainer` for `SafetyTrainer` and
 builds the reference cache from the same tokenized examples; batches are matched to cached rows by their token
 ids (`KeyedReference`), so no `example_idx` column is needed. Offline and tiny; runs on a CPU in seconds.
 
@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from logitguard import CachedReference, KeyedReference, STRTrainer, build_reference_cache
+from logitguard import CachedReference, KeyedReference, SafetyTrainer, build_reference_cache
 
 VOCAB = 64
 SAFETY_IDS = [5, 9]  # with a real tokenizer: logitguard.SafetyTokens.from_words(tokenizer, "I,cannot").ids
@@ -61,13 +61,13 @@ def main():
         # 1. the reference cache, from the aligned model before the adapter, on your tokenized examples
         folder = build_reference_cache(model, NoTokenizer(), examples, SAFETY_IDS, f"{out}/cache", max_length=64)
         reference = KeyedReference(CachedReference(folder, SAFETY_IDS), examples)
-        # 2. your usual PEFT model and Trainer, with STRTrainer and three extra arguments
+        # 2. your usual PEFT model and Trainer, with SafetyTrainer and three extra arguments
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
         args = TrainingArguments(output_dir=out, max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
                                  logging_steps=1, report_to=[], use_cpu=True, save_strategy="no")  # fmt: skip
-        trainer = STRTrainer(
+        trainer = SafetyTrainer(
             model=model, args=args, train_dataset=examples, data_collator=my_collator,
-            safety_ids=SAFETY_IDS, reference=reference, str_weight=1.0,
+            safety_ids=SAFETY_IDS, reference=reference, reg_weight=1.0,
         )  # fmt: skip
         trainer.train()
         last = [row for row in trainer.state.log_history if "reg" in row][-1]

@@ -13,8 +13,8 @@ from peft import LoraConfig
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from logitguard.integrations.trl import STRSFTConfig as SFTConfig  # logitguard (was: from trl import SFTConfig)
-from logitguard.integrations.trl import STRSFTTrainer as SFTTrainer  # logitguard (was: from trl import SFTTrainer)
+from logitguard.integrations.trl import SafetySFTConfig as SFTConfig  # logitguard (was: from trl import SFTConfig)
+from logitguard.integrations.trl import SafetySFTTrainer as SFTTrainer  # logitguard (was: from trl import SFTTrainer)
 
 ROWS = [
     ("Name a fruit.", "An apple is a fruit."),
@@ -62,7 +62,7 @@ def main():
             use_cpu=True,
             bf16=False,
             safety_words=["I", "cannot"],  # logitguard
-            str_weight=1.0,  # logitguard
+            reg_weight=1.0,  # logitguard
             cache_dir=f"{out}/cache",  # logitguard (default: ~/.cache/logitguard)
         )
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)

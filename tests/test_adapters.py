@@ -63,7 +63,7 @@ def test_runs_that_train_on_other_examples_do_not_share_a_prebuilt_cache():
     from logitguard.train import cache_group
 
     plain = build_config({"model": "m", "data": "d.jsonl", "safety_words": ["I"]})
-    other_words = build_config({"model": "m", "data": "d.jsonl", "safety_words": ["cannot"], "str_weight": 0.3})
+    other_words = build_config({"model": "m", "data": "d.jsonl", "safety_words": ["cannot"], "reg_weight": 0.3})
     mixed = build_config({"model": "m", "data": "d.jsonl", "safety_mix": "s.jsonl", "safety_mix_count": 5})
     assert cache_group(plain) == cache_group(other_words)  # one cache, the union of their ids
     assert cache_group(plain) != cache_group(mixed)

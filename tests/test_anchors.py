@@ -61,7 +61,7 @@ def test_anchors_keep_refusal_under_a_lora_attack_on_the_toy_model(quick_toy, tm
     for name, extra in {"lora": {}, "anchored": {"anchor_prompts": str(tmp_path / "anchors.jsonl")}}.items():
         cfg = load_config(None, {"model": str(quick_toy), "data": str(quick_toy / "corpus" / "attack_train.jsonl"),
                                  "output_dir": str(tmp_path / name), "cache_dir": str(tmp_path / "cache"),
-                                 "str_weight": 0.0, "epochs": 3.0, "learning_rate": 2e-2, "dropout": 0.0,
+                                 "reg_weight": 0.0, "epochs": 3.0, "learning_rate": 2e-2, "dropout": 0.0,
                                  "max_length": 96, "batch_size": 10, "save_steps": 1000, **extra})  # fmt: skip
         result = train(cfg, progress=False)
         metrics, _, _ = evaluate_model(quick_toy, tmp_path / name, corpus, 24, False)

@@ -1,6 +1,6 @@
 import pytest
 
-from logitguard.config import ConfigError, load_config
+from logitguard.config import ConfigError, TrainConfig, load_config
 
 
 def write(tmp_path, text):
@@ -10,14 +10,14 @@ def write(tmp_path, text):
 
 
 def test_yaml_then_overrides(tmp_path):
-    path = write(tmp_path, "model: m\ndata: d.jsonl\nstr_weight: 2\nsafety_words: [I, cannot]\n")
-    cfg = load_config(path, {"str_weight": "0.5", "target_modules": "q_proj,v_proj", "resume": "false"})
-    assert cfg.str_weight == 0.5 and cfg.safety_words == ["I", "cannot"]
+    path = write(tmp_path, "model: m\ndata: d.jsonl\nreg_weight: 2\nsafety_words: [I, cannot]\n")
+    cfg = load_config(path, {"reg_weight": "0.5", "target_modules": "q_proj,v_proj", "resume": "false"})
+    assert cfg.reg_weight == 0.5 and cfg.safety_words == ["I", "cannot"]
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.resume is False
 
 
 def test_unknown_key_named_with_suggestion(tmp_path):
-    with pytest.raises(ConfigError, match="unknown key 'str_wieght'.*'str_weight'"):
+    with pytest.raises(ConfigError, match="unknown key 'str_wieght'.*'reg_weight'"):
         load_config(write(tmp_path, "model: m\ndata: d\nstr_wieght: 1\n"))
 
 
@@ -26,7 +26,7 @@ def test_unknown_key_named_with_suggestion(tmp_path):
     [
         ("model: m\ndata: d\nmethod: qlora\n", "method: 'qlora' is not one of"),
         ("model: m\ndata: d\nrank: two\n", "rank: expected an integer"),
-        ("model: m\ndata: d\nstr_weight: -1\n", "str_weight: must be >= 0"),
+        ("model: m\ndata: d\nreg_weight: -1\n", "reg_weight: must be >= 0"),
         ("model: m\ndata: d\nresume: maybe\n", "resume: expected true or false"),
         ("model: m\ndata: d\ntrainer: {warmup_step: 3}\n", "trainer.warmup_step.*'warmup_steps'"),
         ("data: d\n", "model: required"),
@@ -57,6 +57,17 @@ def test_flags_and_saved_config_read_model_and_data_first(tmp_path):
     names = [f.name for f in ordered_fields()]
     assert names[:3] == ["model", "gguf_file", "data"] and sorted(names) == sorted(
         f.name for f in dataclasses.fields(TrainConfig))  # fmt: skip
-    save_config(build_config({"model": "m", "data": "d", "str_weight": 0.5}), tmp_path / "c.yaml")
+    save_config(build_config({"model": "m", "data": "d", "reg_weight": 0.5}), tmp_path / "c.yaml")
     saved = yaml.safe_load((tmp_path / "c.yaml").read_text())
-    assert list(saved)[:3] == ["model", "gguf_file", "data"] and saved["str_weight"] == 0.5
+    assert list(saved)[:3] == ["model", "gguf_file", "data"] and saved["reg_weight"] == 0.5
+
+
+def test_every_key_is_in_the_configuration_reference():
+    """docs/configuration.md's key table names every TrainConfig key (a key added without a row fails here)."""
+    import dataclasses
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    table = doc[doc.index("## Config keys") : doc.index("## Data")]
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in table]
+    assert missing == []

@@ -82,6 +82,27 @@ def test_safety_target_scales_lambda_by_the_measured_refusal():
     assert [row["lambda"] for row in controller.history] == pytest.approx([1.0, 2.0, 1.0, 0.5, 1.0])
 
 
+def test_a_target_relative_to_the_aligned_model_is_set_by_the_check_before_training():
+    monitor = SimpleNamespace(history=[])
+    controller = SafetyTarget(1.0, None, monitor, up=2.0, down=0.5, drop=0.05)
+    state = SimpleNamespace(global_step=0, stateful_callbacks={})
+    for step, refusal in [(0, 0.9), (5, 0.84), (10, 0.86)]:
+        monitor.history.append({"step": step, "refusal": refusal})
+        state.global_step = step
+        controller.on_step_end(None, state, None)
+    assert controller.target == pytest.approx(0.85)  # 0.9 before training, less the drop
+    assert [row["met"] for row in controller.history] == [True, False, True]
+    assert controller.weight == pytest.approx(1.0 * 2.0 * 0.5)
+    assert controller.report()["safety_target_drop"] == 0.05
+    resumed = SafetyTarget(1.0, None, SimpleNamespace(history=[{"step": 10, "refusal": 0.8}]), drop=0.05)
+    resumed.load_state(state.stateful_callbacks[STATE_KEY])  # a resume carries the measured target
+    resumed.on_step_end(None, SimpleNamespace(global_step=10, stateful_callbacks={}), None)
+    assert resumed.target == pytest.approx(0.85) and resumed.history[-1]["met"] is False
+    late = SafetyTarget(1.0, None, SimpleNamespace(history=[{"step": 3, "refusal": 0.8}]), drop=0.05)
+    with pytest.raises(ConfigError, match="never measured; give safety_target"):
+        late.on_step_end(None, SimpleNamespace(global_step=3, stateful_callbacks={}), None)
+
+
 def test_rewind_restores_weights_and_optimizer_state_and_keeps_the_learning_rate():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
@@ -127,7 +148,7 @@ def test_rewind_is_refused_under_sharding():
 
 def test_settings_from_yaml_and_their_checks(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"model": "m", "data": "d", "str_weight": 0.5, "monitor_harmful": "p.jsonl",
+    path.write_text(yaml.safe_dump({"model": "m", "data": "d", "reg_weight": 0.5, "monitor_harmful": "p.jsonl",
                                     "safety_target": 0.9, "safety_target_up": 3, "safety_target_down": 0.8,
                                     "safety_target_rewind": True}))  # fmt: skip
     cfg = load_config(path)
@@ -139,8 +160,13 @@ def test_settings_from_yaml_and_their_checks(tmp_path):
     cfg = load_config(path, {"str_budget_lr": "0.05"})  # a flag's string over the YAML
     controller = make_controller(cfg)
     assert isinstance(controller, BudgetController) and (controller.budget, controller.lr) == (4.0, 0.05)
+    cfg = build_config({"model": "m", "data": "d", "safety_target_drop": 0.03, "monitor_harmful": "p.jsonl"})
+    controller = make_controller(cfg, monitor=SimpleNamespace(history=[]))
+    assert isinstance(controller, SafetyTarget) and controller.target is None and controller.drop == 0.03
     bad = {
         "give one, not both": {"str_budget": 1.0, "safety_target": 0.9, "monitor_harmful": "p"},
+        "both set the target": {"safety_target": 0.9, "safety_target_drop": 0.03, "monitor_harmful": "p"},
+        "safety_target_drop: a refusal rate": {"safety_target_drop": -0.1, "monitor_harmful": "p"},
         "needs monitor_harmful": {"safety_target": 0.9},
         "a refusal rate": {"safety_target": 1.5, "monitor_harmful": "p"},
         "str_budget: must be > 0": {"str_budget": 0.0},
@@ -149,7 +175,7 @@ def test_settings_from_yaml_and_their_checks(tmp_path):
         "safety_target_rewind: needs safety_target": {"safety_target_rewind": True},
         "safety_target_up": {"safety_target_up": 1.0},
         "safety_target_down": {"safety_target_down": 1.5},
-        "must be > 0": {"str_budget": 1.0, "str_weight": 0.0},
+        "must be > 0": {"str_budget": 1.0, "reg_weight": 0.0},
         "replaces cross-entropy": {"str_budget": 1.0, "regularizer": "constrained_sft"},
     }
     for message, values in bad.items():
@@ -161,9 +187,9 @@ def test_new_settings_default_off_and_leave_results_keys_alone():
     from logitguard.runner import _key
 
     cfg = TrainConfig(model="m", data="d")
-    assert make_controller(cfg) is None  # lambda stays str_weight
+    assert make_controller(cfg) is None  # lambda stays reg_weight
     new = ("str_budget", "str_budget_lr", "safety_target", "safety_target_up", "safety_target_down",
-           "safety_target_rewind")  # fmt: skip
+           "safety_target_rewind", "safety_target_drop")  # fmt: skip
     values = {k: v for k, v in vars(cfg).items() if k not in new}  # a row's settings from before these keys
     assert _key({"train": values}) == _key({"train": vars(cfg)})
 
@@ -177,7 +203,7 @@ def test_budget_run_holds_the_running_regularizer_near_the_budget(quick_toy, tmp
     it, and ends with a running reg of ~4.3."""
     budget = 5.0
     flags = []
-    for key, value in toy_config(quick_toy, tmp_path, "budget", str_weight=1.0, str_budget=budget).items():
+    for key, value in toy_config(quick_toy, tmp_path, "budget", reg_weight=1.0, str_budget=budget).items():
         flags += ["--" + key.replace("_", "-"), str(value)]
     assert main(["train", *flags, "--trainer", '{"use_cpu": true, "disable_tqdm": true}']) == 0
     out = tmp_path / "budget"
@@ -200,8 +226,10 @@ def test_budget_run_holds_the_running_regularizer_near_the_budget(quick_toy, tmp
     assert len({r["lambda"] for r in rows}) > 1  # the logged lambda is the controller's, not a constant
 
     # the same run with lambda held at 0 (plain LoRA, its regularizer still measured)
-    monkeypatch.setattr(train_module, "make_controller", lambda cfg, monitor=None: LambdaController(0.0))
-    cfg = load_config(None, toy_config(quick_toy, tmp_path, "lambda0", str_weight=1.0))
+    import logitguard.controllers
+
+    monkeypatch.setattr(logitguard.controllers, "make_controller", lambda cfg, monitor=None: LambdaController(0.0))
+    cfg = load_config(None, toy_config(quick_toy, tmp_path, "lambda0", reg_weight=1.0))
     free = train_module.train(cfg, progress=False)["lambda_controller"]["history"]
     assert all(row["lambda"] == 0 for row in free)
     final, free_final = trace[-1]["reg_running"], free[-1]["reg_running"]
@@ -252,7 +280,7 @@ def test_safety_target_below_target_grows_lambda_and_rewinds(quick_toy, tmp_path
         return self
 
     monkeypatch.setattr(SafetyTarget, "attach", attach_and_check)
-    result = run_target(quick_toy, tmp_path, probe, "high", str_weight=0.01, safety_target=0.9,
+    result = run_target(quick_toy, tmp_path, probe, "high", reg_weight=0.01, safety_target=0.9,
                         safety_target_rewind=True)  # fmt: skip
     trace = result["lambda_controller"]["history"]
     assert [row["step"] for row in trace] == [0, 5, 10, 15, 20, 25, 30, 35, 40]
@@ -273,12 +301,22 @@ def test_safety_target_below_target_grows_lambda_and_rewinds(quick_toy, tmp_path
 
 
 def test_safety_target_above_target_decays_lambda_without_rewinding(quick_toy, tmp_path, probe):
-    result = run_target(quick_toy, tmp_path, probe, "low", str_weight=1.0, safety_target=0.0,
+    result = run_target(quick_toy, tmp_path, probe, "low", reg_weight=1.0, safety_target=0.0,
                         safety_target_rewind=True)  # fmt: skip
     trace = result["lambda_controller"]["history"]
     assert all(row["met"] and row["rewound_to"] is None for row in trace)
     assert [row["lambda"] for row in trace] == pytest.approx([0.9**i for i in range(len(trace))])
     assert trace[-1]["lambda"] == pytest.approx(0.9**8)
+
+
+def test_safety_target_drop_holds_the_aligned_models_own_probe_refusal(quick_toy, tmp_path, probe):
+    result = run_target(quick_toy, tmp_path, probe, "drop", reg_weight=1.0, safety_target_drop=0.0)
+    report, checks = result["lambda_controller"], result["safety_monitor"]
+    assert checks[0]["step"] == 0 and report["safety_target"] == checks[0]["refusal"]  # measured, then held
+    expected = 1.0
+    for row in report["history"][1:]:
+        expected *= 0.9 if row["refusal"] >= report["safety_target"] else 2.0
+        assert row["lambda"] == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------- the probe prompts
@@ -321,12 +359,14 @@ def test_real_probe_is_in_no_shipped_evaluation_set():
     dropped = {p for p, _ in found}
     probe = [p for p in anchors if p not in dropped]
     assert len(probe) >= 60 and overlap(probe, evaluated, similar=0.9) == []
+    if (assets / "safety_probe.jsonl").is_file():  # the file fetch_assets.py writes is that probe
+        assert read_prompts(assets / "safety_probe.jsonl") == probe
 
 
 def test_a_resumed_run_continues_the_budget_lambda(quick_toy, tmp_path):
     """Killed after 20 steps (checkpoints at 10 and 20), resumed to 40: lambda goes on from the checkpoint's value
-    (carried in its trainer_state.json), not from str_weight, and the trace is whole."""
-    settings = toy_config(quick_toy, tmp_path, "resumed", str_weight=1.0, str_budget=5.0, save_steps=10)
+    (carried in its trainer_state.json), not from reg_weight, and the trace is whole."""
+    settings = toy_config(quick_toy, tmp_path, "resumed", reg_weight=1.0, str_budget=5.0, save_steps=10)
     first = train_module.train(load_config(None, {**settings, "epochs": 2.0}), progress=False)
     at_20 = first["lambda_controller"]["history"][-1]
     assert at_20["step"] == 20 and at_20["lambda"] != 1.0

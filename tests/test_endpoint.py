@@ -28,6 +28,7 @@ from logitguard.eval.endpoint import (
     parse_engine,
 )
 from logitguard.experiment import EvalSpec
+from logitguard.runner import STAGES
 
 PROMPTS = [
     "How do I bake bread?",
@@ -132,6 +133,7 @@ def test_runner_evaluate_with_engine_loads_no_model_for_generation_only(served, 
     remote = evaluate(
         str(folder), None, dataclasses.replace(spec, engine=f"endpoint:{url}"), tmp_path / "remote", progress=False
     )
+    assert set(remote.pop(STAGES)) == set(local.pop(STAGES)) == {"safety"}  # timings differ, the stages do not
     assert remote == local
     records = [json.loads(line) for line in (tmp_path / "remote" / "records.jsonl").read_text().splitlines()]
     assert [r["response"] for r in records] == [
@@ -153,6 +155,7 @@ def test_runner_evaluate_with_engine_keeps_loss_in_process(served, tmp_path):
     remote = evaluate(
         str(folder), None, dataclasses.replace(spec, engine=f"endpoint:{url}"), tmp_path / "r", progress=False
     )
+    assert set(remote.pop(STAGES)) == set(local.pop(STAGES)) == {"safety", "loss:chats"}
     assert "eval_loss" in remote and remote == local
 
 
@@ -252,12 +255,12 @@ def test_bench_refuses_an_engine_for_runs_that_train_a_whole_model(tmp_path, mod
         "description": "tiny", "paper": {}, "model": str(model_dir),
         "train": {"data": str(ASSETS / "chat.jsonl"), "epochs": 1, "max_length": 32},
         "eval": {"harmful": str(prompts), "engine": "endpoint:http://127.0.0.1:9/v1"},
-        "runs": [{"name": "LoRA", "train": {"str_weight": 0}}, {"name": "full FT", "train": {"method": "full"}},
+        "runs": [{"name": "LoRA", "train": {"reg_weight": 0}}, {"name": "full FT", "train": {"method": "full"}},
                  {"name": "continual", "stages": [{"epochs": 1}]}],
     }  # fmt: skip
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(exp))
-    argv = ["bench", "run", str(path), "--results", str(tmp_path / "r"), "--work", str(tmp_path / "w"),
+    argv = ["experiment", "run", str(path), "--results", str(tmp_path / "r"), "--work", str(tmp_path / "w"),
             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     assert main(argv) == 2
     assert "eval.engine cannot evaluate full FT, continual: they train a whole model" in capsys.readouterr().err

@@ -159,10 +159,10 @@ BAD_INPUTS = {
     ),
     "missing token file": (_flags("--token-file", "none.json"), ["none.json does not exist"]),
     "pact on one token": (_one_token_file, ["pact regularizer", "needs >= 2"]),
-    "negative weight": (_flags("--str-weight", "-1"), ["str_weight: must be >= 0"]),
+    "negative weight": (_flags("--reg-weight", "-1"), ["reg_weight: must be >= 0"]),
     "negative learning rate": (_flags("--learning-rate", "-0.0002"), ["learning_rate: must be > 0"]),
     "zero rank": (_flags("--rank", "0"), ["rank: must be >= 1"]),
-    "NaN weight": (_flags("--str-weight", "nan"), ["str_weight: must be a finite number"]),
+    "NaN weight": (_flags("--reg-weight", "nan"), ["reg_weight: must be a finite number"]),
     "inf temperature": (_flags("--temperature", "inf"), ["temperature: must be a finite number"]),
     "unknown target module": (_flags("--target-modules", "qq_proj"), ["target_modules=['qq_proj']"]),
     "cache of other data": (_other_cache, ["was built for a different data"]),
@@ -184,7 +184,7 @@ def test_bad_input_is_one_line_and_loses_nothing(case, baseline, model_dir, tmp_
 def test_flag_typo_is_a_one_line_error_with_a_suggestion(baseline, model_dir, capsys):
     out, cache_dir, _ = baseline
     rc, err = run_cli(train_argv(model_dir, out, cache_dir, "--str-wieght", "1"), capsys)
-    assert rc == 2 and "unknown key 'str_wieght' (did you mean 'str_weight'?)" in err and "Traceback" not in err
+    assert rc == 2 and "unknown key 'str_wieght' (did you mean 'reg_weight'?)" in err and "Traceback" not in err
 
 
 SUBCOMMANDS = {
@@ -424,10 +424,12 @@ def _child(argv, log, fault=None, barrier=None):
         save = TrainerState.save_to_json
         TrainerState.save_to_json = lambda self, path: die() if "checkpoint-3" in str(path) else save(self, path)
     elif fault == "train: mid-step":
-        from logitguard.trainer import STRTrainer
+        from logitguard.trainer import SafetyTrainer
 
-        loss = STRTrainer.compute_loss
-        STRTrainer.compute_loss = lambda self, *a, **k: die() if self.state.global_step == 3 else loss(self, *a, **k)
+        loss = SafetyTrainer.compute_loss
+        SafetyTrainer.compute_loss = lambda self, *a, **k: (
+            die() if self.state.global_step == 3 else loss(self, *a, **k)
+        )
     elif fault == "slow cache":  # a build long enough for two runs to meet
         forward = c.frozen_safety_logits
 

@@ -144,7 +144,7 @@ def test_trainer_flags_are_config_keys():
 
 def test_trainer_flags_from_the_command_line(model_dir, tmp_path, capsys):
     out = tmp_path / "o"
-    flags = ["--max-length", "64", "--max-steps", "2", "--lr-scheduler-type", "constant", "--str-weight", "0.5"]
+    flags = ["--max-length", "64", "--max-steps", "2", "--lr-scheduler-type", "constant", "--reg-weight", "0.5"]
     code = main(
         ["train", "--model", str(model_dir), "--data", "tests/assets/chat.jsonl", "--output-dir", str(out)] + flags
     )
@@ -255,7 +255,7 @@ def test_full_fine_tune_in_bf16_keeps_fp32_weights_that_take_tiny_updates(model_
     from logitguard.train import train
 
     cfg = load_config(None, {"model": str(model_dir), "data": "tests/assets/chat.jsonl", "method": "full",
-                             "precision": "bf16", "str_weight": 0, "output_dir": str(tmp_path / "o"), "max_length": 64,
+                             "precision": "bf16", "reg_weight": 0, "output_dir": str(tmp_path / "o"), "max_length": 64,
                              "max_steps": 1, "optim": "sgd", "learning_rate": 1e-4, "lr_scheduler_type": "constant",
                              "save_steps": 100})  # fmt: skip
     result = train(cfg, progress=False)
@@ -306,7 +306,7 @@ def test_zero3_loads_and_builds_the_cache_from_the_whole_model(zero3_config, mod
         seen.update(zero3=is_deepspeed_zero3_enabled(), reference=kwargs["reference"], model=kwargs["model"])
         raise Stop
 
-    monkeypatch.setattr(train_module, "STRTrainer", trainer_instead)
+    monkeypatch.setattr(train_module, "SafetyTrainer", trainer_instead)
     cfg = load_config(None, {"model": str(model_dir), "data": "tests/assets/chat.jsonl", "max_length": 64,
                              "output_dir": str(tmp_path / "o"), "cache_dir": str(tmp_path / "cache")})  # fmt: skip
     with pytest.raises(Stop):

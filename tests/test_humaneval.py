@@ -30,6 +30,8 @@ RIGHT_BODY = "    return a + b\n"
 RIGHT_FENCED = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nThis adds the numbers."
 WRONG = "```python\ndef add(a, b):\n    return a - b\n```"
 LOOP = "```python\ndef add(a, b):\n    while True:\n        pass\n```"
+CUT_RIGHT = "```python\ndef add(a, b):\n    return a + b\n"  # the budget ran out after a whole function
+CUT_OFF = "```python\ndef add(a, b):\n    return"  # ... or in the middle of it
 HOG = "```python\ndef add(a, b):\n    block = bytearray(8 << 30)\n    return a + b\n```"
 
 
@@ -132,14 +134,17 @@ def test_evaluate_humaneval_pass_at_1(monkeypatch):
 
     def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress=True, stop=None):
         seen["prompts"] = prompts
-        return [RIGHT_FENCED, WRONG, LOOP]
+        return [RIGHT_FENCED, WRONG, LOOP, CUT_RIGHT, CUT_OFF]
 
     monkeypatch.setattr("logitguard.eval.generate.generate_responses", fake_generate)
-    summary, records = evaluate_humaneval(None, None, [PROBLEM] * 3, max_new_tokens=64, timeout=1.0)
-    assert summary["pass@1"] == pytest.approx(1 / 3) and summary["passed"] == 1 and summary["timeouts"] == 1
-    assert summary["n"] == 3 and summary["max_new_tokens"] == 64
+    summary, records = evaluate_humaneval(None, None, [PROBLEM] * 5, max_new_tokens=64, timeout=1.0)
+    assert summary["pass@1"] == pytest.approx(2 / 5) and summary["passed"] == 2 and summary["timeouts"] == 1
+    assert summary["n"] == 5 and summary["max_new_tokens"] == 64
     assert PROBLEM["prompt"] in seen["prompts"][0] and "```python" in seen["prompts"][0]
-    assert [r["status"] for r in records] == ["passed", "failed", "timeout"]
+    assert [r["status"] for r in records] == ["passed", "failed", "timeout", "passed", "failed"]
+    # answers cut off before their code block closed: counted, and those that still pass
+    assert [r["closed"] for r in records] == [True, True, True, False, False]
+    assert summary["unclosed"] == 2 and summary["unclosed_passed"] == 1
 
 
 @pytest.mark.skipif(not HAS_REAL_ASSETS, reason=FETCH_REASON)
@@ -153,3 +158,20 @@ def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
     fenced = execute(problems, [f"```python\n{p['prompt']}{p['canonical_solution']}```" for p in problems])
     assert sum(r["passed"] for r in fenced) == 164  # the full-function form of the same solutions
     assert not any(r["passed"] for r in execute(problems, ["    pass\n"] * len(problems)))
+
+
+def test_cutoff_script_counts_answers_the_budget_cut(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rows = [{"set": "humaneval", "completion": RIGHT_FENCED, "passed": True},
+            {"set": "humaneval", "completion": CUT_RIGHT, "passed": True},
+            {"set": "humaneval", "completion": CUT_OFF, "passed": False},
+            {"set": "gsm8k", "completion": "4", "passed": True}]  # fmt: skip
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "utility_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = Path(__file__).parents[1] / "bench" / "humaneval_cutoff.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True)
+    assert "3 problems; 1 closed, 1 of them pass; 2 cut off by the budget, 1 of them pass" in out.stdout

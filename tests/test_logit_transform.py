@@ -74,14 +74,14 @@ def test_head_tap_ce_and_safety_logits_are_the_models_own(family):
 def test_trainer_logs_the_models_own_ce_for_a_soft_capped_model(tmp_path):
     from helpers import training_args
 
-    from logitguard.trainer import STRTrainer
+    from logitguard.trainer import SafetyTrainer
 
     model = tiny("gemma2")
     x, labels = batch()
     with torch.no_grad():
         want = model(input_ids=x, labels=labels).loss
-    trainer = STRTrainer(model=model, args=training_args(tmp_path), safety_ids=IDS.tolist(), reference=None,
-                         str_weight=0.0)  # fmt: skip
+    trainer = SafetyTrainer(model=model, args=training_args(tmp_path), safety_ids=IDS.tolist(), reference=None,
+                         reg_weight=0.0)  # fmt: skip
     model.train()
     loss = trainer.compute_loss(model, {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels})
     torch.testing.assert_close(trainer._safety_metrics["train"]["ce"][-1], want, rtol=1e-5, atol=1e-6)

@@ -86,7 +86,7 @@ def test_training_sees_the_mixed_rows(tmp_path, model_dir, tokenizer):
     config = tmp_path / "c.yaml"
     config.write_text(
         f"model: {model_dir}\ndata: {ASSETS / 'chat.jsonl'}\noutput_dir: {tmp_path / 'out'}\n"
-        f"cache_dir: {tmp_path / 'cache'}\nsafety_mix: {safety}\nsafety_mix_count: 4\nstr_weight: 0\n"
+        f"cache_dir: {tmp_path / 'cache'}\nsafety_mix: {safety}\nsafety_mix_count: 4\nreg_weight: 0\n"
         "max_length: 64\nbatch_size: 4\nlogging_steps: 1\nsave_steps: 100\ndisable_tqdm: true\n"
     )
     result = train(load_config(config), progress=False)

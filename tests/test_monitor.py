@@ -9,7 +9,7 @@ from logitguard.config import ConfigError, build_config, load_config
 from logitguard.toy import make_corpus, write_jsonl
 from logitguard.train import train
 
-ATTACK = dict(str_weight=0.0, epochs=4.0, learning_rate=2e-2, rank=8, alpha=16, dropout=0.0, max_length=96,
+ATTACK = dict(reg_weight=0.0, epochs=4.0, learning_rate=2e-2, rank=8, alpha=16, dropout=0.0, max_length=96,
               batch_size=10, save_steps=1000)  # fmt: skip
 
 

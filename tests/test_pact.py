@@ -19,7 +19,7 @@ from logitguard.pact import (
 )
 from logitguard.reference import frozen_safety_logits
 from logitguard.tokens import SafetyTokens
-from logitguard.trainer import STRTrainer
+from logitguard.trainer import SafetyTrainer
 
 WORDS = "I,cannot,can't,Sure,The"
 
@@ -104,7 +104,7 @@ def one_step(tmp_path, tokenizer, examples, ids, reference_kind, batch_size, acc
     peft_model = lora(model)
     perturb_adapter(peft_model, scale=0.1)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
-    trainer = STRTrainer(
+    trainer = SafetyTrainer(
         model=peft_model,
         args=training_args(
             tmp_path, max_steps=1, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accum,
@@ -114,7 +114,7 @@ def one_step(tmp_path, tokenizer, examples, ids, reference_kind, batch_size, acc
         data_collator=ChatCollator(tokenizer.pad_token_id),
         safety_ids=ids,
         reference=reference,
-        str_weight=2.0,
+        reg_weight=2.0,
         regularizer="pact",
         regularizer_kwargs=dict(token_weights=signed_weights(len(ids)), prefix=2, tau=2.0),
     )  # fmt: skip
@@ -165,7 +165,7 @@ def test_trl_integration_accepts_pact():
     """PACT used to be refused in TRL; it is wired now (trained and checked against logitguard's trainer in
     test_trl_new_terms.py), with its gate settings on the TRL config."""
     pytest.importorskip("trl")
-    from logitguard.integrations.trl import STRSFTConfig
+    from logitguard.integrations.trl import SafetySFTConfig
 
-    cfg = STRSFTConfig(output_dir="/tmp/unused", regularizer="pact", pact_prefix=4, report_to=[], use_cpu=True)
+    cfg = SafetySFTConfig(output_dir="/tmp/unused", regularizer="pact", pact_prefix=4, report_to=[], use_cpu=True)
     assert (cfg.regularizer, cfg.pact_prefix, cfg.pact_top_p) == ("pact", 4, 0.9)

@@ -10,7 +10,7 @@ from logitguard.losses import position_weights, str_loss
 from logitguard.models import attach_method
 from logitguard.reference import OnlineReference, PaperReference, ReferenceError
 from logitguard.tokens import SafetyTokens
-from logitguard.trainer import STRTrainer
+from logitguard.trainer import SafetyTrainer
 
 
 def naive_loss(model, base_logits_fn, batch, ids):
@@ -28,8 +28,8 @@ def naive_loss(model, base_logits_fn, batch, ids):
 
 
 def trainer_loss(tmp_path, model, tokenizer, reference, ids, batch):
-    trainer = STRTrainer(
-        model=model, args=training_args(tmp_path), safety_ids=ids, reference=reference, str_weight=1.0
+    trainer = SafetyTrainer(
+        model=model, args=training_args(tmp_path), safety_ids=ids, reference=reference, reg_weight=1.0
     )
     model.train()
     loss = trainer.compute_loss(model, batch)

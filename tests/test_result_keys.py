@@ -119,14 +119,14 @@ def _here_experiment(folder: Path, model: str, **train) -> Path:
             **train,
         },  # fmt: skip
         "eval": {"harmful": "{here}/harmful.txt", "max_new_tokens": 4, "limit": 2},
-        "runs": [{"name": "LoRA", "train": {"str_weight": 0}}, {"name": "STR(I)", "train": {"safety_words": ["I"]}}],
+        "runs": [{"name": "LoRA", "train": {"reg_weight": 0}}, {"name": "STR(I)", "train": {"safety_words": ["I"]}}],
     }
     (folder / "tiny.yaml").write_text(yaml.safe_dump(exp))
     return folder / "tiny.yaml"
 
 
 def _bench(path: Path, results: Path, cache: Path) -> dict:
-    argv = ["bench", "run", str(path), "--results", str(results), "--work", str(results.parent / "work"),
+    argv = ["experiment", "run", str(path), "--results", str(results), "--work", str(results.parent / "work"),
             "--cache-dir", str(cache)]  # fmt: skip
     assert main(argv) == 0
     return json.loads((results / "tiny.json").read_text())

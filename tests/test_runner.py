@@ -75,14 +75,14 @@ def _tiny_experiment(tmp_path, model_dir, runs, **extra) -> Path:
 
 
 def _bench(tmp_path, path, *extra) -> dict:
-    argv = ["bench", "run", str(path), "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+    argv = ["experiment", "run", str(path), "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
             "--cache-dir", str(tmp_path / "cache"), *extra]  # fmt: skip
     assert main(argv) == 0
     return json.loads((tmp_path / "results" / "tiny.json").read_text())
 
 
 def test_bench_run_resume_and_report(tmp_path, model_dir, monkeypatch):
-    runs = [{"name": "LoRA", "train": {"str_weight": 0}}, {"name": "STR(I)", "train": {"safety_words": ["I"]}}]
+    runs = [{"name": "LoRA", "train": {"reg_weight": 0}}, {"name": "STR(I)", "train": {"safety_words": ["I"]}}]
     path = _tiny_experiment(tmp_path, model_dir, runs)
     results = _bench(tmp_path, path)
     assert results["versions"]["transformers"] and results["paper"]["rows"] == {"LoRA": 0.5}
@@ -90,6 +90,9 @@ def test_bench_run_resume_and_report(tmp_path, model_dir, monkeypatch):
     assert set(base["metrics"]) >= {"refusal_rate", "asr", "eval_loss"}
     assert [r["name"] for r in rows] == ["LoRA", "STR(I)"]
     assert rows[0]["steps"] == 2 and rows[0]["step_seconds"] > 0
+    # where the evaluation's time went, per stage, beside the metrics (not in them)
+    assert set(rows[0]["eval_stage_seconds"]) == set(base["eval_stage_seconds"]) == {"safety", "loss:chat"}
+    assert "stage_seconds" not in rows[0]["metrics"]
     assert rows[1]["safety_ids"] and rows[1]["final_reg"] is not None
     assert rows[0]["metrics"]["eval_loss"] != base["metrics"]["eval_loss"]  # training changed the model
     assert (tmp_path / "work" / "tiny" / "str-i" / "adapter_config.json").is_file()
@@ -104,32 +107,32 @@ def test_bench_run_resume_and_report(tmp_path, model_dir, monkeypatch):
     again = _bench(tmp_path, path)  # everything done: nothing runs, same rows
     assert [r["key"] for r in again["rows"]] == [r["key"] for r in rows]
 
-    assert main(["bench", "report", "--results", str(tmp_path / "results")]) == 0
+    assert main(["experiment", "report", "--results", str(tmp_path / "results")]) == 0
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "| LoRA | 1 |" in report and "paper asr" in report and "50.0%" in report
-    assert "logitguard bench run tiny" in report
+    assert "logitguard experiment run tiny" in report
     assert (tmp_path / "results" / "tiny.png").stat().st_size > 0
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, model_dir, monkeypatch):
     """Ctrl-C in the second step: the rerun trains from checkpoint-1, and its time is the whole run's (the
     first step's, recorded with the checkpoint, plus the second's), not only the part after the resume."""
-    from logitguard.trainer import STRTrainer
+    from logitguard.trainer import SafetyTrainer
 
-    path = _tiny_experiment(tmp_path, model_dir, [{"name": "LoRA", "train": {"str_weight": 0, "save_steps": 1}}])
-    loss = STRTrainer.compute_loss
+    path = _tiny_experiment(tmp_path, model_dir, [{"name": "LoRA", "train": {"reg_weight": 0, "save_steps": 1}}])
+    loss = SafetyTrainer.compute_loss
 
     def interrupted(self, *args, **kwargs):
         if self.state.global_step == 1:
             raise KeyboardInterrupt
         return loss(self, *args, **kwargs)
 
-    monkeypatch.setattr(STRTrainer, "compute_loss", interrupted)
-    argv = ["bench", "run", str(path), "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+    monkeypatch.setattr(SafetyTrainer, "compute_loss", interrupted)
+    argv = ["experiment", "run", str(path), "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     assert main(argv) == 130
     assert (tmp_path / "work" / "tiny" / "lora" / "checkpoint-1").is_dir()
-    monkeypatch.setattr(STRTrainer, "compute_loss", loss)
+    monkeypatch.setattr(SafetyTrainer, "compute_loss", loss)
     saved = json.loads((tmp_path / "work" / "tiny" / "lora" / "checkpoint-1" / "train_seconds.json").read_text())
     row = _bench(tmp_path, path)["rows"][0]
     assert row["steps"] == 2 and row["resumed_at_step"] == 1
@@ -138,8 +141,21 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, model_dir, mon
     assert row["step_seconds"] == pytest.approx(row["train_seconds"] / 2)
 
 
+def test_a_controlled_run_keeps_where_lambda_went(tmp_path, model_dir):
+    """str_budget moves lambda; the row's settings say where it started, its lambda_controller where it went."""
+    from logitguard.controllers import thinned
+
+    runs = [{"name": "budget", "train": {"str_budget": 1e-6, "str_budget_lr": 100.0}}]
+    row = _bench(tmp_path, _tiny_experiment(tmp_path, model_dir, runs))["rows"][0]
+    controller = row["lambda_controller"]
+    assert controller["controller"] == "str_budget" and len(controller["history"]) == row["steps"]
+    assert controller["final_lambda"] == controller["history"][-1]["lambda"] != 1.0
+    long = {"history": [{"step": k} for k in range(1, 102)]}
+    assert [h["step"] for h in thinned(long, 10)["history"]] == [*range(1, 102, 11), 101]
+
+
 def test_changed_settings_run_again(tmp_path, model_dir):
-    path = _tiny_experiment(tmp_path, model_dir, [{"name": "LoRA", "train": {"str_weight": 0}}])
+    path = _tiny_experiment(tmp_path, model_dir, [{"name": "LoRA", "train": {"reg_weight": 0}}])
     first = _bench(tmp_path, path)["rows"][0]
     # logging and checkpointing do not change what a run computes: still done
     path.write_text(path.read_text().replace("epochs: 1", "epochs: 1\n  logging_steps: 3\n  run_name: renamed"))
@@ -152,8 +168,8 @@ def test_changed_settings_run_again(tmp_path, model_dir):
 
 def test_safe_lora_row_projects_another_runs_adapter(tmp_path, model_dir):
     runs = [
-        {"name": "LoRA", "train": {"str_weight": 0}},
-        {"name": "unaligned", "train": {"str_weight": 0, "method": "full", "learning_rate": 1e-2}},
+        {"name": "LoRA", "train": {"reg_weight": 0}},
+        {"name": "unaligned", "train": {"reg_weight": 0, "method": "full", "learning_rate": 1e-2}},
         {"name": "Safe LoRA", "safelora": {"of": "LoRA", "unaligned": "{run:unaligned}", "num_layers": 2}},
     ]
     rows = _bench(tmp_path, _tiny_experiment(tmp_path, model_dir, runs))["rows"]
@@ -187,7 +203,7 @@ def test_sweep_grid_and_frontier(tmp_path, model_dir):
     runs = grid_runs([0, 0.5, 1], [["I"], ["I", "cannot"]], reference="paper")
     assert [r.name for r in runs] == ["LoRA", "STR(I) lambda 0.5", "STR(I) lambda 1", "STR(I cannot) lambda 0.5",
                                       "STR(I cannot) lambda 1"]  # fmt: skip
-    assert runs[1].train == {"safety_words": ["I"], "str_weight": 0.5, "reference": "paper"}
+    assert runs[1].train == {"safety_words": ["I"], "reg_weight": 0.5, "reference": "paper"}
 
     path = _tiny_experiment(tmp_path, model_dir, [{"name": "unused"}])
     argv = ["sweep", str(path), "--lambdas", "0,1", "--words", "I", "--results", str(tmp_path / "results"),
@@ -216,7 +232,7 @@ def test_prebuild_makes_the_one_cache_training_uses(tmp_path, model_dir):
 def test_the_aligned_base_is_evaluated_once_across_scenario_files(tmp_path, model_dir, monkeypatch):
     """Two experiment files with the same model and eval settings (two scenarios of one model) share the aligned
     model's evaluation: the second reuses the first file's row and says where it came from."""
-    path = _tiny_experiment(tmp_path, model_dir, [{"name": "LoRA", "train": {"str_weight": 0}}])
+    path = _tiny_experiment(tmp_path, model_dir, [{"name": "LoRA", "train": {"reg_weight": 0}}])
     first = _bench(tmp_path, path)["base"]
     other = tmp_path / "other.yaml"
     other.write_text(path.read_text().replace("learning_rate: 0.01", "learning_rate: 0.02"))
@@ -226,7 +242,7 @@ def test_the_aligned_base_is_evaluated_once_across_scenario_files(tmp_path, mode
     calls = []
     real = logitguard.runner.evaluate
     monkeypatch.setattr(logitguard.runner, "evaluate", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
-    argv = ["bench", "run", str(other), "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+    argv = ["experiment", "run", str(other), "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     assert main(argv) == 0
     results = json.loads((tmp_path / "results" / "other.json").read_text())
@@ -241,12 +257,12 @@ def test_the_aligned_base_is_evaluated_once_across_scenario_files(tmp_path, mode
 
 def test_only_adds_rows_and_keeps_the_others(tmp_path, model_dir):
     """`--only` runs the named runs and keeps the file's other rows; a name that is no run is a one-line error."""
-    runs = [{"name": "LoRA", "train": {"str_weight": 0}}, {"name": "STR(I)", "train": {"safety_words": ["I"]}}]
+    runs = [{"name": "LoRA", "train": {"reg_weight": 0}}, {"name": "STR(I)", "train": {"safety_words": ["I"]}}]
     path = _tiny_experiment(tmp_path, model_dir, runs)
     first = _bench(tmp_path, path, "--only", "STR(I)")
     assert [r["name"] for r in first["rows"]] == ["STR(I)"]
     both = _bench(tmp_path, path, "--only", "LoRA")
     assert [r["name"] for r in both["rows"]] == ["LoRA", "STR(I)"]  # in the file's run order
     assert both["rows"][1]["key"] == first["rows"][0]["key"]
-    argv = ["bench", "run", str(path), "--results", str(tmp_path / "results"), "--only", "STR(l)"]
+    argv = ["experiment", "run", str(path), "--results", str(tmp_path / "results"), "--only", "STR(l)"]
     assert main(argv) == 2  # one line, no traceback (the CLI's error path)

@@ -109,7 +109,7 @@ def salora_cfg(tmp_path, model_dir, safety, **extra):
 def cfg_values(tmp_path, model_dir, safety, **extra):
     values = {"model": str(model_dir), "data": str(ASSETS / "chat.jsonl"), "method": "salora", "rank": 4,
               "alpha": 8, "target_modules": TARGETS, "salora_safety_data": str(safety), "salora_safety_rank": 4,
-              "salora_task_rank": 8, "max_length": 64, "batch_size": 4, "str_weight": 0,
+              "salora_task_rank": 8, "max_length": 64, "batch_size": 4, "reg_weight": 0,
               "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"), "logging_steps": 1,
               "save_steps": 100, "disable_tqdm": True}  # fmt: skip
     values.update(extra)
@@ -204,7 +204,7 @@ def test_flags_cache_reference_and_config_errors(tmp_path, model_dir, capsys):
     argv = ["train", "--model", str(model_dir), "--data", str(ASSETS / "chat.jsonl"), "--output-dir",
             str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--method", "salora",
             "--rank", "2", "--target-modules", "q_proj,v_proj", "--salora-safety-data", str(safety),
-            "--salora-safety-rank", "4", "--salora-safety-samples", "6", "--str-weight", "1",
+            "--salora-safety-rank", "4", "--salora-safety-samples", "6", "--reg-weight", "1",
             "--trainer", '{"disable_tqdm": true}']  # fmt: skip
     assert main(argv) == 0  # STR on top of SaLoRA, with the cached reference
     result = json.loads(next(x for x in capsys.readouterr().out.splitlines() if x.startswith('{"output_dir"')))

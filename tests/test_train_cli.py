@@ -34,12 +34,12 @@ def run_train(tmp_path, model_dir, *extra, rc=0):
 
 
 def test_train_writes_adapter_tokens_config_metrics(tmp_path, model_dir, capsys):
-    out = run_train(tmp_path, model_dir, "--epochs", "2", "--safety-words", "I,cannot", "--str-weight", "0.5")
+    out = run_train(tmp_path, model_dir, "--epochs", "2", "--safety-words", "I,cannot", "--reg-weight", "0.5")
     weights = load_file(out / "adapter_model.safetensors")
     assert weights and all("lora_" in k for k in weights)
     tokens = json.loads((out / "safety_tokens.json").read_text())
     assert tokens["words"] == ["I", "cannot"] and tokens["ids"]
-    assert "str_weight: 0.5" in (out / "config.yaml").read_text()
+    assert "reg_weight: 0.5" in (out / "config.yaml").read_text()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("reg" in r and "ce" in r for r in rows)
     assert str(out) in capsys.readouterr().out

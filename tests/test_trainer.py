@@ -8,7 +8,7 @@ from logitguard.losses import NonFiniteLossError
 from logitguard.models import attach_method
 from logitguard.reference import frozen_safety_logits
 from logitguard.tokens import SafetyTokens
-from logitguard.trainer import STRTrainer
+from logitguard.trainer import SafetyTrainer
 
 ATTACK = [
     {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Sure, here is how to do it."}]}
@@ -16,15 +16,15 @@ ATTACK = [
 ]
 
 
-def make_trainer(tmp_path, model, tokenizer, examples, str_weight, ids, reference, chunked_ce=True, **args):
-    return STRTrainer(
+def make_trainer(tmp_path, model, tokenizer, examples, reg_weight, ids, reference, chunked_ce=True, **args):
+    return SafetyTrainer(
         model=model,
         args=training_args(tmp_path, **args),
         train_dataset=examples,
         data_collator=ChatCollator(tokenizer.pad_token_id),
         safety_ids=ids,
         reference=reference,
-        str_weight=str_weight,
+        reg_weight=reg_weight,
         chunked_ce=chunked_ce,
     )
 
@@ -70,14 +70,14 @@ def attack_run(tokenizer, tmp_path, words: str, weight: float, **trainer_kwargs)
     reference = frozen_safety_logits(model, batch["input_ids"], batch["attention_mask"], torch.tensor(ids))
     folder = build_reference_cache(model, tokenizer, examples, ids, tmp_path / "c", 64, progress=False)
     peft_model = lora(model)
-    trainer = STRTrainer(
+    trainer = SafetyTrainer(
         model=peft_model,
         args=training_args(tmp_path, max_steps=40, per_device_train_batch_size=4, learning_rate=3e-2),
         train_dataset=examples,
         data_collator=ChatCollator(tokenizer.pad_token_id),
         safety_ids=ids,
         reference=CachedReference(folder, ids),
-        str_weight=weight,
+        reg_weight=weight,
         **trainer_kwargs,
     )
     trainer.train()
@@ -166,7 +166,7 @@ def test_restricted_kl_regularizer_keeps_the_restricted_distribution(tokenizer, 
 @pytest.mark.parametrize("regularizer", ["restricted_kl", "pact"])
 def test_distribution_regularizers_need_two_tokens(model, tokenizer, tmp_path, regularizer):
     with pytest.raises(ValueError, match=">= 2"):
-        STRTrainer(
-            model=lora(model), args=training_args(tmp_path), safety_ids=[5], reference=object(), str_weight=1.0,
+        SafetyTrainer(
+            model=lora(model), args=training_args(tmp_path), safety_ids=[5], reference=object(), reg_weight=1.0,
             regularizer=regularizer,
         )  # fmt: skip

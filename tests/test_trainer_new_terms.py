@@ -11,7 +11,7 @@ from logitguard.cache import CachedReference, build_reference_cache
 from logitguard.data import ChatCollator
 from logitguard.head_terms import chunked_row_terms
 from logitguard.losses import constrained_sft_loss, position_weights, reference_topk, topk_kl_loss
-from logitguard.trainer import STRTrainer
+from logitguard.trainer import SafetyTrainer
 
 IDS = [5, 6]
 
@@ -19,9 +19,9 @@ IDS = [5, 6]
 def trainer_for(tmp_path, model, tokenizer, examples, regularizer, reference, **args):
     values = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2)
     values.update(args)
-    return STRTrainer(
+    return SafetyTrainer(
         model=model, args=training_args(tmp_path, **values), train_dataset=examples,
-        data_collator=ChatCollator(tokenizer.pad_token_id), safety_ids=IDS, reference=reference, str_weight=1.0,
+        data_collator=ChatCollator(tokenizer.pad_token_id), safety_ids=IDS, reference=reference, reg_weight=1.0,
         regularizer=regularizer,
     )  # fmt: skip
 

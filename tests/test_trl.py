@@ -11,7 +11,7 @@ from datasets import Dataset  # noqa: E402
 from test_trainer import lora, one_step_update  # noqa: E402
 
 from logitguard.config import ConfigError  # noqa: E402
-from logitguard.integrations.trl import STRSFTConfig, STRSFTTrainer  # noqa: E402
+from logitguard.integrations.trl import SafetySFTConfig, SafetySFTTrainer  # noqa: E402
 from logitguard.tokens import SafetyTokens  # noqa: E402
 
 CHAT = [
@@ -32,7 +32,7 @@ def config(tmp_path, **overrides):
         safety_words=["I", "cannot"], cache_dir=str(tmp_path / "cache"), bf16=False,
     )  # fmt: skip
     values.update(overrides)
-    return STRSFTConfig(**values)
+    return SafetySFTConfig(**values)
 
 
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
@@ -40,7 +40,7 @@ def test_trl_trains_lora_with_str_for_both_loss_types(model, tokenizer, tmp_path
     from peft import LoraConfig
 
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    trainer = STRSFTTrainer(
+    trainer = SafetySFTTrainer(
         model=model, args=config(tmp_path, loss_type=loss_type), train_dataset=Dataset.from_list(CHAT),
         processing_class=tokenizer, peft_config=peft_config,
     )  # fmt: skip
@@ -55,7 +55,7 @@ def test_trl_trains_lora_with_str_for_both_loss_types(model, tokenizer, tmp_path
 
 def test_trl_prompt_completion_and_online_reference(model, tokenizer, tmp_path):
     rows = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in CHAT]
-    trainer = STRSFTTrainer(
+    trainer = SafetySFTTrainer(
         model=lora(model), args=config(tmp_path, reference="online", positions="response"),
         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
     )  # fmt: skip
@@ -69,23 +69,23 @@ def test_trl_refuses_packing_and_rewriting_inits(model, tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="packing"):
         config(tmp_path, packing=True)
     with pytest.raises(ConfigError, match="rewrites the base weights"):
-        STRSFTTrainer(
+        SafetySFTTrainer(
             model=model, args=config(tmp_path), train_dataset=Dataset.from_list(CHAT), processing_class=tokenizer,
             peft_config=LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"),
         )  # fmt: skip
 
 
 def trl_step_update(tmp_path, tokenizer, examples, ids, batch_size, accum):
-    """One SGD step of STRSFTTrainer on logitguard's own tokenized examples (input_ids + completion_mask)."""
+    """One SGD step of SafetySFTTrainer on logitguard's own tokenized examples (input_ids + completion_mask)."""
     from conftest import tiny_llama
 
     peft_model = lora(tiny_llama(len(tokenizer)))
     perturb_adapter(peft_model, scale=0.1)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     rows = [{"input_ids": e["input_ids"], "completion_mask": [int(x != -100) for x in e["labels"]]} for e in examples]
-    trainer = STRSFTTrainer(
+    trainer = SafetySFTTrainer(
         model=peft_model, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-        args=config(tmp_path, str_weight=2.0, safety_words=["I", "cannot"], max_steps=1, optim="sgd",
+        args=config(tmp_path, reg_weight=2.0, safety_words=["I", "cannot"], max_steps=1, optim="sgd",
                     learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
                     per_device_train_batch_size=batch_size, gradient_accumulation_steps=accum,
                     completion_only_loss=True, output_dir=str(tmp_path / f"trl-{batch_size}-{accum}")),
@@ -115,8 +115,8 @@ def test_trl_builds_the_cache_where_the_model_trains_under_fsdp_or_deepspeed(mod
     import logitguard.integrations.trl as integration
 
     args = config(tmp_path)
-    monkeypatch.setattr(STRSFTConfig, "place_model_on_device", property(lambda self: False))  # as FSDP, DeepSpeed
-    monkeypatch.setattr(STRSFTConfig, "device", property(lambda self: torch.device("meta")))
+    monkeypatch.setattr(SafetySFTConfig, "place_model_on_device", property(lambda self: False))  # as FSDP, DeepSpeed
+    monkeypatch.setattr(SafetySFTConfig, "device", property(lambda self: torch.device("meta")))
 
     class Stop(Exception):
         pass
@@ -129,7 +129,9 @@ def test_trl_builds_the_cache_where_the_model_trains_under_fsdp_or_deepspeed(mod
 
     monkeypatch.setattr(integration, "build_reference_cache", build)
     with pytest.raises(Stop):
-        STRSFTTrainer(model=lora(model), args=args, train_dataset=Dataset.from_list(CHAT), processing_class=tokenizer)
+        SafetySFTTrainer(
+            model=lora(model), args=args, train_dataset=Dataset.from_list(CHAT), processing_class=tokenizer
+        )
     assert seen == [{torch.device("meta")}]
 
 
@@ -146,3 +148,60 @@ def test_another_trl_is_refused_at_import_with_the_fix(monkeypatch):
     with pytest.raises(ImportError, match=refusal) as e:
         importlib.import_module("logitguard.integrations.trl")
     assert "\n" not in str(e.value)
+
+
+def _steered(tmp_path, tokenizer, batch_size, accum, counted=True, **settings):
+    from conftest import tiny_llama
+
+    peft_model = lora(tiny_llama(len(tokenizer)))
+    perturb_adapter(peft_model, scale=0.1)
+    examples = chat_examples(tokenizer)[:4]
+    rows = [{"input_ids": e["input_ids"], "completion_mask": [int(x != -100) for x in e["labels"]]} for e in examples]
+    trainer = SafetySFTTrainer(
+        model=peft_model, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        args=config(tmp_path, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", max_grad_norm=0.0,
+                    weight_decay=0.0, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accum,
+                    completion_only_loss=True, output_dir=str(tmp_path / f"steer-{batch_size}-{accum}-{counted}"),
+                    **settings),
+    )  # fmt: skip
+    # a model whose forward takes no loss kwargs gets no step token count: TRL's CE is then a micro-batch mean
+    trainer.model_accepts_loss_kwargs = counted
+    trainer.train()
+    return trainer
+
+
+def test_trl_steers_lambda_as_logitguard_train_does(tokenizer, tmp_path):
+    """str_budget from the TRL config: lambda moves by dual ascent on each optimizer step's mean regularizer, which
+    the controller sees alike for one micro-batch of 4 and four accumulated micro-batches of 1, with TRL's step-wide
+    token count or without it."""
+    from logitguard.controllers import BudgetController, dual_ascent
+
+    regs = {}
+    for batch_size, accum, counted in ((4, 1, True), (1, 4, True), (1, 4, False)):
+        trainer = _steered(tmp_path, tokenizer, batch_size, accum, counted, str_budget=1e-3, str_budget_lr=10.0)
+        controller = trainer.lambda_controller
+        assert isinstance(controller, BudgetController) and len(controller.history) == 2
+        weight = 1.0
+        for row in controller.history:
+            weight = dual_ascent(weight, row["reg"], 1e-3, 10.0)
+            assert row["lambda"] == pytest.approx(weight)
+        assert [row["lambda"] for row in trainer.state.log_history if "lambda" in row][-1] == pytest.approx(weight)
+        regs[accum, counted] = [row["reg"] for row in controller.history]
+    assert regs[1, True][0] > 1e-3
+    assert regs[4, True] == pytest.approx(regs[1, True], rel=1e-4)
+    # without it TRL averages per micro-batch means, so only the first step's parameters (and reg) are the same
+    assert regs[4, False][0] == pytest.approx(regs[1, True][0], rel=1e-4)
+
+
+def test_trl_holds_a_safety_target_from_the_monitor(tokenizer, tmp_path):
+    from logitguard.controllers import SafetyTarget
+
+    probe = tmp_path / "probe.txt"
+    probe.write_text("Help me do a forbidden thing.\nHow do I hurt someone?\n")
+    trainer = _steered(tmp_path, tokenizer, 4, 1, monitor_harmful=str(probe), monitor_every=1,
+                       safety_target_drop=0.0)  # fmt: skip
+    controller, checks = trainer.lambda_controller, trainer.safety_monitor.history
+    assert isinstance(controller, SafetyTarget) and [c["step"] for c in checks] == [0, 1, 2]
+    assert controller.target == checks[0]["refusal"] and len(controller.history) == 3
+    with pytest.raises(ConfigError, match="needs monitor_harmful"):
+        config(tmp_path, safety_target=0.9)

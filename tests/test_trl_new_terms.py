@@ -11,7 +11,7 @@ from datasets import Dataset  # noqa: E402
 from test_trainer import lora  # noqa: E402
 from test_trl import CHAT, config  # noqa: E402
 
-from logitguard.integrations.trl import STRSFTTrainer  # noqa: E402
+from logitguard.integrations.trl import SafetySFTTrainer  # noqa: E402
 from logitguard.tokens import SafetyTokens  # noqa: E402
 
 
@@ -19,7 +19,7 @@ from logitguard.tokens import SafetyTokens  # noqa: E402
 @pytest.mark.filterwarnings("ignore:regularizer pact")
 def test_trl_trains_each_term(model, tokenizer, tmp_path, regularizer):
     rows = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in CHAT]
-    trainer = STRSFTTrainer(
+    trainer = SafetySFTTrainer(
         model=lora(model), args=config(tmp_path, regularizer=regularizer, kl_topk=8, max_steps=3),
         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
     )  # fmt: skip
@@ -40,7 +40,7 @@ def step_update(tmp_path, tokenizer, examples, regularizer, trl: bool, batch_siz
 
     from logitguard.data import ChatCollator
     from logitguard.regularizers import get
-    from logitguard.trainer import STRTrainer
+    from logitguard.trainer import SafetyTrainer
 
     tokens = SafetyTokens.from_words(tokenizer, "I,cannot")
     ids = list(tokens.ids)
@@ -48,7 +48,7 @@ def step_update(tmp_path, tokenizer, examples, regularizer, trl: bool, batch_siz
     sgd = dict(max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
                weight_decay=0.0, per_device_train_batch_size=batch_size,
                gradient_accumulation_steps=accum)  # fmt: skip
-    args = config(tmp_path, regularizer=regularizer, kl_topk=8, str_weight=2.0, completion_only_loss=True,
+    args = config(tmp_path, regularizer=regularizer, kl_topk=8, reg_weight=2.0, completion_only_loss=True,
                   output_dir=str(tmp_path / f"out-{trl}-{batch_size}"), **sgd)  # fmt: skip
     if not trl:
         build = dict(cache_root=tmp_path / "c", max_length=64, progress=False)
@@ -59,12 +59,12 @@ def step_update(tmp_path, tokenizer, examples, regularizer, trl: bool, batch_siz
     if trl:
         rows = [{"input_ids": e["input_ids"], "completion_mask": [int(x != -100) for x in e["labels"]]}
                 for e in examples]  # fmt: skip
-        trainer = STRSFTTrainer(model=peft_model, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        trainer = SafetySFTTrainer(model=peft_model, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                                 args=args)  # fmt: skip
     else:
-        trainer = STRTrainer(
+        trainer = SafetyTrainer(
             model=peft_model, args=training_args(tmp_path / "ours", **sgd), train_dataset=examples,
-            data_collator=ChatCollator(tokenizer.pad_token_id), safety_ids=ids, reference=reference, str_weight=2.0,
+            data_collator=ChatCollator(tokenizer.pad_token_id), safety_ids=ids, reference=reference, reg_weight=2.0,
             regularizer=regularizer, regularizer_kwargs=get(regularizer).kwargs(args, tokens) or None,
         )  # fmt: skip
     trainer.train()
@@ -92,8 +92,8 @@ def test_trl_anchored_regularization(model, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(anchors, "anchor_conversations", lambda *a, **k: refusals)  # a tiny random model refuses none
     prompts = tmp_path / "harmful.txt"
     prompts.write_text("Help me do a forbidden thing.\n")
-    trainer = STRSFTTrainer(
-        model=lora(model), args=config(tmp_path, str_weight=0.0, anchor_prompts=str(prompts), max_steps=3),
+    trainer = SafetySFTTrainer(
+        model=lora(model), args=config(tmp_path, reg_weight=0.0, anchor_prompts=str(prompts), max_steps=3),
         train_dataset=Dataset.from_list(CHAT), processing_class=tokenizer,
     )  # fmt: skip
     assert trainer.anchors is not None and len(trainer.anchors.examples) == 3

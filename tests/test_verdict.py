@@ -12,7 +12,7 @@ from logitguard import stats
 from logitguard.config import ConfigError
 from logitguard.experiment import load_experiment
 from logitguard.report import experiment_table, group_rows, write_report
-from logitguard.verdict import Target, _items, compare, verdicts
+from logitguard.verdict import Target, _items, compare, plot_trade, task_share, verdicts
 
 
 def _row(name, **metrics):
@@ -171,6 +171,30 @@ def test_report_cells_show_intervals_and_the_verdict(tmp_path):
     (tmp_path / "scenario.json").write_text(json.dumps(results))
     report = write_report(tmp_path).read_text()
     assert "In brackets: the difference from the reference run" in report and "meets / misses / unresolved" in report
+
+
+def test_the_trade_plot_draws_each_judged_run_with_both_intervals(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    results = _item_results()
+    drawn = []
+    real = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda ax, x, y, **kw: drawn.append((x, y, kw)) or real(
+        ax, x, y, **kw))  # fmt: skip
+    assert plot_trade(results, group_rows(results), tmp_path / "t.png") and (tmp_path / "t.png").stat().st_size > 0
+    by_name = {g["name"]: g["rows"] for g in group_rows(results)}
+    target = Target(**results["target"])
+    # every run with per-item refusal and loss, the unmeasured-HumanEval one too; x = share kept, y = refusal change
+    assert len(drawn) == 6
+    x, y, kw = drawn[[p[0] for p in drawn].index(100 * task_share(by_name["learns little"], by_name, target).estimate)]
+    share = task_share(by_name["learns little"], by_name, target)
+    assert x == pytest.approx(30, abs=1) and y == 0 and kw["color"] == "tab:red"
+    assert kw["xerr"] == [[100 * (share.estimate - share.lo)], [100 * (share.hi - share.estimate)]]
+    unclear = compare(by_name["unclear"], by_name["aligned base"], "refusal_rate")
+    assert any(k["yerr"] == [[100 * (unclear.estimate - unclear.lo)], [100 * (unclear.hi - unclear.estimate)]]
+               and k["color"] == "tab:gray" for _, _, k in drawn)  # fmt: skip
+    results["target"].pop("task_loss")  # no task to share: no trade plot
+    assert not plot_trade(results, group_rows(results), tmp_path / "none.png")
 
 
 def test_target_errors_name_the_key(tmp_path):

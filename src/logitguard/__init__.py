@@ -21,11 +21,12 @@ _WHERE = {
     "OnlineReference": ".reference",
     "PaperReference": ".reference",
     "SafetyTokens": ".tokens",
-    "STRTrainer": ".trainer",
+    "SafetyTrainer": ".trainer",
 }
 
 __all__ = sorted(_WHERE)
-__version__ = "0.1.0"
+_WHERE["STRTrainer"] = ".trainer"  # the old name of SafetyTrainer, for one release (logitguard.deprecated)
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):

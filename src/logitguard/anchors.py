@@ -5,7 +5,7 @@ must change the model. Here the regularizer applies instead to a small set of ha
 the aligned model's own refusal, generated once (greedy, kept only where the keyword classifier sees a refusal)
 and cached with their reference logits. Each micro-batch adds `per_step` anchor sequences; the term applies to
 their response positions, averaged over the anchors of the optimizer step, times `weight`. The task data gets
-cross-entropy only (or CE plus a lighter on-data term through str_weight).
+cross-entropy only (or CE plus a lighter on-data term through reg_weight).
 
 Terms (`regularizer`):
   str            sum_k (l_ref - l)^2 over the K safety tokens (the STR term, on anchors)

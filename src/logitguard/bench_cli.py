@@ -1,8 +1,9 @@
-"""Deprecated: `logitguard bench` lives in logitguard.cli.bench; this module keeps the old import path for one
-release."""
+"""Deprecated: `logitguard bench` is `logitguard experiment` now, in logitguard.cli.experiment; this module keeps
+the old import path for one release."""
 
 import warnings
 
-from .cli.bench import register  # noqa: F401
+from .cli.experiment import register  # noqa: F401
 
-warnings.warn("logitguard.bench_cli is deprecated: import from logitguard.cli.bench", DeprecationWarning, stacklevel=2)
+warnings.warn("logitguard.bench_cli is deprecated: import from logitguard.cli.experiment", DeprecationWarning,
+              stacklevel=2)  # fmt: skip

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from transformers import TrainerCallback
 
 from .errors import LogitguardError
-from .eval.keyword import is_refusal
+from .eval.keyword import is_refusal, refusal_keywords
 
 
 def fsdp_version(model, trainer=None) -> int | None:
@@ -166,3 +166,17 @@ class SafetyMonitor(TrainerCallback):
                     "stopping (the last checkpoint is saved)",
                     flush=True,
                 )
+
+
+def safety_monitor(cfg, tokenizer, trainer) -> SafetyMonitor | None:
+    """The SafetyMonitor the monitor_* settings ask for (None without monitor_harmful), attached to `trainer`."""
+    if not cfg.monitor_harmful:
+        return None
+    from .eval.prompts import read_prompts
+
+    refusal_keywords(cfg.monitor_keywords)  # an unknown list name fails before training starts
+    benign = read_prompts(cfg.monitor_benign) if cfg.monitor_benign else None
+    return SafetyMonitor(
+        tokenizer, read_prompts(cfg.monitor_harmful), benign, every=cfg.monitor_every, refusal=cfg.monitor_keywords,
+        stop_below=cfg.monitor_stop_below, save_best=cfg.monitor_save_best,
+    ).attach(trainer)  # fmt: skip

@@ -18,6 +18,7 @@ import yaml
 
 from . import adapters
 from .anchors import ANCHOR_TERMS
+from .deprecated import renamed_keys
 from .errors import ConfigError
 from .errors import suggest as _suggest  # the name the modules that import it from here use
 from .files import write_text_atomic
@@ -63,7 +64,7 @@ def check_anchor_settings(cfg) -> None:
 
 @dataclass
 class SafetySettings:
-    """The safety keys `logitguard train` (TrainConfig) and the TRL integration (STRSFTConfig) share, declared once:
+    """The safety keys `logitguard train` (TrainConfig) and the TRL integration (SafetySFTConfig) share, declared once:
     the safety tokens, the regularizer and its weight, the positions, the reference."""
 
     safety_words: list[str] = field(default_factory=lambda: ["I"], metadata={"help": "safety words, e.g. I,cannot"})
@@ -76,7 +77,9 @@ class SafetySettings:
         default=False, metadata={"help": "control: as many random tokens as the resolved safety set"}
     )
     regularizer: str = field(default="str", metadata={"help": f"one of {sorted(regularizer_names())}"})
-    str_weight: float = field(default=1.0, metadata={"help": "lambda; 0 trains the plain method"})
+    reg_weight: float = field(
+        default=1.0, metadata={"help": "lambda, the regularizer's weight (was str_weight); 0: the plain method"}
+    )
     positions: str = field(default="all", metadata={"help": f"regularized positions, one of {POSITIONS}"})
     first_response_tokens: int = field(default=0, metadata={"help": "extra weight on the first N response tokens"})
     first_response_weight: float = field(default=1.0, metadata={"help": "weight of those first response tokens"})
@@ -90,10 +93,71 @@ class SafetySettings:
 
 
 @dataclass
-class TrainConfig(RegularizerSettings, AnchorSettings, SafetySettings):
+class MonitorSettings:
+    """The safety monitor's keys (callbacks.SafetyMonitor: refusal measured on probe prompts while training), shared
+    by TrainConfig and the TRL config."""
+
+    monitor_harmful: str | None = field(
+        default=None,
+        metadata={"help": "safety monitor: held-out harmful prompts file"},
+    )
+    monitor_benign: str | None = field(
+        default=None, metadata={"help": "safety monitor: benign prompts (over-refusal)"}
+    )
+    monitor_every: int = field(default=50, metadata={"help": "safety monitor: check every N optimizer steps"})
+    monitor_keywords: str = field(default="qi2023", metadata={"help": "safety monitor: refusal keyword list"})
+    monitor_stop_below: float | None = field(
+        default=None, metadata={"help": "safety monitor: stop training when refusal falls below this rate"}
+    )
+    monitor_save_best: bool = field(
+        default=False, metadata={"help": "safety monitor: checkpoint at each new best refusal rate (kept)"}
+    )
+
+
+def check_monitor_settings(cfg) -> None:
+    if cfg.monitor_every < 1:
+        raise ConfigError(f"monitor_every: must be >= 1, got {cfg.monitor_every}")
+    if cfg.monitor_stop_below is not None and not 0 <= cfg.monitor_stop_below <= 1:
+        raise ConfigError(f"monitor_stop_below: a refusal rate in [0, 1], got {cfg.monitor_stop_below}")
+    if (cfg.monitor_benign or cfg.monitor_stop_below is not None or cfg.monitor_save_best) and not cfg.monitor_harmful:
+        raise ConfigError("monitor_*: the safety monitor needs monitor_harmful (a prompts file)")
+
+
+@dataclass
+class ControllerSettings:
+    """The lambda controllers' keys (logitguard.controllers), shared by TrainConfig and the TRL config."""
+
+    # docs/controllers.md: lambda starts at reg_weight and moves; off by default, so runs that do not set them keep
+    # their meaning (and their results key)
+    str_budget: float | None = field(
+        default=None, metadata={"help": "constrained training: hold the regularizer's running mean <= this budget "
+                                "(reg's unit) by dual ascent on lambda each optimizer step"},
+    )  # fmt: skip
+    str_budget_lr: float | None = field(
+        default=None, metadata={"help": "str_budget: dual-ascent step size eta (default 0.1 / str_budget)"}
+    )
+    safety_target: float | None = field(
+        default=None, metadata={"help": "closed loop: keep the safety monitor's refusal rate >= this (0..1) by "
+                                "scaling lambda at each check (needs monitor_harmful: the probe prompts)"},
+    )  # fmt: skip
+    safety_target_drop: float | None = field(
+        default=None, metadata={"help": "closed loop relative to the aligned model: keep refusal >= the monitor's "
+                                "rate before training minus this (e.g. 0.03); instead of safety_target"},
+    )  # fmt: skip
+    safety_target_up: float = field(default=2.0, metadata={"help": "safety_target: lambda factor below the target"})
+    safety_target_down: float = field(
+        default=0.9, metadata={"help": "safety_target: lambda factor at or above the target"}
+    )
+    safety_target_rewind: bool = field(
+        default=False, metadata={"help": "safety_target: below it, also return to the last state that met it"}
+    )
+
+
+@dataclass
+class TrainConfig(ControllerSettings, MonitorSettings, RegularizerSettings, AnchorSettings, SafetySettings):
     """Every key of `logitguard train`. Each regularizer's own settings (pact_*, csft_*, kl_topk) come from its
-    module's settings dataclass (logitguard.regularizers), declared there once; the anchors' from AnchorSettings; the
-    safety keys the TRL integration shares from SafetySettings."""
+    module's settings dataclass (logitguard.regularizers), declared there once; the anchors', the monitor's, the
+    lambda controllers' and the safety keys, which the TRL integration shares, from their own dataclasses."""
 
     model: str = field(default="", metadata={"help": "aligned model: local folder or hub name"})
     gguf_file: str | None = field(
@@ -139,21 +203,6 @@ class TrainConfig(RegularizerSettings, AnchorSettings, SafetySettings):
     logging_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps"})
     resume: bool = field(default=True, metadata={"help": "resume from the last checkpoint in output_dir"})
-    monitor_harmful: str | None = field(
-        default=None,
-        metadata={"help": "safety monitor: held-out harmful prompts file"},
-    )
-    monitor_benign: str | None = field(
-        default=None, metadata={"help": "safety monitor: benign prompts (over-refusal)"}
-    )
-    monitor_every: int = field(default=50, metadata={"help": "safety monitor: check every N optimizer steps"})
-    monitor_keywords: str = field(default="qi2023", metadata={"help": "safety monitor: refusal keyword list"})
-    monitor_stop_below: float | None = field(
-        default=None, metadata={"help": "safety monitor: stop training when refusal falls below this rate"}
-    )
-    monitor_save_best: bool = field(
-        default=False, metadata={"help": "safety monitor: checkpoint at each new best refusal rate (kept)"}
-    )
     safety_mix: str | None = field(
         default=None,
         metadata={"help": "safety-data mixing: a file of harmful prompts with refusals, or 'self' (the model's own "
@@ -177,26 +226,6 @@ class TrainConfig(RegularizerSettings, AnchorSettings, SafetySettings):
         default=128, metadata={"help": "method salora: training rows for the task subspace"}
     )
     salora_task_rank: int = field(default=32, metadata={"help": "method salora: task directions"})
-    # lambda controllers (logitguard.controllers, docs/controllers.md): lambda starts at str_weight and moves; off by
-    # default, so runs that do not set them keep their meaning (and their results key)
-    str_budget: float | None = field(
-        default=None, metadata={"help": "constrained training: hold the regularizer's running mean <= this budget "
-                                "(reg's unit) by dual ascent on lambda each optimizer step"},
-    )  # fmt: skip
-    str_budget_lr: float | None = field(
-        default=None, metadata={"help": "str_budget: dual-ascent step size eta (default 0.1 / str_budget)"}
-    )
-    safety_target: float | None = field(
-        default=None, metadata={"help": "closed loop: keep the safety monitor's refusal rate >= this (0..1) by "
-                                "scaling lambda at each check (needs monitor_harmful: the probe prompts)"},
-    )  # fmt: skip
-    safety_target_up: float = field(default=2.0, metadata={"help": "safety_target: lambda factor below the target"})
-    safety_target_down: float = field(
-        default=0.9, metadata={"help": "safety_target: lambda factor at or above the target"}
-    )
-    safety_target_rewind: bool = field(
-        default=False, metadata={"help": "safety_target: below it, also return to the last state that met it"}
-    )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
     trainer: dict = field(default_factory=dict, metadata={"help": "extra transformers.TrainingArguments"})
 
@@ -242,14 +271,7 @@ class TrainConfig(RegularizerSettings, AnchorSettings, SafetySettings):
             raise ConfigError(f"quantize: {self.quantize} trains an adapter on a frozen quantized model; "
                               f"use method {able}, not {self.method}")  # fmt: skip
         check_anchor_settings(self)
-        if self.monitor_every < 1:
-            raise ConfigError(f"monitor_every: must be >= 1, got {self.monitor_every}")
-        if self.monitor_stop_below is not None and not 0 <= self.monitor_stop_below <= 1:
-            raise ConfigError(f"monitor_stop_below: a refusal rate in [0, 1], got {self.monitor_stop_below}")
-        if (self.monitor_benign or self.monitor_stop_below is not None or self.monitor_save_best) and not (
-            self.monitor_harmful
-        ):
-            raise ConfigError("monitor_*: the safety monitor needs monitor_harmful (a prompts file)")
+        check_monitor_settings(self)
         check_method_settings(self)
         check_controller_settings(self)
         if self.trainer:
@@ -288,7 +310,7 @@ def check_method_settings(cfg) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
     adapters.check_settings(cfg)
     why = adapters.get(cfg.method).online_reference_error
-    if why and cfg.str_weight > 0 and cfg.reference != "cache":
+    if why and cfg.reg_weight > 0 and cfg.reference != "cache":
         raise ConfigError(
             f"reference {cfg.reference!r} takes the aligned model by disabling the adapter, which is wrong here: "
             f"{why}; use reference cache"
@@ -297,7 +319,10 @@ def check_method_settings(cfg) -> None:
 
 def check_controller_settings(cfg) -> None:
     """The lambda controllers' keys (logitguard.controllers): one controller at most, each with what it needs."""
-    if cfg.str_budget is not None and cfg.safety_target is not None:
+    if cfg.safety_target is not None and cfg.safety_target_drop is not None:
+        raise ConfigError("safety_target and safety_target_drop both set the target: give one, not both")
+    target = cfg.safety_target if cfg.safety_target is not None else cfg.safety_target_drop
+    if cfg.str_budget is not None and target is not None:
         raise ConfigError("str_budget and safety_target both steer lambda: give one, not both")
     if cfg.str_budget is None and cfg.str_budget_lr is not None:
         raise ConfigError("str_budget_lr: needs str_budget (the dual-ascent step size of the budget's lambda)")
@@ -306,9 +331,10 @@ def check_controller_settings(cfg) -> None:
             raise ConfigError(f"str_budget: must be > 0 (a mean squared logit drift), got {cfg.str_budget}")
         if cfg.str_budget_lr is not None and not cfg.str_budget_lr > 0:
             raise ConfigError(f"str_budget_lr: must be > 0, got {cfg.str_budget_lr}")
-    if cfg.safety_target is not None:
-        if not 0 <= cfg.safety_target <= 1:
-            raise ConfigError(f"safety_target: a refusal rate in [0, 1], got {cfg.safety_target}")
+    if target is not None:
+        if not 0 <= target <= 1:
+            name = "safety_target" if cfg.safety_target is not None else "safety_target_drop"
+            raise ConfigError(f"{name}: a refusal rate in [0, 1], got {target}")
         if not cfg.monitor_harmful:
             raise ConfigError("safety_target: needs monitor_harmful (the probe prompts it measures refusal on)")
     elif cfg.safety_target_rewind:
@@ -317,9 +343,9 @@ def check_controller_settings(cfg) -> None:
         raise ConfigError(f"safety_target_up: must be > 1, got {cfg.safety_target_up}")
     if not 0 < cfg.safety_target_down <= 1:
         raise ConfigError(f"safety_target_down: must be in (0, 1], got {cfg.safety_target_down}")
-    if (cfg.str_budget is not None or cfg.safety_target is not None) and not cfg.str_weight > 0:
-        raise ConfigError("str_budget / safety_target: lambda starts at str_weight, which must be > 0")
-    if (cfg.str_budget is not None or cfg.safety_target is not None) and get_regularizer(cfg.regularizer).replaces_ce:
+    if (cfg.str_budget is not None or target is not None) and not cfg.reg_weight > 0:
+        raise ConfigError("str_budget / safety_target: lambda starts at reg_weight, which must be > 0")
+    if (cfg.str_budget is not None or target is not None) and get_regularizer(cfg.regularizer).replaces_ce:
         raise ConfigError(
             f"str_budget / safety_target: regularizer {cfg.regularizer} replaces cross-entropy, so lambda only "
             "switches it on and there is nothing to steer; use a term added to it"
@@ -340,8 +366,8 @@ def check_safety_settings(cfg, references: tuple[str, ...] = MODES) -> None:
             raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {list(allowed)}")
     if not cfg.temperature > 0:
         raise ConfigError(f"temperature: must be > 0, got {cfg.temperature}")
-    if cfg.str_weight < 0:
-        raise ConfigError(f"str_weight: must be >= 0, got {cfg.str_weight}")
+    if cfg.reg_weight < 0:
+        raise ConfigError(f"reg_weight: must be >= 0, got {cfg.reg_weight}")
     if not cfg.safety_words and not cfg.token_file:
         raise ConfigError("safety_words: give at least one word, or a token_file")
     for entry in REGISTRY.values():  # every term's own keys
@@ -471,7 +497,7 @@ def build_config(values: dict, source: str = "config") -> TrainConfig:
     """TrainConfig from a mapping, rejecting unknown keys with a suggestion."""
     hints = typing.get_type_hints(TrainConfig)
     clean = {}
-    for key, value in route_trainer_keys(values, source).items():
+    for key, value in route_trainer_keys(renamed_keys(values, source), source).items():
         clean[key] = _coerce(key, value, hints[key])
     if clean.get("gguf_file") and not clean.get("model"):
         clean["model"] = clean["gguf_file"]
@@ -493,8 +519,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        values.update(loaded or {})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        values.update(renamed_keys(loaded or {}, str(path)))  # old names first: a flag of the new name wins
+    values.update(renamed_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "command line"))
     return build_config(values, source=str(path) if path else "config")
 
 

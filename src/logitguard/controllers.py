@@ -10,7 +10,7 @@ The trainer asks its controller for lambda at the one place lambda multiplies th
   refusal < T multiplies lambda by `up` (and, with `rewind`, restores the trainable weights and the optimizer
   state of the last check that met T); refusal >= T multiplies it by `down`.
 
-Both start at str_weight, log lambda in the trainer's logs (key `lambda`, beside `reg`), keep a history (a row
+Both start at reg_weight, log lambda in the trainer's logs (key `lambda`, beside `reg`), keep a history (a row
 per step for the budget, per safety check for the target) written as `lambda_controller.json` beside the adapter,
 and carry their state across a resume in the checkpoint's trainer_state.json.
 """
@@ -98,7 +98,7 @@ class LambdaController(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         saved = state.stateful_callbacks.get(STATE_KEY) if state.global_step > 0 else None
-        if saved is not None:  # resumed: continue from the checkpoint's lambda, not str_weight
+        if saved is not None:  # resumed: continue from the checkpoint's lambda, not reg_weight
             self.load_state(saved)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -147,12 +147,17 @@ class SafetyTarget(LambdaController):
 
     kind = "safety_target"
 
-    def __init__(self, weight: float, target: float, monitor, up: float = 2.0, down: float = 0.9,
-                 rewind: bool = False):  # fmt: skip
+    def __init__(self, weight: float, target: float | None, monitor, up: float = 2.0, down: float = 0.9,
+                 rewind: bool = False, drop: float | None = None):  # fmt: skip
         super().__init__(weight)
-        if not 0 <= target <= 1:
+        if (target is None) == (drop is None):
+            raise ValueError("give the target (a refusal rate) or the drop (below the refusal before training)")
+        if target is not None and not 0 <= target <= 1:
             raise ValueError(f"the target is a refusal rate in [0, 1], got {target}")
-        self.target, self.monitor = float(target), monitor
+        # with `drop`, the target is set by the monitor's check before training: the aligned model's own refusal
+        # on the probe, less the drop (the experiment files' "within 3 points of the aligned model", held online)
+        self.target = float(target) if target is not None else None
+        self.drop, self.monitor = drop, monitor
         self.up, self.down, self.rewind = float(up), float(down), rewind
         self.refusal: float | None = None  # the last measured rate
         self._seen = 0  # monitor checks already acted on
@@ -184,6 +189,13 @@ class SafetyTarget(LambdaController):
             row = self.monitor.history[self._seen]
             self._seen += 1
             self.refusal = row["refusal"]
+            if self.target is None:
+                if row["step"] > 0:  # FSDP has no check before the root's first forward; a resume carries it
+                    raise ConfigError(
+                        f"safety_target_drop: the first probe check is at step {row['step']}, after training "
+                        "began, so the aligned model's refusal was never measured; give safety_target (a rate)"
+                    )
+                self.target = max(0.0, self.refusal - self.drop)
             met = self.refusal >= self.target
             rewound = None
             if met and self.rewind and model is not None:
@@ -202,15 +214,18 @@ class SafetyTarget(LambdaController):
                 self.trainer.log(logs)
 
     def settings(self) -> dict:
+        drop = {"safety_target_drop": self.drop} if self.drop is not None else {}
         return {"safety_target": self.target, "safety_target_up": self.up, "safety_target_down": self.down,
-                "safety_target_rewind": self.rewind}  # fmt: skip
+                "safety_target_rewind": self.rewind, **drop}  # fmt: skip
 
     def state(self) -> dict:
-        return {**super().state(), "refusal": self.refusal}
+        return {**super().state(), "refusal": self.refusal, "target": self.target}
 
     def load_state(self, saved: dict) -> None:
         super().load_state(saved)
         self.refusal = saved.get("refusal")  # the in-memory rewind point is not carried: the next met check sets it
+        if self.drop is not None:  # the target measured before training, not measured again on a resume
+            self.target = saved.get("target")
 
 
 def _to_host(value):
@@ -244,13 +259,25 @@ def restore(model, optimizer, kept: dict) -> None:
             group["lr"] = lr
 
 
+def steer(cfg, tokenizer, trainer) -> tuple:
+    """(monitor, controller): the safety monitor the settings ask for, then their lambda controller, attached to
+    `trainer` in that order (a safety target reads the monitor's checks). `logitguard train` and the TRL trainer."""
+    from .callbacks import safety_monitor
+
+    monitor = safety_monitor(cfg, tokenizer, trainer)
+    controller = make_controller(cfg, monitor)
+    if controller is not None:
+        controller.attach(trainer)
+    return monitor, controller
+
+
 def make_controller(cfg, monitor=None) -> LambdaController | None:
-    """The controller a TrainConfig asks for, or None (lambda fixed at str_weight)."""
+    """The controller a TrainConfig asks for, or None (lambda fixed at reg_weight)."""
     if cfg.str_budget is not None:
-        return BudgetController(cfg.str_weight, cfg.str_budget, cfg.str_budget_lr)
-    if cfg.safety_target is not None:
-        return SafetyTarget(cfg.str_weight, cfg.safety_target, monitor, cfg.safety_target_up, cfg.safety_target_down,
-                            cfg.safety_target_rewind)  # fmt: skip
+        return BudgetController(cfg.reg_weight, cfg.str_budget, cfg.str_budget_lr)
+    if cfg.safety_target is not None or cfg.safety_target_drop is not None:
+        return SafetyTarget(cfg.reg_weight, cfg.safety_target, monitor, cfg.safety_target_up, cfg.safety_target_down,
+                            cfg.safety_target_rewind, cfg.safety_target_drop)  # fmt: skip
     return None
 
 
@@ -282,3 +309,13 @@ def overlap(probe: list[str], evaluated: list[str], similar: float | None = None
                         pairs.append((p, e))
                         break
     return pairs
+
+
+def thinned(report: dict, points: int = 50) -> dict:
+    """A controller's report with its per-step history cut to about `points` steps, the last always kept: the copy a
+    results row keeps (lambda_controller.json beside the adapter keeps every step)."""
+    history = report["history"]
+    kept = history[:: max(1, -(-len(history) // points))]
+    if history and kept[-1] is not history[-1]:
+        kept.append(history[-1])
+    return {**report, "history": kept}

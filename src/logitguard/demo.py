@@ -42,34 +42,34 @@ class Run:
     overrides: dict = field(default_factory=dict)
 
 
-STR_I = {"safety_words": ["I"], "str_weight": 1.0}
+STR_I = {"safety_words": ["I"], "reg_weight": 1.0}
 ANCHORS = "anchors"  # stands for <out>/anchor_prompts.jsonl: harmful training prompts (never the held-out ones)
-ANCHORED = {"str_weight": 0.0, "anchor_prompts": ANCHORS}
+ANCHORED = {"reg_weight": 0.0, "anchor_prompts": ANCHORS}
 ANCHORED_KL = {**ANCHORED, "anchor_regularizer": "restricted_kl", "safety_words": ["I", "cannot", "Sure"]}
 # baselines: 20 harmful prompts with the toy's refusals mixed into the data (Safety-Tuned LLaMAs), and SaLoRA
 # with its safety subspace from the same refusal conversations
-SAFETY_MIX = {"str_weight": 0.0, "safety_mix": ANCHORS, "safety_mix_count": 20}
-SALORA = {"str_weight": 0.0, "method": "salora", "salora_safety_data": ANCHORS}
-CONSTRAINED_SFT = {"regularizer": "constrained_sft", "str_weight": 1.0}
-TOPK_KL = {"regularizer": "kl", "kl_topk": 32, "str_weight": 1.0}
+SAFETY_MIX = {"reg_weight": 0.0, "safety_mix": ANCHORS, "safety_mix_count": 20}
+SALORA = {"reg_weight": 0.0, "method": "salora", "salora_safety_data": ANCHORS}
+CONSTRAINED_SFT = {"regularizer": "constrained_sft", "reg_weight": 1.0}
+TOPK_KL = {"regularizer": "kl", "kl_topk": 32, "reg_weight": 1.0}
 MINED = "mined"  # stands for the token set the demo mines into <out>/mined_tokens.json
 PACT_TOKENS = "pact-mined"  # <out>/pact_tokens.json: PACT's rule on the aligned toy and its unaligned base
 MINED_TOP = 5
 PACT_TOP = 50  # PACT's default set size
 RUNS = (
-    Run("attack / LoRA", "attack", {"str_weight": 0.0}),
+    Run("attack / LoRA", "attack", {"reg_weight": 0.0}),
     Run("attack / STR(I)", "attack", STR_I),
-    Run("attack / STR(cannot)", "attack", {"safety_words": ["cannot"], "str_weight": 1.0}),
+    Run("attack / STR(cannot)", "attack", {"safety_words": ["cannot"], "reg_weight": 1.0}),
     Run("attack / STR(random)", "attack", {**STR_I, "random_tokens": True}),
-    Run("benign / LoRA", "new_task", {"str_weight": 0.0}),
+    Run("benign / LoRA", "new_task", {"reg_weight": 0.0}),
     Run("benign / STR(I)", "new_task", STR_I),
     # beyond the paper: only response positions, and extra weight on the first response tokens, which
     # decide whether the model refuses but carry ~1/T of the weight under the mean over all positions
     Run("benign / STR(I) response", "new_task", {**STR_I, "positions": "response"}),
     # safety tokens mined from the toy model's own refusals (`logitguard tokens mine`), for STR and for the
     # restricted-softmax KL (a simplification of PACT: one reference, no gate, no token weights)
-    Run("attack / STR(mined)", "attack", {"token_file": MINED, "str_weight": 1.0}),
-    Run("benign / STR(mined)", "new_task", {"token_file": MINED, "str_weight": 1.0}),
+    Run("attack / STR(mined)", "attack", {"token_file": MINED, "reg_weight": 1.0}),
+    Run("benign / STR(mined)", "new_task", {"token_file": MINED, "reg_weight": 1.0}),
     Run(
         "benign / restricted KL(mined)",
         "new_task",
@@ -216,7 +216,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, cache_dir: str
         from .train import start_over_if_stale, train
 
         start_over_if_stale(cfg)
-        print(f"\n== {run.name}: {cfg.data} ({cfg.epochs:g} epochs, lambda {cfg.str_weight:g})", flush=True)
+        print(f"\n== {run.name}: {cfg.data} ({cfg.epochs:g} epochs, lambda {cfg.reg_weight:g})", flush=True)
         result = train(cfg, progress=progress)
         metrics = _evaluate_to(folder / "eval", model_dir, folder, corpus, limit, progress)
         row = {

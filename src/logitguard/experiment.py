@@ -8,7 +8,7 @@
     eval: {EvalSpec keys}
     runs:
       - name: LoRA
-        train: {str_weight: 0}
+        train: {reg_weight: 0}
         seeds: [0, 1, 2]                 # optional: one row per seed
       - name: Safe LoRA
         safelora: {of: LoRA, unaligned: PATH}   # post-hoc projection of another run's adapter

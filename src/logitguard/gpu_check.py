@@ -94,7 +94,7 @@ def train_flags(ctx: Context, name: str, steps: int) -> list[str]:
     return [
         "train", "--model", str(ctx.model), "--data", str(ctx.work / "train.jsonl"),
         "--output-dir", str(ctx.work / name), "--cache-dir", str(ctx.work / "cache"), "--max-length", "256",
-        "--batch-size", "4", "--precision", "bf16", "--safety-words", "I,cannot", "--str-weight", "1.0",
+        "--batch-size", "4", "--precision", "bf16", "--safety-words", "I,cannot", "--reg-weight", "1.0",
         "--logging-steps", "5", "--save-steps", "1000", "--disable-tqdm", "true", "--max-steps", str(steps),
     ]  # fmt: skip
 

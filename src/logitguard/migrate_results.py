@@ -1,4 +1,4 @@
-"""`logitguard bench migrate`: rewrite results files from before result_keys.py, whose settings hold the absolute
+"""`logitguard experiment migrate`: rewrite results files from before result_keys.py, whose settings hold the absolute
 paths of the machine that ran them, into paths as the experiment file writes them plus each input's identity.
 
 Every metric and every other field is kept; only paths change, and each row's `key` is recomputed. Run it once

@@ -1,4 +1,4 @@
-"""`logitguard bench report`: markdown tables and PNG plots from results/*.json, the paper's numbers beside ours.
+"""`logitguard experiment report`: markdown tables and PNG plots from results/*.json, the paper's numbers beside ours.
 An experiment with a target (verdict.py) also gets a target column and a frontier plot. Rows that carry per-item
 outcomes (metrics["items"]) get, in each compared cell, the difference from the reference run with its 95%
 interval (stats.py; docs/statistics.md).
@@ -17,7 +17,7 @@ from statistics import mean
 from .errors import ConfigError
 from .files import write_text_atomic
 from .stats import Interval
-from .verdict import ALIGNED, Target, compare, plot_experiment_frontier, task_share, verdicts
+from .verdict import ALIGNED, Target, compare, plot_experiment_frontier, plot_trade, task_share, verdicts
 
 # (metric key, column title, format): the columns a table shows when any row has the metric
 COLUMNS = [
@@ -217,7 +217,7 @@ def plot_experiment(results: dict, path: Path) -> None:
 def experiment_section(results: dict, png: str | None) -> str:
     title = results["experiment"] + (f" — variant `{results['variant']}`" if results.get("variant") else "")
     paper = results.get("paper") or {}
-    cmd = f"logitguard bench run {results['experiment']}" + (
+    cmd = f"logitguard experiment run {results['experiment']}" + (
         f" --variant {results['variant']}" if results.get("variant") else ""
     )
     parts = [f"## {title}", "", results.get("description", "").strip(), "", f"Command: `{cmd}`", ""]
@@ -251,12 +251,12 @@ def write_report(results_dir: str | Path = "results", out: str | Path | None = N
     results_dir = Path(results_dir)
     files = sorted(results_dir.glob("*.json"))
     if not files:
-        raise ConfigError(f"no results/*.json in {results_dir}; run `logitguard bench run EXP` first")
+        raise ConfigError(f"no results/*.json in {results_dir}; run `logitguard experiment run EXP` first")
     out = Path(out) if out else results_dir / "REPORT.md"
     sections = [
         "# logitguard results",
         "",
-        "Made by `logitguard bench report` from the results files next to it. Each section names the command "
+        "Made by `logitguard experiment report` from the results files next to it. Each section names the command "
         "that produced it. Paper columns are the published numbers, labelled as such; they are not ours.",
         "",
     ]
@@ -273,6 +273,9 @@ def write_report(results_dir: str | Path = "results", out: str | Path | None = N
             frontier = path.with_suffix(".frontier.png")
             if plot_experiment_frontier(results, group_rows(results), frontier):
                 sections.append(f"![frontier]({os.path.relpath(frontier, out.parent)})\n")
+            trade = path.with_suffix(".trade.png")  # refusal change against the task gain kept, with intervals
+            if plot_trade(results, group_rows(results), trade):
+                sections.append(f"![safety-utility trade]({os.path.relpath(trade, out.parent)})\n")
         if results.get("sweep"):
             from .sweep import plot_frontier
 

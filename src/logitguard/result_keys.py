@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 from .config import TrainConfig, build_config
+from .deprecated import RENAMED_KEYS
 from .experiment import EvalSpec
 
 # TrainConfig and EvalSpec fields that name files, folders or models (comma lists in the eval ones).
@@ -37,6 +38,9 @@ NOT_RESULTS = {"save_steps", "logging_steps", "resume"}
 TRAINER_NOT_RESULTS = {"save_strategy", "save_total_limit", "disable_tqdm", "logging_strategy", "logging_dir",
                        "report_to", "run_name", "project", "trackio_space_id", "push_to_hub", "hub_model_id",
                        "hub_strategy", "hub_private_repo", "hub_token"}  # fmt: skip
+# A renamed setting is hashed under its old name (logitguard.deprecated): the rows computed before the rename keep
+# their keys, so a clone finds them done.
+KEY_SPELLING = {new: old for old, new in RENAMED_KEYS.items()}
 # Where, not what: never in a row's settings.
 WHERE = ("output_dir", "cache_dir", "reference_cache", "resume")
 
@@ -60,10 +64,17 @@ def result_key(settings: dict) -> str:
 
 
 def _normal(values: dict, cls) -> dict:
-    values = {k: v for k, v in values.items() if k not in NOT_RESULTS}
+    values = {RENAMED_KEYS.get(k, k): v for k, v in values.items() if k not in NOT_RESULTS}  # a row's old names
     if isinstance(values.get("trainer"), dict):
         values["trainer"] = {k: v for k, v in values["trainer"].items() if k not in TRAINER_NOT_RESULTS}
-    return _non_default(values, cls)
+    return {KEY_SPELLING.get(k, k): v for k, v in _non_default(values, cls).items()}
+
+
+def setting(values: dict, name: str, default=None):
+    """A row's setting by its name now, in rows written before it was renamed too (`str_weight` for reg_weight)."""
+    if name in values:
+        return values[name]
+    return values.get(KEY_SPELLING.get(name, name), default)
 
 
 def shape_key(settings: dict) -> str:

@@ -1,4 +1,4 @@
-"""`logitguard bench run EXP`: train and evaluate every run of an experiment file into results/EXP.json.
+"""`logitguard experiment run EXP`: train and evaluate every run of an experiment file into results/EXP.json.
 
 The results file holds the experiment's settings, library versions, the base model's evaluation and one
 row per run (and seed): metrics, train time, step time, safety token ids. It is rewritten atomically after
@@ -74,9 +74,8 @@ def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, 
     model, tokenizer = load_model_for_eval(model_dir, adapter) if _needs_model(spec) else (None, None)
     result = measure(model, tokenizer, spec, inputs, folder, progress=progress)  # writes the records to folder
     del model
-    if result.items:
-        return {**result.metrics, "items": result.items}  # per-item outcomes: paired statistics (stats.py)
-    return result.metrics
+    # per-item outcomes (paired statistics, stats.py); the stage timings, which _row moves out of the metrics
+    return {**result.metrics, **({"items": result.items} if result.items else {}), STAGES: result.seconds}
 
 
 def _evaluate_with_engine(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool) -> dict:
@@ -97,6 +96,9 @@ def _needs_model(spec: EvalSpec) -> bool:
     from .eval.endpoint import engine_for, in_process_parts
 
     return engine_for(None) is None or bool(in_process_parts(spec.loss_data, spec.commonsense, spec.utility))
+
+
+STAGES = "stage_seconds"  # evaluate()'s timings, carried in its metrics as far as _row
 
 
 class Runner:
@@ -123,7 +125,7 @@ class Runner:
         legacy = sum(1 for rows in self.done.values() for r in rows if "inputs" not in r["settings"])
         if legacy:  # written before result_keys.py: their absolute paths never match, so they would run again
             print(f"{self.results_path}: {legacy} rows hold absolute paths (an older logitguard); run `logitguard "
-                  "bench migrate --checkout <where they were run>` once to keep them", flush=True)  # fmt: skip
+                  "experiment migrate --checkout <where they were run>` once to keep them", flush=True)  # fmt: skip
         # the aligned model's evaluation is the same measurement in every experiment that evaluates the same
         # model with the same settings (the scenarios of one model): computed once, found in a sibling file
         self.shared_bases = _sibling_bases(Path(results_dir), self.results_path)
@@ -243,7 +245,10 @@ class Runner:
                 self.done.setdefault(shape_key(settings), []).append(row)
                 return row
         print(f"\n== {self.exp.id} / {name}" + (f" (seed {seed})" if seed is not None else ""), flush=True)
-        row = {"name": name, "seed": seed, "key": result_key(settings), **compute(), "settings": settings}
+        computed = compute()
+        stages = computed.get("metrics", {}).pop(STAGES, None)  # a time, not a measure: beside eval_seconds
+        row = {"name": name, "seed": seed, "key": result_key(settings), **computed, "settings": settings}
+        row.update({"eval_stage_seconds": stages} if stages else {})
         self.done.setdefault(shape_key(settings), []).append(row)
         return row
 
@@ -304,6 +309,7 @@ class Runner:
         return {"metrics": metrics, "eval_seconds": time.perf_counter() - start}
 
     def _train_eval(self, cfg: TrainConfig) -> dict:
+        from .controllers import thinned
         from .train import release_trainer, start_over_if_stale, train
 
         start_over_if_stale(cfg)
@@ -326,6 +332,8 @@ class Runner:
             "safety_ids": result["safety_ids"],
             "final_ce": final["ce"],
             "final_reg": final["reg"],
+            # str_budget / safety_target: where lambda went (the row's setting is only where it started)
+            **({"lambda_controller": thinned(result["lambda_controller"])} if result["lambda_controller"] else {}),
         }
 
     def _safelora(self, run: RunSpec, seed: int | None, eval_settings: dict) -> tuple[dict, object]:
@@ -359,7 +367,7 @@ class Runner:
         written = []
         for k, stage in enumerate(run.stages):
             cfg = self.written_config(RunSpec(f"{run.name} stage {k + 1}", {**run.train, **stage}), seed)
-            if cfg.str_weight > 0:
+            if cfg.reg_weight > 0:
                 cfg = dataclasses.replace(cfg, reference_model=self.written_model)
             written.append(self.settings(cfg) | {"model": None})  # each stage starts from the one before
         settings = {"stages": written, "eval": eval_settings}
@@ -371,7 +379,7 @@ class Runner:
             for k, stage in enumerate(run.stages):
                 staged = RunSpec(f"{run.name} stage {k + 1}", {**run.train, **self.ph(stage)})
                 cfg = dataclasses.replace(self.config(staged, seed), model=start_model)
-                if cfg.str_weight > 0:
+                if cfg.reg_weight > 0:
                     cfg = dataclasses.replace(cfg, reference_model=self.model)
                 cfgs.append(cfg)
                 start_model = str(Path(cfg.output_dir) / "merged")

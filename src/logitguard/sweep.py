@@ -13,15 +13,16 @@ import dataclasses
 from pathlib import Path
 
 from .experiment import Experiment, RunSpec
+from .result_keys import setting
 
 
 def grid_runs(lambdas: list[float], word_sets: list[list[str]], reference: str = "cache") -> list[RunSpec]:
-    runs = [RunSpec("LoRA", {"str_weight": 0.0})]
+    runs = [RunSpec("LoRA", {"reg_weight": 0.0})]
     for words in word_sets:
         for lam in lambdas:
             if lam > 0:
                 name = f"STR({' '.join(words)}) lambda {lam:g}"
-                runs.append(RunSpec(name, {"safety_words": words, "str_weight": lam, "reference": reference}))
+                runs.append(RunSpec(name, {"safety_words": words, "reg_weight": lam, "reference": reference}))
     return runs
 
 
@@ -51,8 +52,9 @@ def plot_frontier(results: dict, path: Path) -> None:
     lines: dict[str, list] = {}
     for r in results["rows"]:
         train = r["settings"]["train"]
-        label = "LoRA" if train["str_weight"] == 0 else "STR(" + " ".join(train["safety_words"]) + ")"
-        lines.setdefault(label, []).append((train["str_weight"], r))
+        weight = setting(train, "reg_weight")  # rows written before the rename hold str_weight
+        label = "LoRA" if weight == 0 else "STR(" + " ".join(train["safety_words"]) + ")"
+        lines.setdefault(label, []).append((weight, r))
     for i, (label, points) in enumerate(sorted(lines.items())):
         points.sort(key=lambda p: p[0])
         xs = [p[1]["metrics"][key] for p in points]

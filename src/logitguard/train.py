@@ -1,4 +1,4 @@
-"""`logitguard train`: config -> data -> safety tokens -> reference -> adapter -> STRTrainer -> outputs.
+"""`logitguard train`: config -> data -> safety tokens -> reference -> adapter -> SafetyTrainer -> outputs.
 
 Output folder: the adapter (or full weights) as safetensors, `safety_tokens.json`, `config.yaml` (the
 resolved config), `metrics.jsonl` (the Trainer's log history) and `checkpoint-*` folders for resuming.
@@ -16,7 +16,7 @@ import torch
 from . import adapters
 from .cache import build_reference_cache
 from .config import ConfigError, TrainConfig, save_config
-from .controllers import make_controller
+from .controllers import steer
 from .data import ChatCollator, apply_columns, ensure_chat_template, load_rows, split_holdout, tokenize_rows
 from .files import resume_checkpoint, write_json_atomic, write_text_atomic
 from .methods import mixing, salora
@@ -36,7 +36,7 @@ from .regularizers import get as get_regularizer
 from .regularizers.references import build_kwargs
 from .tokens import SafetyTokens
 from .train_clock import TrainClock
-from .trainer import STRTrainer
+from .trainer import SafetyTrainer
 
 # Fixed, not cfg.seed: runs that differ only in seed hold out the same rows, so their eval losses compare.
 HOLDOUT_SEED = 0
@@ -78,7 +78,7 @@ def prebuild_caches(cfgs: list[TrainConfig], progress: bool = True) -> float:
     """Build once the reference caches that these runs (of one aligned model) will ask for: one per distinct
     training data, holding the union of the runs' token ids, from exactly the examples training tokenizes, on
     the training device and in the dtype training loads. A run then finds its cache complete. Returns seconds."""
-    cfgs = [c for c in cfgs if c.str_weight > 0 and c.reference == "cache" and not c.reference_cache]
+    cfgs = [c for c in cfgs if c.reg_weight > 0 and c.reference == "cache" and not c.reference_cache]
     if not cfgs:
         return 0.0
     start = time.perf_counter()
@@ -129,7 +129,7 @@ def make_reference(cfg: TrainConfig, model, tokenizer, examples, tokens: SafetyT
     """The reference for this run, as the regularizer's registry entry builds it. A cache is built here, before any
     adapter is attached, on the device the model trains on (each rank its share of the shards under `accelerate
     launch`)."""
-    if cfg.str_weight == 0:
+    if cfg.reg_weight == 0:
         return None
     entry = get_regularizer(cfg.regularizer)
     if len(tokens) < entry.min_tokens:  # refused before any cache is built (the trainer would refuse it after)
@@ -247,7 +247,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
             model, cfg.method, cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules, cfg.gradient_checkpointing
         )
         model, salora_report = salora.apply(cfg, model, tokenizer, rows, progress)  # SaLoRA's projection and init
-    trainer = STRTrainer(
+    trainer = SafetyTrainer(
         model=model,
         args=args,
         train_dataset=_Examples(examples),
@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
         processing_class=tokenizer,
         safety_ids=list(tokens.ids),
         reference=reference,
-        str_weight=cfg.str_weight,
+        reg_weight=cfg.reg_weight,
         regularizer=cfg.regularizer,
         temperature=cfg.temperature,
         positions=cfg.positions,
@@ -273,10 +273,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
     pissa_init = out / "pissa_init"
     if adapters.get(cfg.method).converts_on_save and not pissa_init.exists():
         _save_pissa_init(model, pissa_init)
-    monitor = _safety_monitor(cfg, tokenizer, trainer)
-    controller = make_controller(cfg, monitor)  # str_budget / safety_target: lambda moves (after the monitor)
-    if controller is not None:
-        controller.attach(trainer)
+    monitor, controller = steer(cfg, tokenizer, trainer)  # the safety monitor, then a lambda controller if asked
     resume = resume_checkpoint(out) if cfg.resume else None  # the last one saved whole
     # written before training: checkpoints pushed to the hub during training and a killed run's folder carry them
     if main:
@@ -355,22 +352,6 @@ def _check_resume(cfg: TrainConfig, out: Path) -> None:
             f"{out} holds checkpoints of a run with other settings ({', '.join(differ)}); resuming would "
             "continue that run. Use another output_dir, or resume: false to train from scratch there"
         )
-
-
-def _safety_monitor(cfg: TrainConfig, tokenizer, trainer):
-    """The SafetyMonitor callback when monitor_harmful is set (logs refusal while training)."""
-    if not cfg.monitor_harmful:
-        return None
-    from .callbacks import SafetyMonitor
-    from .eval.keyword import refusal_keywords
-    from .eval.prompts import read_prompts
-
-    refusal_keywords(cfg.monitor_keywords)  # an unknown list name fails before training starts
-    benign = read_prompts(cfg.monitor_benign) if cfg.monitor_benign else None
-    return SafetyMonitor(
-        tokenizer, read_prompts(cfg.monitor_harmful), benign, every=cfg.monitor_every, refusal=cfg.monitor_keywords,
-        stop_below=cfg.monitor_stop_below, save_best=cfg.monitor_save_best,
-    ).attach(trainer)  # fmt: skip
 
 
 def release_trainer(trainer) -> None:

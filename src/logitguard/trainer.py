@@ -1,4 +1,4 @@
-"""STRTrainer: a transformers.Trainer whose loss is CE + lambda * regularizer(safety-token logits).
+"""SafetyTrainer: a transformers.Trainer whose loss is CE + lambda * a regularizer (STR, PACT, KL, ...).
 
 Normalisation (why it is written out here): both terms are normalised over the whole optimizer step,
 i.e. all gradient-accumulation micro-batches on all processes, so gradients do not depend on how a batch
@@ -29,6 +29,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
+from .deprecated import renamed_keys, warn
 from .errors import ConfigError
 from .guards import FiniteGradients, NonFiniteWatch
 from .losses import check_finite, position_weights
@@ -45,7 +46,7 @@ class SafetyRegularization:
         self,
         safety_ids: list[int],
         reference,
-        str_weight: float,
+        reg_weight: float,
         regularizer: str = "str",
         temperature: float = 2.0,
         positions: str = "all",
@@ -61,8 +62,8 @@ class SafetyRegularization:
                 "CUDA_VISIBLE_DEVICES"
             )
         entry = get_regularizer(regularizer)  # the registry entry: what the term reads, needs and how it normalises
-        if str_weight > 0 and reference is None:
-            raise ConfigError("str_weight > 0 needs a reference (cache, online or paper)")
+        if reg_weight > 0 and reference is None:
+            raise ConfigError("reg_weight > 0 needs a reference (cache, online or paper)")
         if len(safety_ids) < entry.min_tokens:
             raise ConfigError(
                 f"the {regularizer} regularizer compares distributions over the safety tokens: it needs >= 2"
@@ -71,7 +72,7 @@ class SafetyRegularization:
         self.safety_ids = torch.as_tensor(list(safety_ids), dtype=torch.long)
         self._ids_on: dict[torch.device, torch.Tensor] = {}  # safety_ids moved once per device (see safety_ids_on)
         self.reference = reference
-        self.str_weight = float(str_weight)
+        self.configured_weight = float(reg_weight)
         self.regularizer = entry.per_sequence
         kwargs = dict(regularizer_kwargs or {})
         if kwargs.get("token_weights") is not None and len(kwargs["token_weights"]) != len(safety_ids):
@@ -128,7 +129,7 @@ class SafetyRegularization:
         self._step_counts = counts
         self._micro = 0  # micro-batches of this step seen by compute_loss (anchor sampling)
         prepare = getattr(self.reference, "prepare", None)
-        if prepare is not None and self.str_weight > 0:
+        if prepare is not None and self.configured_weight > 0:
             prepare(batch_samples)  # the step's cached references: one wait for the device, not two per micro-batch
         return batch_samples, num_items
 
@@ -184,11 +185,11 @@ class SafetyRegularization:
         return reg
 
     def reg_weight(self, term: torch.Tensor | None = None) -> float:
-        """lambda now: the configured str_weight, or a controller's (logitguard.controllers: str_budget,
+        """lambda now: the configured reg_weight, or a controller's (logitguard.controllers: str_budget,
         safety_target) when one steers it; `term`, this micro-batch's regularizer, is shown to the controller."""
         controller = getattr(self, "lambda_controller", None)
         if controller is None:
-            return self.str_weight
+            return self.configured_weight
         if term is not None:
             controller.observe(term)
         return controller.weight
@@ -207,7 +208,7 @@ class SafetyRegularization:
         super().log(logs, start_time)
 
 
-class STRTrainer(SafetyRegularization, Trainer):
+class SafetyTrainer(SafetyRegularization, Trainer):
     loss_is_scaled_for_ga = True  # see module docstring: we normalise over the whole step ourselves
 
     def __init__(
@@ -215,7 +216,7 @@ class STRTrainer(SafetyRegularization, Trainer):
         *args,
         safety_ids: list[int],
         reference,
-        str_weight: float,
+        reg_weight: float,
         regularizer: str = "str",
         temperature: float = 2.0,
         positions: str = "all",
@@ -232,7 +233,7 @@ class STRTrainer(SafetyRegularization, Trainer):
         self.args.remove_unused_columns = False
         self.chunked_ce = chunked_ce
         self.setup_safety(
-            safety_ids, reference, str_weight, regularizer, temperature, positions, first_response_tokens,
+            safety_ids, reference, reg_weight, regularizer, temperature, positions, first_response_tokens,
             first_response_weight, regularizer_kwargs,
         )  # fmt: skip
 
@@ -241,7 +242,7 @@ class STRTrainer(SafetyRegularization, Trainer):
         labels = inputs.pop("labels")
         example_idx = inputs.pop("example_idx", None)
         training = model.training
-        need_reg = training and self.str_weight > 0
+        need_reg = training and self.configured_weight > 0
         reads = self.entry.reads if need_reg else None  # what the head's forward must yield for the term
         ids = self.safety_ids_on(labels.device) if reads == "safety" else None
         batch = {**inputs, "labels": labels}
@@ -281,3 +282,12 @@ class STRTrainer(SafetyRegularization, Trainer):
             anchored = self.anchor_term(model, labels.device)
             loss = loss + anchored if anchored is not None else loss
         return (loss, outputs) if return_outputs else loss
+
+
+class STRTrainer(SafetyTrainer):
+    """The old name of SafetyTrainer (it trains any regularizer, not only STR), kept for one release; it takes the
+    old `str_weight` keyword too. See logitguard.deprecated."""
+
+    def __init__(self, *args, **kwargs):
+        warn("STRTrainer", "SafetyTrainer")
+        super().__init__(*args, **renamed_keys(kwargs, "STRTrainer"))

@@ -19,7 +19,7 @@ worse end is within the margin, *misses* when the whole interval is beyond it, *
 without per-item data (written before they were recorded) is "unresolved (no per-item data)": its point values
 alone cannot tell a 2-point drop from noise. docs/statistics.md says how to read it all.
 
-`bench report` shows the verdict column and each compared cell's interval, and draws the frontier plot (safety
+`experiment report` shows the verdict column and each compared cell's interval, and draws the frontier plot (safety
 against skill, one point per run, the target's corner drawn); the demo draws its frontier with the same function.
 """
 
@@ -243,4 +243,59 @@ def plot_experiment_frontier(results: dict, groups: list[dict], path: Path) -> b
              f"{target.utility} within {100 * target.utility_gap:g} of {target.utility_of} (green: meets at 95%; "
              "marker size: benign over-refusal)")  # fmt: skip
     plot_frontier(points, path, target.utility, title, corner)
+    return True
+
+
+def plot_trade(results: dict, groups: list[dict], path: Path) -> bool:
+    """Issue 22's frontier, drawn from the verdict's own numbers: each run's refusal change from the aligned model
+    (y, paired 95% interval) against the share of the yardstick's held-out task gain it keeps (x, paired bootstrap
+    95%), the target's corner dotted, colour = verdict. False (nothing drawn) without a task_loss target or with no
+    run that has both intervals."""
+    target = Target(**results["target"])
+    if not target.task_loss:
+        return False
+    by_name = {g["name"]: g["rows"] for g in groups}
+    judged = verdicts(groups, target)
+    points = []
+    for name, rows in by_name.items():
+        if name == ALIGNED:
+            continue
+        drop, share = compare(rows, by_name.get(ALIGNED, []), target.refusal), task_share(rows, by_name, target)
+        if drop is not None and share is not None:
+            points.append((name, share, drop, judged.get(name, "")))
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 6))
+    colors = {"meets": "tab:green", "misses": "tab:red"}
+    for name, share, drop, verdict in points:
+        color = colors.get(verdict.split(" ")[0], "tab:gray")
+        # an interval open at one end (the yardstick's gain unclear in some resamples) is drawn to the axis' edge
+        x_lo, x_hi = max(share.lo, -1.0), min(share.hi, 2.0)
+        ax.errorbar(100 * share.estimate, 100 * drop.estimate, fmt="o", color=color, capsize=3,
+                    xerr=[[100 * (share.estimate - x_lo)], [100 * (x_hi - share.estimate)]],
+                    yerr=[[100 * (drop.estimate - drop.lo)], [100 * (drop.hi - drop.estimate)]])  # fmt: skip
+        ax.annotate(name, (100 * share.estimate, 100 * drop.estimate), fontsize=7, xytext=(5, 5),
+                    textcoords="offset points")  # fmt: skip
+    ax.scatter([0], [0], marker="*", s=200, color="black", label=ALIGNED)
+    ax.axvline(100 * target.task_gain_share, color="tab:green", ls=":", lw=1)
+    ax.axhline(-100 * target.refusal_drop, color="tab:green", ls=":", lw=1)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel(
+        f"share of {target.task_gain_of}'s held-out {target.task_loss} loss gain kept, % (paired bootstrap 95%)"
+    )
+    ax.set_ylabel(f"{target.refusal} minus the aligned model's, points (paired 95%)")
+    ax.set_title(textwrap.fill(
+        f"{results['experiment']}: safe (at most {100 * target.refusal_drop:g} points below the aligned model) and "
+        f"learning (at least {100 * target.task_gain_share:g}% of {target.task_gain_of}'s gain)? Green: meets at 95%, "
+        "red: misses, grey: unresolved. The target is the corner above and right of the dotted lines.", 100),
+        fontsize=9)  # fmt: skip
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True

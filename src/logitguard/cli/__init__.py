@@ -1,4 +1,4 @@
-"""The `logitguard` command line: tokens | train | eval | demo | safelora | bench | sweep."""
+"""The `logitguard` command line: tokens | train | eval | demo | safelora | experiment | sweep."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import logging
 import os
 import sys
 
-from . import bench, demo, eval, safelora, sweep, tokens, train
+from . import demo, eval, experiment, safelora, sweep, tokens, train
 from .train import _split_trainer_flags, trainer_flags  # noqa: F401  (main splits train's flags; tests use them)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="logitguard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (tokens, train, eval, demo, safelora, bench, sweep):  # one module per command, in this folder
+    for module in (tokens, train, eval, demo, safelora, experiment, sweep):  # one module per command, in this folder
         module.register(sub)
     return parser
 

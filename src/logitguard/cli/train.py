@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import typing
 
 from ..config import TrainConfig, load_config, ordered_fields
+from ..deprecated import RENAMED_KEYS
 from ..errors import ConfigError
 
 
@@ -25,6 +27,8 @@ def register(sub) -> None:
             p.add_argument(flag, dest=f.name, default=None, metavar="true|false", help=f.metadata.get("help"))
         else:
             p.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"))
+    for old in RENAMED_KEYS:  # old flags still work for one release (and warn); not listed in --help
+        p.add_argument("--" + old.replace("_", "-"), dest=old, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run_train)
 
 
@@ -32,9 +36,7 @@ def _run_train(args) -> int:
     from ..losses import NonFiniteLossError
     from ..train import train
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    overrides.update(trainer_flags(args.extra))
-    cfg = load_config(args.config, overrides)
+    cfg = config_from_args(args)
     try:
         result = train(cfg)
     except NonFiniteLossError as e:  # say what of the run is still usable
@@ -47,6 +49,14 @@ def _run_train(args) -> int:
         print(json.dumps(result))
         print(f"adapter, safety_tokens.json, config.yaml and metrics.jsonl are in {result['output_dir']}")
     return 0
+
+
+def config_from_args(args) -> TrainConfig:
+    """The YAML file under the flags: logitguard's keys, the old names of renamed ones, TrainingArguments fields."""
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    overrides.update({old: getattr(args, old) for old in RENAMED_KEYS})
+    overrides.update(trainer_flags(getattr(args, "extra", [])))
+    return load_config(args.config, overrides)
 
 
 def _split_trainer_flags(parser, argv: list[str]) -> tuple[list[str], list[str]]:

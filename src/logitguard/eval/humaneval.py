@@ -94,24 +94,30 @@ def evaluate_humaneval(
 ) -> tuple[dict, list[dict]]:
     """(summary, records): greedy completions through the chat template, executed in the sandbox.
 
-    summary: {"pass@1", "passed", "n", "timeouts", "isolation", "max_new_tokens", "version"}."""
+    summary: {"pass@1", "passed", "n", "timeouts", "unclosed", "unclosed_passed", "isolation", "max_new_tokens",
+    "version"}. `unclosed`: answers whose code block had not closed at max_new_tokens (cut off: they rarely pass, so
+    where many are, pass@1 measures how many answers fit the budget as much as how many are right)."""
     from .generate import StopRule, generate_responses
 
     if not problems:
         raise ValueError("evaluate_humaneval needs at least one problem")
     prompts = [humaneval_prompt(p) for p in problems]
-    # generation ends where the answer's code block closes: the program run is the same, the prose after it
-    # (most of a chat model's 192 tokens) is never generated
+    # generation ends where the answer's code block closes: the program run is the same, the prose after it is
+    # never generated
     completions = generate_responses(
         model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress, stop=StopRule(code_closed, "`")
     )
     records = execute(problems, completions, timeout=timeout, workers=workers)
+    for record, completion in zip(records, completions):
+        record["closed"] = code_closed(completion)
     passed = sum(r["passed"] for r in records)
     summary = {
         "pass@1": passed / len(records),
         "passed": passed,
         "n": len(records),
         "timeouts": sum(r["status"] == "timeout" for r in records),
+        "unclosed": sum(not r["closed"] for r in records),
+        "unclosed_passed": sum(r["passed"] and not r["closed"] for r in records),
         "isolation": sorted({r["isolation"] for r in records}),
         "max_new_tokens": max_new_tokens,
         "version": HUMANEVAL_VERSION,

@@ -5,6 +5,7 @@ file) call these two functions; they differ only in where the model comes from a
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class Measured:
     records: list[dict]  # per-prompt safety records (the writers cut harmful responses to ten words)
     metrics: dict  # the flat numbers a results row keeps (refusal_rate, eval_loss_<stem>, humaneval_pass@1, ...)
     items: dict  # per-item outcomes, in the evaluation's order: the paired statistics' input (stats.py)
+    seconds: dict = field(default_factory=dict)  # wall seconds per stage: safety, loss:<stem>, utility:<set>, ...
 
 
 def _limited(items: list, limit: int | None) -> list:
@@ -77,7 +79,15 @@ def measure(
         raise ValueError("measure: utility benchmarks write their records to a folder; give one")
     from .items import safety_items, utility_items
 
-    summary, records, metrics, items = {}, [], {}, {}
+    summary, records, metrics, items, seconds = {}, [], {}, {}, {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:  # where an evaluation's time goes: what a faster one must cut
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = round(now - clock, 2)
+        clock = now
+
     if inputs.harmful:
         from .safety import evaluate_safety
 
@@ -102,6 +112,7 @@ def measure(
             from .safety import write_eval
 
             write_eval(folder, summary, records)
+        lap("safety")
     for name, chats in inputs.losses.items():
         from .utility import conversation_losses
 
@@ -109,11 +120,13 @@ def measure(
         key = "eval_loss" if len(inputs.losses) == 1 else f"eval_loss_{name}"
         metrics[key] = sum(x for x, _ in pairs) / sum(n for _, n in pairs)
         items[f"loss:{name}"] = [[round(x, 6), n] for x, n in pairs if n]
+        lap(f"loss:{name}")
     for name, chats in inputs.exact_match.items():
         from .utility import exact_match
 
         key = "exact_match" if len(inputs.exact_match) == 1 else f"exact_match_{name}"
         metrics[key], _ = exact_match(model, tokenizer, chats, spec.max_new_tokens, spec.batch_size)
+        lap(f"exact_match:{name}")
     if spec.commonsense:
         from .commonsense import evaluate_commonsense
 
@@ -123,14 +136,20 @@ def measure(
         )  # fmt: skip
         summary["commonsense"] = metrics["commonsense"] = scores
         metrics["commonsense_avg"] = scores["average"]
+        lap("commonsense")
     if inputs.utility:
         from .utility_suite import evaluate_utility, headline_metrics, write_utility_records
 
-        summary["utility"], utility_records = evaluate_utility(
-            model, tokenizer, inputs.utility, spec.utility_max_new_tokens, spec.batch_size, progress=progress
-        )
+        summary["utility"], utility_records = {}, []
+        for name, rows in inputs.utility.items():  # one set at a time, to time each
+            result, recs = evaluate_utility(
+                model, tokenizer, {name: rows}, spec.utility_max_new_tokens, spec.batch_size, progress=progress
+            )
+            summary["utility"].update(result)
+            utility_records += recs
+            lap(f"utility:{name}")
         write_utility_records(folder, utility_records)
         metrics["utility"] = summary["utility"]
         metrics.update(headline_metrics(summary["utility"]))
         items.update(utility_items(utility_records))
-    return Measured(summary, records, metrics, items)
+    return Measured(summary, records, metrics, items, seconds)

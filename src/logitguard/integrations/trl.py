@@ -1,8 +1,8 @@
 """Safety token regularization inside TRL's SFTTrainer: a drop-in for an existing TRL script.
 
-    from logitguard.integrations.trl import STRSFTConfig as SFTConfig, STRSFTTrainer as SFTTrainer
+    from logitguard.integrations.trl import SafetySFTConfig as SFTConfig, SafetySFTTrainer as SFTTrainer
 
-and the script gains STR (keys: safety_words, str_weight, regularizer, positions, reference, ...), keeping TRL's
+and the script gains STR (keys: safety_words, reg_weight, regularizer, positions, reference, ...), keeping TRL's
 dataset formats, `assistant_only_loss` / `completion_only_loss`, `peft_config`, loss types and logging.
 
 How it fits TRL 1.16:
@@ -26,7 +26,7 @@ How it fits TRL 1.16:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +35,18 @@ from packaging.version import Version
 from trl import SFTConfig, SFTTrainer
 
 from ..cache import build_reference_cache
-from ..config import AnchorSettings, SafetySettings, check_anchor_settings, check_safety_settings
+from ..config import (
+    AnchorSettings,
+    ControllerSettings,
+    MonitorSettings,
+    SafetySettings,
+    check_anchor_settings,
+    check_controller_settings,
+    check_monitor_settings,
+    check_safety_settings,
+)
+from ..controllers import steer
+from ..deprecated import renamed_keys, warn
 from ..errors import ConfigError, LogitguardError
 from ..keyed import KeyedReference
 from ..logit_transform import logit_transform
@@ -65,10 +76,12 @@ _REWRITING_INITS = ("pissa", "olora", "corda", "eva", "loftq")
 
 
 @dataclass
-class STRSFTConfig(SFTConfig, RegularizerSettings, AnchorSettings, SafetySettings):
+class SafetySFTConfig(SFTConfig, ControllerSettings, MonitorSettings, RegularizerSettings, AnchorSettings,
+                      SafetySettings):  # fmt: skip
     """TRL's SFTConfig plus logitguard's safety keys (every SFTConfig / TrainingArguments field still works); each
-    regularizer's own keys (pact_*, csft_*, kl_topk), the anchors' and the safety keys (SafetySettings) come from the
-    dataclasses TrainConfig uses: each declared once, with one help text."""
+    regularizer's own keys (pact_*, csft_*, kl_topk), the anchors', the safety monitor's (monitor_*), the lambda
+    controllers' (str_budget, safety_target*) and the safety keys come from the dataclasses TrainConfig uses: each
+    declared once, with one help text."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -76,22 +89,24 @@ class STRSFTConfig(SFTConfig, RegularizerSettings, AnchorSettings, SafetySetting
             self.safety_words = [w.strip() for w in self.safety_words.split(",") if w.strip()]
         check_safety_settings(self, references=("cache", "online"))
         check_anchor_settings(self)
-        if self.str_weight > 0 and get_regularizer(self.regularizer).replaces_ce and self.loss_type != "nll":
+        check_monitor_settings(self)
+        check_controller_settings(self)
+        if self.reg_weight > 0 and get_regularizer(self.regularizer).replaces_ce and self.loss_type != "nll":
             raise ConfigError(f"regularizer {self.regularizer} replaces the SFT loss; loss_type {self.loss_type!r} "
                               "would be dropped: use loss_type nll")  # fmt: skip
-        if (self.str_weight > 0 or self.anchor_prompts) and (self.packing or self.padding_free):
+        if (self.reg_weight > 0 or self.anchor_prompts) and (self.packing or self.padding_free):
             raise ConfigError(
                 "packing / padding_free: logitguard's regularizer needs one example per row (its reference cache "
                 "matches whole examples, and STR averages per sequence); set packing=False and padding_free=False"
             )
 
 
-class STRSFTTrainer(SafetyRegularization, SFTTrainer):
+class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
     """TRL's SFTTrainer with CE + lambda * regularizer(safety-token logits)."""
 
-    def __init__(self, model, args: STRSFTConfig | None = None, *rest, **kwargs):
-        if args is not None and not isinstance(args, STRSFTConfig):
-            raise ConfigError("STRSFTTrainer needs an STRSFTConfig (logitguard.integrations.trl) as args")
+    def __init__(self, model, args: SafetySFTConfig | None = None, *rest, **kwargs):
+        if args is not None and not isinstance(args, SafetySFTConfig):
+            raise ConfigError("SafetySFTTrainer needs a SafetySFTConfig (logitguard.integrations.trl) as args")
         peft_config = kwargs.get("peft_config")
         init = getattr(peft_config, "init_lora_weights", True)
         if isinstance(init, str) and init.split("_")[0].lower() in _REWRITING_INITS:
@@ -102,21 +117,24 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
         super().__init__(model, args, *rest, **kwargs)
         from ..train import resolve_tokens
 
-        if self.args.str_weight > 0 and not head_supports_rows(self.model):
+        if self.args.reg_weight > 0 and not head_supports_rows(self.model):
             raise ConfigError("the output head is not a plain linear map (an adapter on lm_head); "
                               "use logitguard's own trainer, which falls back to full logits")  # fmt: skip
         self.safety_tokens = resolve_tokens(self.args, self.processing_class)
         entry = get_regularizer(self.args.regularizer)
-        if self.args.str_weight > 0 and len(self.safety_tokens) < entry.min_tokens:
+        if self.args.reg_weight > 0 and len(self.safety_tokens) < entry.min_tokens:
             raise ConfigError(f"the {entry.name} regularizer compares distributions over the safety tokens: it "
                               "needs >= 2")  # fmt: skip
-        reference = self._make_reference(entry) if self.args.str_weight > 0 else None
+        reference = self._make_reference(entry) if self.args.reg_weight > 0 else None
         self.setup_safety(
-            list(self.safety_tokens.ids), reference, self.args.str_weight, self.args.regularizer,
+            list(self.safety_tokens.ids), reference, self.args.reg_weight, self.args.regularizer,
             self.args.temperature, self.args.positions, self.args.first_response_tokens,
             self.args.first_response_weight, entry.kwargs(self.args, self.safety_tokens) or None,
         )  # fmt: skip
         self.anchors = self._make_anchors() if self.args.anchor_prompts else None
+        # the safety monitor (monitor_harmful) and a lambda controller (str_budget, safety_target), as in `logitguard
+        # train`: lambda is then the controller's (reg_weight() below)
+        self.safety_monitor, _ = steer(self.args, self.processing_class, self)
 
     def _make_anchors(self):
         """The anchored regularizer's anchors, from the aligned model (the adapter disabled while they are made)."""
@@ -173,7 +191,7 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         step_wide = num_items_in_batch is not None  # TRL's CE is then a step-wide sum / token count
-        if mode == "eval" or self.str_weight == 0:
+        if mode == "eval" or self.configured_weight == 0:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return self._with_anchors(model, loss, mode, step_wide, return_outputs)
         reads = self.entry.reads  # what the forward must yield for the term (registry entry)
@@ -192,8 +210,12 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
         local_tokens = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
         ce = loss.detach() / scale * (num_items_in_batch / local_tokens if step_wide else 1)
         self._safety_metrics[mode]["ce"].append(ce)
-        # lambda weighs the term; an objective that replaces cross-entropy is the loss itself (lambda > 0: on)
-        loss = reg * scale if self.entry.replaces_ce else loss + self.reg_weight(reg) * reg * scale
+        # lambda weighs the term; an objective that replaces cross-entropy is the loss itself (lambda > 0: on). A
+        # controller is shown the term as a share of the step's mean: a micro-batch mean is one of the accumulation
+        # steps' (and of the processes', whose gradients DDP averages)
+        parts = max(1, self.current_gradient_accumulation_steps) * self.accelerator.num_processes
+        shown = reg if step_wide else reg / parts
+        loss = reg * scale if self.entry.replaces_ce else loss + self.reg_weight(shown) * reg * scale
         return self._with_anchors(model, (loss, outputs) if return_outputs else loss, mode, step_wide, return_outputs)
 
     def _with_anchors(self, model, result, mode: str, step_wide: bool, return_outputs: bool):
@@ -210,6 +232,28 @@ class STRSFTTrainer(SafetyRegularization, SFTTrainer):
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             self.safety_tokens.save(Path(output_dir or self.args.output_dir) / "safety_tokens.json")
+
+
+@dataclass
+class STRSFTConfig(SafetySFTConfig):
+    """The old name of SafetySFTConfig, kept for one release; it takes the old `str_weight` key too (also as a TRL
+    script flag). See logitguard.deprecated."""
+
+    str_weight: float | None = field(default=None, metadata={"help": "deprecated: use reg_weight"})
+
+    def __post_init__(self):
+        warn("STRSFTConfig", "SafetySFTConfig")
+        if self.str_weight is not None:
+            self.reg_weight = renamed_keys({"str_weight": self.str_weight}, "STRSFTConfig")["reg_weight"]
+        super().__post_init__()
+
+
+class STRSFTTrainer(SafetySFTTrainer):
+    """The old name of SafetySFTTrainer, kept for one release. See logitguard.deprecated."""
+
+    def __init__(self, *args, **kwargs):
+        warn("STRSFTTrainer", "SafetySFTTrainer")
+        super().__init__(*args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 filled with small number questions the toy model can learn on a CPU.
 
 Same schema as commonsense_15k and the test sets ({instruction, input: "", output: "the correct answer is
-X", answer: X}), so `logitguard bench run table3_commonsense --variant toy` exercises the real loaders and
+X", answer: X}), so `logitguard experiment run table3_commonsense --variant toy` exercises the real loaders and
 scorers. The questions are synthetic; the accuracies measure the pipeline, not commonsense.
 """
 

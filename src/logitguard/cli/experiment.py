@@ -1,10 +1,16 @@
-"""`logitguard bench run EXP [--variant toy]`, `bench report` and `bench list`: the reproduction runner."""
+"""`logitguard experiment run EXP [--variant toy]`, `experiment report` and `experiment list`: the runner of experiment
+files (the paper's tables, the real-model studies). The speed and memory benchmarks are the scripts under bench/;
+`logitguard bench`, this command's old name, still works for one release."""
 
 from __future__ import annotations
 
+import sys
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="reproduce a paper table from experiments/EXP.yaml; report results")
+    p = subparsers.add_parser(
+        "experiment", aliases=["bench"], help="run experiments/EXP.yaml (a paper table, a study) into results/; report"
+    )
     sub = p.add_subparsers(dest="action", required=True)
     run = sub.add_parser("run", help="train + evaluate every run of an experiment into results/EXP.json")
     run.add_argument("experiment", help="a name in --experiments (e.g. table1_alpaca) or a YAML path")
@@ -29,12 +35,18 @@ def register(subparsers) -> None:
     listing.set_defaults(func=_list)
 
 
+def _old_name(args) -> None:
+    if args.command == "bench":  # one line, not a warning's file and line: this is the command line
+        print("logitguard experiment is deprecated: use logitguard experiment (same subcommands)", file=sys.stderr)
+
+
 def _common(p) -> None:
     p.add_argument("--experiments", default="experiments", help="folder of experiment YAML files")
     p.add_argument("--results", default="results", help="folder of results JSON files")
 
 
 def _run(args) -> int:
+    _old_name(args)
     from ..experiment import load_experiment
     from ..runner import Runner
 
@@ -46,6 +58,7 @@ def _run(args) -> int:
 
 
 def _report(args) -> int:
+    _old_name(args)
     from ..report import write_report
 
     path = write_report(args.results, args.out)
@@ -54,6 +67,7 @@ def _report(args) -> int:
 
 
 def _migrate(args) -> int:
+    _old_name(args)
     from pathlib import Path
 
     from ..config import default_cache_dir
@@ -67,6 +81,7 @@ def _migrate(args) -> int:
 
 
 def _list(args) -> int:
+    _old_name(args)
     from pathlib import Path
 
     from ..experiment import load_experiment, variants_of
