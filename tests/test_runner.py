@@ -114,6 +114,20 @@ def test_bench_run_resume_and_report(tmp_path, model_dir, monkeypatch):
     assert (tmp_path / "results" / "tiny.png").stat().st_size > 0
 
 
+def test_finding_a_complete_cache_is_not_a_build_time(tmp_path, model_dir):
+    """prebuild_caches times a build; a second call finds the cache complete and says so (None), so a resumed
+    experiment keeps the recorded build time instead of the seconds it took to find the cache."""
+    from logitguard.config import build_config
+    from logitguard.train import prebuild_caches
+
+    cfg = build_config({"model": str(model_dir), "data": str(ASSETS / "chat.jsonl"), "max_length": 64,
+                        "batch_size": 4, "safety_words": ["I"], "cache_dir": str(tmp_path / "cache")})  # fmt: skip
+    first = prebuild_caches([cfg], progress=False)
+    assert first is not None and first > 0
+    assert prebuild_caches([cfg], progress=False) is None
+    assert prebuild_caches([build_config({"model": "m", "data": "d", "reg_weight": 0})]) is None  # nothing to build
+
+
 def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, model_dir, monkeypatch):
     """Ctrl-C in the second step: the rerun trains from checkpoint-1, and its time is the whole run's (the
     first step's, recorded with the checkpoint, plus the second's), not only the part after the resume."""

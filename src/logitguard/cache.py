@@ -94,6 +94,7 @@ class CacheFolder(type(Path())):
     `CachedReference(build_reference_cache(...))` checks the cache against it without being told."""
 
     fingerprint: str | None = None
+    built: bool = False  # whether this call computed shards (False: a complete cache was found and reused)
 
 
 def _sha(*parts: bytes | str) -> str:
@@ -494,6 +495,7 @@ def build_reference_cache(
             done["complete"] = True
             write_json_atomic(folder / MANIFEST, _sealed(done))
         state.wait_for_everyone()
+    result.built = True
     return result
 
 

@@ -400,8 +400,9 @@ class Runner:
         from .train import prebuild_caches
 
         pending = [self.config(r, s) for r in runs for s in (r.seeds or [None]) if not self._is_done(r, s)]
-        if pending:  # all done: nothing built, and the recorded build time stays
-            self.cache_seconds = prebuild_caches(pending, self.progress)
+        seconds = prebuild_caches(pending, self.progress) if pending else None
+        if seconds is not None:  # all done, or every cache found complete: the recorded build time stays
+            self.cache_seconds = seconds
 
     def _is_done(self, run: RunSpec, seed: int | None) -> bool:
         settings = {"train": self.settings(self.written_config(run, seed)), "eval": dataclasses.asdict(self.exp.eval)}

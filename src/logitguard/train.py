@@ -74,13 +74,14 @@ def training_examples(cfg: TrainConfig, tokenizer, progress: bool = False, model
     return TrainingData(tokenize_rows(tokenizer, rows, cfg.max_length, progress), rows, held_out, mix_report)
 
 
-def prebuild_caches(cfgs: list[TrainConfig], progress: bool = True) -> float:
+def prebuild_caches(cfgs: list[TrainConfig], progress: bool = True) -> float | None:
     """Build once the reference caches that these runs (of one aligned model) will ask for: one per distinct
     training data, holding the union of the runs' token ids, from exactly the examples training tokenizes, on
-    the training device and in the dtype training loads. A run then finds its cache complete. Returns seconds."""
+    the training device and in the dtype training loads. A run then finds its cache complete. Returns the seconds
+    it took, or None when every cache was already complete (finding them is not a build time)."""
     cfgs = [c for c in cfgs if c.reg_weight > 0 and c.reference == "cache" and not c.reference_cache]
     if not cfgs:
-        return 0.0
+        return None
     start = time.perf_counter()
     first = cfgs[0]
     tokenizer = load_tokenizer(first.model, first.trust_remote_code)
@@ -90,6 +91,7 @@ def prebuild_caches(cfgs: list[TrainConfig], progress: bool = True) -> float:
         key = cache_group(c)
         groups.setdefault(key, []).append(c)
     models: dict[tuple, object] = {}
+    built = False
     for group in groups.values():
         c = group[0]
         dtype = resolve_dtype(c.dtype, resolve_precision(c.precision, c.dtype), c.method)
@@ -99,12 +101,13 @@ def prebuild_caches(cfgs: list[TrainConfig], progress: bool = True) -> float:
                 models[where] = load_model(where[0], dtype, c.trust_remote_code, c.quantize, train_device())
             ids = list(dict.fromkeys(i for r in group for i in resolve_tokens(r, tokenizer).ids))
             examples = training_examples(c, tokenizer, model=models[where]).examples
-            build_reference_cache(
+            folder = build_reference_cache(
                 models[where], tokenizer, examples, ids, Path(c.cache_dir) / "reference", c.max_length,
                 dtype=c.reference_dtype, batch_size=c.batch_size, progress=progress,
                 **_cache_extras(group),
             )  # fmt: skip
-    return time.perf_counter() - start
+            built = built or folder.built
+    return time.perf_counter() - start if built else None
 
 
 def cache_group(c: TrainConfig) -> tuple:
