@@ -3,9 +3,10 @@
     python bench/humaneval_cutoff.py runs/bench/real_qwen_benign--large/{aligned-base,lora}
 
 Reads each folder's eval/utility_records.jsonl (written by `logitguard experiment run` and `logitguard eval`) and
-counts the answers whose first code block had not closed when generation stopped (`code_closed`): those were cut by
-utility_max_new_tokens, and rarely pass. Where many are cut, pass@1 measures how many answers fit the budget as much
-as how many are right. Rows evaluated after this was added carry the same counts in their summary (`unclosed`).
+sorts the answers by their first code block (`code_block`): closed; cut (opened and still open when generation
+stopped, at utility_max_new_tokens: a model that ends its answer closes its block); or none. Cut answers rarely
+pass: where many are, pass@1 measures how many answers fit the budget as much as how many are right. Rows
+evaluated after this was added carry the same counts in their HumanEval summary (`cut`, `no_code_block`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import argparse
 import json
 from pathlib import Path
 
-from logitguard.eval.humaneval import code_closed
+from logitguard.eval.humaneval import code_block
 
 
 def counts(records: list[dict]) -> dict:
-    closed = [r for r in records if code_closed(r["completion"])]
-    cut = [r for r in records if not code_closed(r["completion"])]
-    return {"n": len(records), "closed": len(closed), "closed_passed": sum(r["passed"] for r in closed),
-            "cut": len(cut), "cut_passed": sum(r["passed"] for r in cut)}  # fmt: skip
+    out = {"n": len(records)}
+    for kind in ("closed", "cut", "none"):
+        chosen = [r for r in records if code_block(r["completion"]) == kind]
+        out[kind], out[f"{kind}_passed"] = len(chosen), sum(r["passed"] for r in chosen)
+    return out
 
 
 def main() -> None:
@@ -33,8 +35,11 @@ def main() -> None:
         path = path if path.is_file() else path / "eval" / "utility_records.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         c = counts([r for r in rows if r.get("set") == "humaneval"])
-        print(f"{run}: {c['n']} problems; {c['closed']} closed, {c['closed_passed']} of them pass; {c['cut']} cut "
-              f"off by the budget, {c['cut_passed']} of them pass")  # fmt: skip
+        print(
+            f"{run}: {c['n']} problems; {c['closed']} closed ({c['closed_passed']} pass), {c['cut']} cut off "
+            f"inside their code block ({c['cut_passed']} pass), {c['none']} without one ({c['none_passed']} pass)"
+        )
+        # fmt: skip
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ def test_a_target_relative_to_the_aligned_model_is_set_by_the_check_before_train
     resumed.load_state(state.stateful_callbacks[STATE_KEY])  # a resume carries the measured target
     resumed.on_step_end(None, SimpleNamespace(global_step=10, stateful_callbacks={}), None)
     assert resumed.target == pytest.approx(0.85) and resumed.history[-1]["met"] is False
+    monitor = SimpleNamespace(history=[])
+    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[monitor]), is_fsdp_enabled=True)
+    with pytest.raises(ConfigError, match="under FSDP the safety monitor has no check before training"):
+        SafetyTarget(1.0, None, monitor, drop=0.05).attach(trainer)  # refused before any step is paid for
     late = SafetyTarget(1.0, None, SimpleNamespace(history=[{"step": 3, "refusal": 0.8}]), drop=0.05)
     with pytest.raises(ConfigError, match="never measured; give safety_target"):
         late.on_step_end(None, SimpleNamespace(global_step=3, stateful_callbacks={}), None)

@@ -74,6 +74,62 @@ def test_bench_is_the_old_name_of_experiment(tmp_path, capsys):
     (tmp_path / "x.yaml").write_text("description: d\nmodel: toy\nruns:\n  - {name: LoRA, train: {reg_weight: 0}}\n")
     assert main(["bench", "list", "--experiments", str(tmp_path)]) == 0
     out = capsys.readouterr()
-    assert "use logitguard experiment" in out.err and out.out.startswith("x ")
+    assert "logitguard bench is deprecated: use logitguard experiment" in out.err and out.out.startswith("x ")
     assert main(["experiment", "list", "--experiments", str(tmp_path)]) == 0
     assert "deprecated" not in capsys.readouterr().err
+
+
+def test_a_run_saved_before_the_rename_resumes(tmp_path):
+    """Its config.yaml says str_weight: it is the same setting, so the run resumes (the runner does not wipe it)."""
+    from logitguard.config import save_config
+    from logitguard.train import resume_conflicts
+
+    out = tmp_path / "run"
+    cfg = build_config({"model": "m", "data": "d", "reg_weight": 0.3, "output_dir": str(out)})
+    (out / "checkpoint-10").mkdir(parents=True)
+    (out / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    save_config(cfg, out / "config.yaml")
+    saved = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(saved.replace("reg_weight:", "str_weight:"))  # as 0.1 wrote it
+    assert resume_conflicts(cfg, out) == []
+    assert resume_conflicts(build_config({"model": "m", "data": "d", "reg_weight": 0.1}), out) == ["reg_weight"]
+
+
+def test_experiment_layers_mix_old_and_new_names(tmp_path):
+    """A file-wide str_weight and a run's reg_weight: the run's wins, as one name would."""
+    from logitguard.experiment import load_experiment
+
+    (tmp_path / "x.yaml").write_text(
+        "description: d\nmodel: toy\ntrain: {data: d, str_weight: 1}\n"
+        "runs:\n  - {name: LoRA, train: {reg_weight: 0}}\n  - {name: STR, train: {}}\n"
+    )
+    with pytest.warns(FutureWarning, match="str_weight"):
+        exp = load_experiment(str(tmp_path / "x.yaml"))
+    assert exp.train == {"data": "d", "reg_weight": 1} and exp.runs[0].train == {"reg_weight": 0}
+
+
+def test_old_trl_config_refuses_both_names_and_keeps_one(tmp_path):
+    pytest.importorskip("trl")
+    import dataclasses
+
+    from logitguard.integrations.trl import STRSFTConfig
+
+    common = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False)
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="same setting"):
+        STRSFTConfig(str_weight=0.3, reg_weight=0.5, **common)
+    with pytest.warns(FutureWarning):
+        args = STRSFTConfig(str_weight=0.3, **common)
+    assert args.str_weight is None and args.reg_weight == 0.3
+    with pytest.warns(FutureWarning):
+        assert dataclasses.replace(args, reg_weight=0.7).reg_weight == 0.7
+
+
+def test_old_trainer_attribute_warns(model, tokenizer, tmp_path):
+    from logitguard.trainer import SafetyTrainer
+
+    trainer = SafetyTrainer(
+        model=model, args=training_args(tmp_path), train_dataset=chat_examples(tokenizer),
+        data_collator=ChatCollator(tokenizer.pad_token_id), safety_ids=[5], reference=None, reg_weight=0.0,
+    )  # fmt: skip
+    with pytest.warns(FutureWarning, match="trainer.str_weight is deprecated"):
+        assert trainer.str_weight == 0.0

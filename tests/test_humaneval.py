@@ -143,8 +143,8 @@ def test_evaluate_humaneval_pass_at_1(monkeypatch):
     assert PROBLEM["prompt"] in seen["prompts"][0] and "```python" in seen["prompts"][0]
     assert [r["status"] for r in records] == ["passed", "failed", "timeout", "passed", "failed"]
     # answers cut off before their code block closed: counted, and those that still pass
-    assert [r["closed"] for r in records] == [True, True, True, False, False]
-    assert summary["unclosed"] == 2 and summary["unclosed_passed"] == 1
+    assert [r["code_block"] for r in records] == ["closed", "closed", "closed", "cut", "cut"]
+    assert summary["cut"] == 2 and summary["cut_passed"] == 1 and summary["no_code_block"] == 0
 
 
 @pytest.mark.skipif(not HAS_REAL_ASSETS, reason=FETCH_REASON)
@@ -169,9 +169,12 @@ def test_cutoff_script_counts_answers_the_budget_cut(tmp_path):
     rows = [{"set": "humaneval", "completion": RIGHT_FENCED, "passed": True},
             {"set": "humaneval", "completion": CUT_RIGHT, "passed": True},
             {"set": "humaneval", "completion": CUT_OFF, "passed": False},
+            {"set": "humaneval", "completion": "def add(a, b):\n    return a + b", "passed": True},  # no block
             {"set": "gsm8k", "completion": "4", "passed": True}]  # fmt: skip
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "utility_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     script = Path(__file__).parents[1] / "bench" / "humaneval_cutoff.py"
     out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True)
-    assert "3 problems; 1 closed, 1 of them pass; 2 cut off by the budget, 1 of them pass" in out.stdout
+    assert "4 problems; 1 closed (1 pass), 2 cut off inside their code block (1 pass), 1 without one (1 pass)" in (
+        out.stdout
+    )

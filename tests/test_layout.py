@@ -106,7 +106,7 @@ def test_old_import_paths_still_work_and_say_where_to_go():
     import sys
     import warnings
 
-    for name in ("logitguard.eval.cli", "logitguard.bench_cli"):
+    for name in ("logitguard.eval.cli", "logitguard.bench_cli", "logitguard.cli.bench"):
         sys.modules.pop(name, None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

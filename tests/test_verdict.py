@@ -193,6 +193,9 @@ def test_the_trade_plot_draws_each_judged_run_with_both_intervals(tmp_path, monk
     unclear = compare(by_name["unclear"], by_name["aligned base"], "refusal_rate")
     assert any(k["yerr"] == [[100 * (unclear.estimate - unclear.lo)], [100 * (unclear.hi - unclear.estimate)]]
                and k["color"] == "tab:gray" for _, _, k in drawn)  # fmt: skip
+    worse = _item_row("worse than aligned", gain=-1.5)  # loses three times LoRA's gain: a share of -300%
+    results["rows"].append(worse)
+    assert plot_trade(results, group_rows(results), tmp_path / "wide.png")  # drawn at the edge, not a crash
     results["target"].pop("task_loss")  # no task to share: no trade plot
     assert not plot_trade(results, group_rows(results), tmp_path / "none.png")
 

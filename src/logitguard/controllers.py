@@ -166,6 +166,12 @@ class SafetyTarget(LambdaController):
     def attach(self, trainer) -> SafetyTarget:
         if self.monitor not in trainer.callback_handler.callbacks:
             raise ValueError("attach the SafetyMonitor to the trainer before the SafetyTarget (it reads its checks)")
+        if self.drop is not None and getattr(trainer, "is_fsdp_enabled", False):
+            # the monitor skips its check before training under FSDP (see SafetyMonitor): nothing would set the target
+            raise ConfigError(
+                "safety_target_drop: under FSDP the safety monitor has no check before training, so the aligned "
+                "model's refusal is never measured; give safety_target (a refusal rate) instead"
+            )
         if self.rewind and (
             getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
         ):

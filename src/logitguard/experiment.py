@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from .config import build_config, default_cache_dir
+from .deprecated import renamed_keys
 from .errors import ConfigError, suggest
 from .verdict import Target
 
@@ -125,12 +126,14 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must hold a mapping")
     _check_keys(raw, TOP_KEYS, str(path))
+    _renamed_layers(raw, str(path))
     variants = raw.pop("variants", None) or {}
     if variant is not None:
         if variant not in variants:
             raise ConfigError(f"{path}: no variant {variant!r}; it has {sorted(variants)}")
         over = variants[variant]
         _check_keys(over, TOP_KEYS - {"variants"}, f"{path}: variant {variant}")
+        _renamed_layers(over, f"{path}: variant {variant}")
         raw = _merge(raw, over)
     where = f"{path}" + (f" (variant {variant})" if variant else "")
     if not raw.get("model") and not raw.get("gguf_file"):
@@ -175,6 +178,19 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
         elif run.safelora.get("of") not in names:
             raise ConfigError(f"{where}: {run.name}: safelora.of must name another run, got {run.safelora}")
     return exp
+
+
+def _renamed_layers(raw: dict, where: str) -> None:
+    """Each layer of training keys (the file's, each run's, each stage's) with old names spelled as now, before the
+    layers merge: a run's reg_weight then overrides a file-wide str_weight, as one name overrides itself."""
+    if isinstance(raw.get("train"), dict):
+        raw["train"] = renamed_keys(raw["train"], f"{where}: train")
+    for run in raw.get("runs") or []:
+        if isinstance(run, dict) and isinstance(run.get("train"), dict):
+            run["train"] = renamed_keys(run["train"], f"{where}: {run.get('name')}")
+        if isinstance(run, dict) and isinstance(run.get("stages"), list):
+            run["stages"] = [renamed_keys(s, f"{where}: {run.get('name')}") if isinstance(s, dict) else s
+                             for s in run["stages"]]  # fmt: skip
 
 
 def variants_of(name: str, root: str | Path = "experiments") -> list[str]:

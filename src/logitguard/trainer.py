@@ -96,6 +96,12 @@ class SafetyRegularization:
         self.add_callback(FiniteGradients(self._nonfinite))
         self._safety_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
+    @property
+    def str_weight(self) -> float:
+        """The old name of configured_weight, for one release (logitguard.deprecated)."""
+        warn("trainer.str_weight", "trainer.configured_weight (lambda now: trainer.reg_weight())")
+        return self.configured_weight
+
     def safety_ids_on(self, device: torch.device) -> torch.Tensor:
         """The safety ids on `device`, copied there once: a copy per micro-batch from pageable host memory makes
         the host wait for the device each time."""

@@ -275,11 +275,13 @@ def plot_trade(results: dict, groups: list[dict], path: Path) -> bool:
     for name, share, drop, verdict in points:
         color = colors.get(verdict.split(" ")[0], "tab:gray")
         # an interval open at one end (the yardstick's gain unclear in some resamples) is drawn to the axis' edge
-        x_lo, x_hi = max(share.lo, -1.0), min(share.hi, 2.0)
-        ax.errorbar(100 * share.estimate, 100 * drop.estimate, fmt="o", color=color, capsize=3,
-                    xerr=[[100 * (share.estimate - x_lo)], [100 * (x_hi - share.estimate)]],
+        # (the estimate too: a run that loses more than the yardstick gained sits at the edge, its bar one-sided)
+        x = min(max(share.estimate, -1.0), 2.0)
+        x_lo, x_hi = min(max(share.lo, -1.0), x), max(min(share.hi, 2.0), x)
+        ax.errorbar(100 * x, 100 * drop.estimate, fmt="o", color=color, capsize=3,
+                    xerr=[[100 * (x - x_lo)], [100 * (x_hi - x)]],
                     yerr=[[100 * (drop.estimate - drop.lo)], [100 * (drop.hi - drop.estimate)]])  # fmt: skip
-        ax.annotate(name, (100 * share.estimate, 100 * drop.estimate), fontsize=7, xytext=(5, 5),
+        ax.annotate(name, (100 * x, 100 * drop.estimate), fontsize=7, xytext=(5, 5),
                     textcoords="offset points")  # fmt: skip
     ax.scatter([0], [0], marker="*", s=200, color="black", label=ALIGNED)
     ax.axvline(100 * target.task_gain_share, color="tab:green", ls=":", lw=1)

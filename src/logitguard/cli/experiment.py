@@ -37,7 +37,7 @@ def register(subparsers) -> None:
 
 def _old_name(args) -> None:
     if args.command == "bench":  # one line, not a warning's file and line: this is the command line
-        print("logitguard experiment is deprecated: use logitguard experiment (same subcommands)", file=sys.stderr)
+        print("logitguard bench is deprecated: use logitguard experiment (same subcommands)", file=sys.stderr)
 
 
 def _common(p) -> None:

@@ -43,6 +43,14 @@ def code_closed(response: str) -> bool:
     return match is not None and match.group(0).endswith("```")
 
 
+def code_block(response: str) -> str:
+    """ "closed", "cut" (a code block opened and never closed: generation stopped inside it, at the token budget,
+    since a model that ends its answer closes its block) or "none" (an answer without a code block)."""
+    if code_closed(response):
+        return "closed"
+    return "cut" if _FENCE.search(response) else "none"
+
+
 def build_program(problem: dict, completion: str) -> str:
     """The program that passes (exit status 0) exactly when `completion` solves `problem`."""
     code = extract_code(completion)
@@ -94,9 +102,10 @@ def evaluate_humaneval(
 ) -> tuple[dict, list[dict]]:
     """(summary, records): greedy completions through the chat template, executed in the sandbox.
 
-    summary: {"pass@1", "passed", "n", "timeouts", "unclosed", "unclosed_passed", "isolation", "max_new_tokens",
-    "version"}. `unclosed`: answers whose code block had not closed at max_new_tokens (cut off: they rarely pass, so
-    where many are, pass@1 measures how many answers fit the budget as much as how many are right)."""
+    summary: {"pass@1", "passed", "n", "timeouts", "cut", "cut_passed", "no_code_block", "isolation",
+    "max_new_tokens", "version"}. `cut`: answers whose code block was still open when generation stopped (at
+    max_new_tokens); they rarely pass, so where many are, pass@1 measures how many answers fit the budget as much as
+    how many are right. `no_code_block`: answers without one (their whole text is run)."""
     from .generate import StopRule, generate_responses
 
     if not problems:
@@ -109,15 +118,16 @@ def evaluate_humaneval(
     )
     records = execute(problems, completions, timeout=timeout, workers=workers)
     for record, completion in zip(records, completions):
-        record["closed"] = code_closed(completion)
+        record["code_block"] = code_block(completion)
     passed = sum(r["passed"] for r in records)
     summary = {
         "pass@1": passed / len(records),
         "passed": passed,
         "n": len(records),
         "timeouts": sum(r["status"] == "timeout" for r in records),
-        "unclosed": sum(not r["closed"] for r in records),
-        "unclosed_passed": sum(r["passed"] and not r["closed"] for r in records),
+        "cut": sum(r["code_block"] == "cut" for r in records),
+        "cut_passed": sum(r["passed"] and r["code_block"] == "cut" for r in records),
+        "no_code_block": sum(r["code_block"] == "none" for r in records),
         "isolation": sorted({r["isolation"] for r in records}),
         "max_new_tokens": max_new_tokens,
         "version": HUMANEVAL_VERSION,

@@ -26,6 +26,7 @@ How it fits TRL 1.16:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,7 +245,10 @@ class STRSFTConfig(SafetySFTConfig):
     def __post_init__(self):
         warn("STRSFTConfig", "SafetySFTConfig")
         if self.str_weight is not None:
-            self.reg_weight = renamed_keys({"str_weight": self.str_weight}, "STRSFTConfig")["reg_weight"]
+            default = next(f.default for f in dataclasses.fields(SafetySFTConfig) if f.name == "reg_weight")
+            given = {"reg_weight": self.reg_weight} if self.reg_weight != default else {}
+            self.reg_weight = renamed_keys({"str_weight": self.str_weight, **given}, "STRSFTConfig")["reg_weight"]
+            self.str_weight = None  # one value, under its name now: replace() and to_dict() carry reg_weight alone
         super().__post_init__()
 
 
