@@ -161,6 +161,7 @@ def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
 
 
 def test_cutoff_script_counts_answers_the_budget_cut(tmp_path):
+    import importlib.util
     import json
     import subprocess
     import sys
@@ -173,8 +174,18 @@ def test_cutoff_script_counts_answers_the_budget_cut(tmp_path):
             {"set": "gsm8k", "completion": "4", "passed": True}]  # fmt: skip
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "utility_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    script = Path(__file__).parents[1] / "bench" / "humaneval_cutoff.py"
+    script = Path(__file__).parents[1] / "bench" / "utility_cutoff.py"
     out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True)
-    assert "4 problems; 1 closed (1 pass), 2 cut off inside their code block (1 pass), 1 without one (1 pass)" in (
+    assert "HumanEval 4: 1 closed (1 pass), 2 cut off inside their code block (1 pass), 1 without one (1 pass)" in (
         out.stdout
     )
+    spec = importlib.util.spec_from_file_location("utility_cutoff", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def tokenizer(text, add_special_tokens=False):  # a stand-in: one token per word
+        return {"input_ids": text.split()}
+
+    gsm = [{"response": "a " * 10, "correct": True}, {"response": "a " * 3, "correct": True},
+           {"response": "a " * 9, "correct": False}]  # fmt: skip
+    assert module.at_budget(gsm, "gsm8k", tokenizer, budget=10) == (3, 2, 1)  # 10 and 9 words: at the budget
