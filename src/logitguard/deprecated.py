@@ -1,4 +1,4 @@
-"""Old names kept for one release, in one place so that they leave together.
+"""Old names kept for one release, in one place so that the aliases leave together.
 
 `str_weight` was lambda for every regularizer (PACT, KL, constrained SFT: not only STR); it is `reg_weight` now.
 `STRTrainer`, `STRSFTTrainer` and `STRSFTConfig` train any regularizer; they are `SafetyTrainer`,
@@ -6,8 +6,9 @@
 bench/; it is `logitguard experiment`. Each old name still works and warns (FutureWarning: shown to users, not only
 to developers).
 
-Results rows keep hashing the old spelling of a renamed setting (result_keys.KEY_SPELLING), so every committed row
-stays done.
+RENAMED_KEYS outlives the aliases: saved config.yaml files and committed results rows keep the old spelling, and
+`spelled_now` reads them (result keys hash the old spelling, result_keys.KEY_SPELLING, so every committed row stays
+done).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from .errors import ConfigError
 
 # a setting's old name -> its name now (YAML keys, flags, TRL config fields, trainer keywords)
 RENAMED_KEYS = {"str_weight": "reg_weight"}
+
+
+def spelled_now(values: dict) -> dict:
+    """A stored record's keys as they are named now, silently (it was written, not typed: nothing to warn about)."""
+    return {RENAMED_KEYS.get(k, k): v for k, v in values.items()}
 
 
 def warn(old: str, new: str, stacklevel: int = 3) -> None:

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from .config import TrainConfig, build_config
-from .deprecated import RENAMED_KEYS
+from .deprecated import RENAMED_KEYS, spelled_now
 from .experiment import EvalSpec
 
 # TrainConfig and EvalSpec fields that name files, folders or models (comma lists in the eval ones).
@@ -64,7 +64,7 @@ def result_key(settings: dict) -> str:
 
 
 def _normal(values: dict, cls) -> dict:
-    values = {RENAMED_KEYS.get(k, k): v for k, v in values.items() if k not in NOT_RESULTS}  # a row's old names
+    values = spelled_now({k: v for k, v in values.items() if k not in NOT_RESULTS})  # a row's old names
     if isinstance(values.get("trainer"), dict):
         values["trainer"] = {k: v for k, v in values["trainer"].items() if k not in TRAINER_NOT_RESULTS}
     return {KEY_SPELLING.get(k, k): v for k, v in _non_default(values, cls).items()}

@@ -18,7 +18,7 @@ from .cache import build_reference_cache
 from .config import ConfigError, TrainConfig, save_config
 from .controllers import steer
 from .data import ChatCollator, apply_columns, ensure_chat_template, load_rows, split_holdout, tokenize_rows
-from .deprecated import RENAMED_KEYS
+from .deprecated import spelled_now
 from .files import resume_checkpoint, write_json_atomic, write_text_atomic
 from .methods import mixing, salora
 from .models import (
@@ -325,7 +325,7 @@ def resume_conflicts(cfg: TrainConfig, out: Path) -> list[str]:
     if not cfg.resume or not saved.is_file() or resume_checkpoint(out) is None:
         return []
     old = yaml.safe_load(saved.read_text()) or {}
-    old = {RENAMED_KEYS.get(k, k): v for k, v in old.items()}  # saved before a rename (str_weight: reg_weight)
+    old = spelled_now(old)  # saved before a rename (str_weight: reg_weight)
     new = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg)))
     # a key added to TrainConfig after those checkpoints were saved had its default then
     defaults = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(TrainConfig(model="m", data="d"))))
