@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 
 from logitguard.config import TrainConfig
-from logitguard.demo import COMMON, QUICK_SCHEDULE, SCHEDULE, evaluate_model
+from logitguard.demo import evaluate_toy, run_values
 from logitguard.files import write_json_atomic
-from logitguard.toy import build_aligned_model, make_corpus, write_jsonl
+from logitguard.toy import make_corpus, write_jsonl
 from logitguard.train import release_trainer, train
 
 EVERY = {"attack": 5, "new_task": 20}  # safety checks: ~10 per run
+SCENARIO = {"attack": "attack", "new_task": "benign"}  # --scenario (the toy data) -> the demo file's scenario
 
 
 def runs(scenario: str, r0: float | None) -> list[tuple[str, dict]]:
@@ -52,28 +53,29 @@ class Bench:
     def __init__(self, args):
         self.args, self.out, self.work = args, Path(args.out), Path(args.work)
         self.results = json.loads(self.out.read_text()) if self.out.is_file() else {}
-        self.model_dir = build_aligned_model(self.work / "cache", seed=0, progress=False, quick=args.quick)
-        self.corpus = make_corpus(0)
-        self.probe = write_jsonl(self.corpus["attack"]["test"], self.work / "probe_attack_test.jsonl")
-        self.schedule = (QUICK_SCHEDULE if args.quick else SCHEDULE)[args.scenario]
+        self.cache = str(self.work / "cache")
+        # the demo's settings for this scenario, its toy built in <work>/cache
+        self.values = run_values(SCENARIO[args.scenario], args.quick, self.cache)
+        self.probe = write_jsonl(make_corpus(0)["attack"]["test"], self.work / "probe_attack_test.jsonl")
         self.key = f"{'quick' if args.quick else 'full'}/{args.scenario}"
-        self.done = self.results.setdefault(self.key, {"schedule": self.schedule, "runs": {}})
+        schedule = {k: self.values[k] for k in ("epochs", "learning_rate", "target_modules") if k in self.values}
+        self.done = self.results.setdefault(self.key, {"schedule": schedule, "runs": {}})
         if "aligned" not in self.done:
-            self.done["aligned"] = evaluate_model(self.model_dir, None, self.corpus, None, False)[0]
+            self.done["aligned"] = self.evaluate(None, self.work / self.key / "aligned")
+
+    def evaluate(self, adapter, folder: Path) -> dict:
+        return evaluate_toy(adapter, folder / "eval", self.args.quick, self.cache)
 
     def run(self, name: str, settings: dict) -> None:
         if name in self.done["runs"]:
             return
         folder = self.work / self.key / name.replace(" ", "_").replace("/", "-")
-        scenario = self.args.scenario
-        cfg = TrainConfig(model=str(self.model_dir), data=str(self.model_dir / "corpus" / f"{scenario}_train.jsonl"),
-                          output_dir=str(folder), cache_dir=str(self.work / "cache"), logging_steps=5,
-                          save_steps=10_000, resume=False, trainer={"save_strategy": "no"},
-                          monitor_harmful=str(self.probe), monitor_every=EVERY[scenario],
-                          **{**COMMON, **self.schedule, **settings})  # fmt: skip
+        cfg = TrainConfig(**{**self.values, "output_dir": str(folder), "logging_steps": 5,
+                             "save_steps": 10_000, "resume": False, "monitor_harmful": str(self.probe),
+                             "monitor_every": EVERY[self.args.scenario], **settings})  # fmt: skip
         start = time.perf_counter()
         result = train(cfg, progress=False)
-        metrics = evaluate_model(self.model_dir, folder, self.corpus, None, False)[0]
+        metrics = self.evaluate(folder, folder)
         row = {"settings": settings, **metrics, "train_seconds": result["train_seconds"],
                "seconds": time.perf_counter() - start, "final_reg": final_reg(result["trainer"]),
                "probe_refusal": [(r["step"], r["refusal"]) for r in result["safety_monitor"]]}  # fmt: skip

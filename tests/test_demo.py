@@ -1,4 +1,5 @@
-"""`logitguard demo --quick` end to end: the README's main job, on the toy model, in the default suite."""
+"""`logitguard demo --quick` end to end: the README's main job, on the toy model, in the default suite. The demo is an
+experiment file (src/logitguard/toy/demo.yaml) that the runner runs."""
 
 import json
 
@@ -6,7 +7,8 @@ import pytest
 
 from logitguard.cli import main
 
-KEYS = {"name", "refusal_rate", "asr", "over_refusal_benign", "over_refusal_borderline", "utility", "train_seconds"}
+SAFETY = {"refusal_rate", "asr", "over_refusal_benign", "over_refusal_borderline"}
+UTILITY = {"exact_match_benign_test", "exact_match_new_task_test", "eval_loss"}
 
 
 @pytest.fixture(scope="module")
@@ -17,52 +19,54 @@ def demo(tmp_path_factory):
     return out, cache
 
 
-def test_demo_writes_results_table_and_chart(demo, capsys):
+def test_demo_writes_results_table_and_chart(demo):
     out, _ = demo
-    results = json.loads((out / "results.json").read_text())
-    names = [r["name"] for r in results["runs"]]
-    assert names[0] == "aligned base" and "attack / LoRA" in names and "benign / STR(I)" in names
-    for row in results["runs"]:
-        assert KEYS <= set(row), row["name"]
-        assert 0.0 <= row["refusal_rate"] <= 1.0
-    assert (out / "results.png").stat().st_size > 10_000
-    assert "| attack / STR(I) |" in (out / "results.md").read_text()
+    results = json.loads((out / "demo--quick.json").read_text())
+    names = [r["name"] for r in results["rows"]]
+    assert "attack / LoRA" in names and "benign / STR(I)" in names and names[-1] == "benign / Safe LoRA"
+    for row in [results["base"], *results["rows"]]:
+        assert SAFETY | UTILITY <= set(row["metrics"]), row["name"]
+        assert 0.0 <= row["metrics"]["refusal_rate"] <= 1.0
+        # per-item outcomes of every judged measure: the verdict's paired statistics
+        assert {"exact_match:new_task_test", "over_refusal_benign"} <= set(row["metrics"]["items"]), row["name"]
+    assert (out / "results.png").stat().st_size > 10_000 and (out / "frontier.png").stat().st_size > 10_000
+    table = (out / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| run |"))
+    assert "| attack / STR(I) |" in table and header.endswith("| target |")
     # the aligned base refuses most held-out harmful prompts before any fine-tuning
-    assert results["runs"][0]["refusal_rate"] >= 0.75
+    assert results["base"]["metrics"]["refusal_rate"] >= 0.75
     # --quick shows the effect: the LoRA attack breaks refusal, STR keeps it
-    refusal = {r["name"]: r["refusal_rate"] for r in results["runs"]}
+    refusal = {r["name"]: r["metrics"]["refusal_rate"] for r in results["rows"]}
     assert refusal["attack / LoRA"] <= 0.5 and refusal["attack / STR(I)"] >= refusal["attack / LoRA"] + 0.3, refusal
+    # the attack runs are judged on refusal alone (their scenario's target), the benign runs on all three
+    attack_lora = next(line for line in table.splitlines() if line.startswith("| attack / LoRA |"))
+    assert attack_lora.endswith("| misses (refusal) |"), attack_lora
     # records on disk keep at most ten words of each response to a harmful prompt
-    for line in (out / "runs" / "attack-lora" / "eval" / "records.jsonl").read_text().splitlines():
+    for line in (out / "runs" / "demo--quick" / "attack-lora" / "eval" / "records.jsonl").read_text().splitlines():
         record = json.loads(line)
         if record["set"] == "harmful":
             assert len(record["response"].split()) <= 10
 
 
-def test_demo_rerun_reuses_finished_runs(demo, capsys):
+def test_demo_rerun_finds_every_row_done(demo, capsys):
     out, cache = demo
-    marker = out / "runs" / "attack-str-i" / "demo_run.json"
-    stamp = marker.stat().st_mtime_ns
+    adapter = out / "runs" / "demo--quick" / "attack-str-i" / "adapter_model.safetensors"
+    stamp = adapter.stat().st_mtime_ns
     assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache)]) == 0
-    assert marker.stat().st_mtime_ns == stamp
-    assert "results.json, results.md, results.png and frontier.png are in" in capsys.readouterr().out
+    assert adapter.stat().st_mtime_ns == stamp
+    printed = capsys.readouterr().out
+    assert printed.count("done, skipped") == 30 and "demo--quick.json, results.md, results.png" in printed
 
 
-def test_demo_results_name_no_folder_of_this_machine(tmp_path):
-    """results.json is a record: the cache and an absolute --out become placeholders; only values that are one of
-    those folders or lie inside one are rewritten (not a longer folder name, not a word like "cache")."""
-    from pathlib import Path
+def test_demo_results_name_no_folder_of_this_machine(demo):
+    """The results file is a record: paths as the demo's file writes them ({toy}, {toy_demo}), never --out's or the
+    cache's folder."""
+    out, cache = demo
+    text = (out / "demo--quick.json").read_text()
+    assert str(cache) not in text and str(out) not in text
+    assert "{toy_demo}/mined_tokens.json" in text
 
-    from logitguard.demo import portable
 
-    home = str(Path.home() / ".cache" / "logitguard")
-    out = tmp_path / "demo"
-    record = {"model": f"{home}/toy-full-1", "dir": [str(out / "runs" / "x")], "other": f"{home}_old/toy", "n": 1}
-    assert portable(record, out, home) == {"model": "~/.cache/logitguard/toy-full-1", "dir": ["{out}/runs/x"],
-                                           "other": f"{home}_old/toy", "n": 1}  # fmt: skip
-    # another cache (LOGITGUARD_CACHE, --cache-dir): {cache}, never a folder it did not use
-    assert portable({"model": "/elsewhere/c/toy", "x": "/a/elsewhere/c/y"}, out, "/elsewhere/c") == {
-        "model": "{cache}/toy", "x": "/a/elsewhere/c/y"}  # fmt: skip
-    # a relative --cache-dir is left alone, and so are values that merely contain its name
-    assert portable({"reference": "cache", "reference_cache": None}, Path("o"), "cache") == {
-        "reference": "cache", "reference_cache": None}  # fmt: skip
+def test_demo_seed_flag_is_refused_with_the_way_to_seeds(tmp_path, capsys):
+    assert main(["demo", "--quick", "--seed", "1", "--out", str(tmp_path)]) == 2
+    assert "seeds: [0, 1, 2]" in capsys.readouterr().err

@@ -17,7 +17,9 @@ from logitguard.cli import main
 from logitguard.result_keys import result_key
 
 REPO = Path(__file__).parent.parent
-COMMITTED = sorted(p for p in (REPO / "results").glob("*.json") if "rows" in json.loads(p.read_text()))
+# the experiments' results, and the demo's (results/demo/demo.json: the runner's file for the packaged demo)
+COMMITTED = sorted(p for p in [*(REPO / "results").glob("*.json"), *(REPO / "results" / "demo").glob("*.json")]
+                   if "rows" in json.loads(p.read_text()))  # fmt: skip
 ABSOLUTE = re.compile(r"(^|[,:])(/|~)|/(root|home|work)/")  # a path from the filesystem's root or a home folder
 
 
@@ -77,7 +79,7 @@ def clone(tmp_path, monkeypatch):
     return root
 
 
-@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(REPO / "results")))
 def test_a_clone_elsewhere_finds_the_committed_rows_done(clone, path):
     """Rows made with today's toy (or none: the real-model rows, whose assets are not here) are done; rows made
     with an older toy recipe are not (another model: they are run again), and with the toy they were made with
@@ -85,8 +87,9 @@ def test_a_clone_elsewhere_finds_the_committed_rows_done(clone, path):
     from logitguard.migrate_results import experiment_of
     from logitguard.runner import Runner
 
-    results = json.loads((clone / "results" / path.name).read_text())
-    runner = Runner(experiment_of(results, Path("experiments")), "results", "runs/bench", progress=False)
+    folder = path.parent.relative_to(REPO)  # results, or results/demo
+    results = json.loads((clone / folder / path.name).read_text())
+    runner = Runner(experiment_of(results, Path("experiments")), folder, "runs/bench", progress=False)
     today = "toy:" + runner.ph.toy_dir().name
     committed = [(r["name"], r["seed"]) for r in _rows(results)]
     older = [(r["name"], r["seed"]) for r in _rows(results) if _toy(r) not in (None, today)]

@@ -15,10 +15,17 @@
       - name: continual LoRA
         stages: [{data: task1.jsonl}, {data: task2.jsonl}]   # each stage merged before the next
     target: {refusal_drop: 0.03, utility: humaneval_pass@1, utility_of: LoRA, utility_gap: 0.03}  # verdict.py
+    scenarios:                           # optional: settings shared by the runs of one scenario
+      attack: {train: {data: attack.jsonl, epochs: 5}, target: {utility: null}}   # a run's `scenario: attack`
     variants:
       toy: {model: toy, train: {...}, eval: {...}, runs: [...]}   # merged over the top level
 
-Strings may use {toy} (the toy model folder, built on first use), {toy_commonsense} (toy data in the
+A run's training settings are the file's `train`, then its scenario's `train`, then its own; a scenario's `target`
+is merged over the file's for its runs (the demo judges its attack runs on refusal alone). A variant may change a
+scenario's keys like any other mapping.
+
+Strings may use {toy} (the toy model folder, built on first use), {toy_demo} (the demo's files mined from the toy:
+mined_tokens.json, pact_tokens.json, anchor_prompts.jsonl; toy/demo_inputs.py), {toy_commonsense} (toy data in the
 LLM-Adapters commonsense format), {here} (the YAML file's folder), {assets} ($LOGITGUARD_ASSETS, default
 experiments/assets) and, in a safelora section, {run:NAME} (another run's output folder).
 """
@@ -39,8 +46,11 @@ from .deprecated import renamed_keys
 from .errors import ConfigError, suggest
 from .verdict import Target
 
-TOP_KEYS = {"description", "paper", "model", "gguf_file", "train", "eval", "runs", "variants", "target"}
-RUN_KEYS = {"name", "train", "seeds", "safelora", "stages"}
+TOP_KEYS = {"description", "paper", "model", "gguf_file", "train", "eval", "runs", "variants", "target", "scenarios"}
+RUN_KEYS = {"name", "train", "seeds", "safelora", "stages", "scenario"}
+SCENARIO_KEYS = {"train", "target"}
+# experiment files that ship inside the package (the demo's): found by name when experiments/ has no such file
+PACKAGED = {"demo": Path(__file__).parent / "toy" / "demo.yaml"}
 
 
 @dataclass
@@ -49,7 +59,7 @@ class EvalSpec:
     benign: str | None = None  # benign prompts: over-refusal
     borderline: str | None = None  # safe but harmful-sounding prompts: over-refusal
     loss_data: str | None = None  # chat data: eval loss on assistant tokens (utility)
-    exact_match: str | None = None  # chat data: greedy exact match with the reference answer (utility)
+    exact_match: str | None = None  # chat data, a comma list: greedy exact match with the reference answer
     commonsense: str | None = None  # folder of LLM-Adapters test sets: multiple-choice accuracy
     commonsense_mode: str = "loglik"  # loglik (acc, acc_norm) | generate (DoRA's regex protocol)
     utility: str | None = None  # comma list of humaneval, gsm8k, hellaswag, truthfulqa (eval/utility_suite.py)
@@ -72,6 +82,7 @@ class RunSpec:
     seeds: list[int] | None = None
     safelora: dict | None = None
     stages: list[dict] | None = None  # continual learning: train overrides per task, trained in order
+    scenario: str | None = None  # its scenario's train settings are folded into `train` when the file loads
 
 
 @dataclass
@@ -87,6 +98,7 @@ class Experiment:
     paper: dict
     path: Path
     target: dict | None = None  # what a run must reach (verdict.Target), for the report's verdict and frontier
+    run_targets: dict = field(default_factory=dict)  # {run name: its scenario's target}, where it has one
 
     @property
     def id(self) -> str:
@@ -100,7 +112,10 @@ def find_experiment(name: str, root: str | Path = "experiments") -> Path:
     candidate = Path(root) / f"{name}.yaml"
     if candidate.is_file():
         return candidate
+    if name in PACKAGED:
+        return PACKAGED[name]
     known = sorted(p.stem for p in Path(root).glob("*.yaml")) if Path(root).is_dir() else []
+    known = sorted({*known, *PACKAGED})
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)  # names are long: a loose cutoff
     hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(known)})"
     raise ConfigError(f"no experiment {name!r}: not a YAML file, and no {candidate}{hint}")
@@ -140,11 +155,17 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
         raise ConfigError(f"{where}: 'model' is required")
     eval_values = raw.get("eval") or {}
     _check_keys(eval_values, {f.name for f in dataclasses.fields(EvalSpec)}, f"{where}: eval")
+    scenarios = _scenarios(raw.get("scenarios"), where)
     runs = []
     for i, run in enumerate(raw.get("runs") or []):
         if not isinstance(run, dict) or "name" not in run:
             raise ConfigError(f"{where}: runs[{i}] needs a 'name'")
         _check_keys(run, RUN_KEYS, f"{where}: runs[{i}] ({run['name']})")
+        if run.get("scenario") is not None:
+            if run["scenario"] not in scenarios:
+                raise ConfigError(f"{where}: {run['name']}: no scenario {run['scenario']!r}"
+                                  f"{suggest(str(run['scenario']), set(scenarios))}")  # fmt: skip
+            run = {**run, "train": {**scenarios[run["scenario"]].get("train", {}), **(run.get("train") or {})}}
         runs.append(RunSpec(**run))
     if not runs:
         raise ConfigError(f"{where}: no runs")
@@ -169,6 +190,7 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
         paper=raw.get("paper") or {},
         path=path,
         target=dataclasses.asdict(Target.parse(raw["target"] or {}, where)) if "target" in raw else None,
+        run_targets=_run_targets(raw.get("target") or {}, scenarios, runs, where),
     )
     for run in runs:  # every run's training config must build (placeholders stand in for paths)
         if run.safelora is None:
@@ -180,11 +202,34 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
     return exp
 
 
+def _scenarios(values, where: str) -> dict:
+    if values is None:
+        return {}
+    if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
+        raise ConfigError(f"{where}: scenarios must map each name to {{train: ..., target: ...}}")
+    for name, scenario in values.items():
+        _check_keys(scenario, SCENARIO_KEYS, f"{where}: scenario {name}")
+    return values
+
+
+def _run_targets(target: dict, scenarios: dict, runs: list[RunSpec], where: str) -> dict[str, dict]:
+    """{run name: the file's target with its scenario's merged over it}, for the runs whose scenario has one."""
+    out = {}
+    for run in runs:
+        own = scenarios[run.scenario].get("target") if run.scenario is not None else None
+        if own is not None:
+            out[run.name] = dataclasses.asdict(Target.parse({**target, **own}, f"{where}: scenario {run.scenario}"))
+    return out
+
+
 def _renamed_layers(raw: dict, where: str) -> None:
     """Each layer of training keys (the file's, each run's, each stage's) with old names spelled as now, before the
     layers merge: a run's reg_weight then overrides a file-wide str_weight, as one name overrides itself."""
     if isinstance(raw.get("train"), dict):
         raw["train"] = renamed_keys(raw["train"], f"{where}: train")
+    for name, scenario in (raw.get("scenarios") or {}).items() if isinstance(raw.get("scenarios"), dict) else ():
+        if isinstance(scenario, dict) and isinstance(scenario.get("train"), dict):
+            scenario["train"] = renamed_keys(scenario["train"], f"{where}: scenario {name}")
     for run in raw.get("runs") or []:
         if isinstance(run, dict) and isinstance(run.get("train"), dict):
             run["train"] = renamed_keys(run["train"], f"{where}: {run.get('name')}")
@@ -243,6 +288,10 @@ class Placeholders:
 
             folder = write_toy_commonsense(Path(self.cache_dir) / "toy-commonsense")
             value = value.replace("{toy_commonsense}", str(folder))
+        if "{toy_demo}" in value:  # the demo's mined files: made from the toy model, so it is built first
+            from .toy.demo_inputs import demo_inputs
+
+            value = value.replace("{toy_demo}", str(demo_inputs(self.toy(), self.progress)))
         if "{toy}" in value:
             value = value.replace("{toy}", str(toy()))
         return value.replace("{here}", str(here)).replace("{assets}", assets)

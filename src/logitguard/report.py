@@ -17,7 +17,7 @@ from statistics import mean
 from .errors import ConfigError
 from .files import write_text_atomic
 from .stats import Interval
-from .verdict import ALIGNED, Target, compare, plot_experiment_frontier, plot_trade, task_share, verdicts
+from .verdict import ALIGNED, Target, compare, plot_experiment_frontier, plot_trade, run_target, task_share, verdicts
 
 # (metric key, column title, format): the columns a table shows when any row has the metric
 COLUMNS = [
@@ -36,7 +36,11 @@ COLUMNS = [
 ]
 SAFETY_COLUMNS = 5  # the first five are safety (the plot's first panel), the rest utility
 # metric families with one column per set, "<prefix><set>", placed after the column of `after`
-PER_SET = (("refusal_", "refusal_rate", "refusal {}", "pct"), ("eval_loss_", "eval_loss", "eval loss {}", "f3"))
+PER_SET = (
+    ("refusal_", "refusal_rate", "refusal {}", "pct"),
+    ("exact_match_", "exact_match", "EM {}", "pct"),
+    ("eval_loss_", "eval_loss", "eval loss {}", "f3"),
+)
 
 
 def columns(groups: list[dict]) -> list[tuple[str, str, str]]:
@@ -106,9 +110,12 @@ def _share(interval: Interval, of: str) -> str:
     return f" (gain {pct(interval.estimate)} of {of}'s [{pct(interval.lo)}, {pct(interval.hi)}])"
 
 
-def reference_of(metric: str, target: Target) -> str:
-    """The run a column is compared with: the aligned base for safety and loss, the target's utility run else."""
-    return ALIGNED if metric.startswith(("refusal_", "over_refusal_", "eval_loss_")) else target.utility_of
+def reference_of(metric: str, target: Target) -> str | None:
+    """The run a column is compared with: the aligned base for safety and loss, the target's utility run else
+    (none when the run's target judges no skill)."""
+    if metric.startswith(("refusal_", "over_refusal_", "eval_loss_")):
+        return ALIGNED
+    return target.utility_of if target.utility else None
 
 
 def _compared(name: str, rows: list[dict], by_name: dict, metric: str, kind: str, target: Target) -> str:
@@ -117,7 +124,7 @@ def _compared(name: str, rows: list[dict], by_name: dict, metric: str, kind: str
         share = task_share(rows, by_name, target)
         return "" if share is None else _share(share, target.task_gain_of)
     of = reference_of(metric, target)
-    if name == of or of not in by_name:
+    if of is None or name == of or of not in by_name:
         return ""
     return _versus(compare(rows, by_name[of], metric), kind)
 
@@ -129,14 +136,13 @@ def has_items(results: dict) -> bool:
 def experiment_table(results: dict) -> str:
     groups = group_rows(results)
     metrics = columns(groups)
-    target = Target(**results["target"]) if results.get("target") else Target()
     by_name = {g["name"]: g["rows"] for g in groups} if has_items(results) else {}
     paper = results.get("paper") or {}
     paper_rows = paper.get("rows") or {}
     header = ["run", "seeds"] + [title for _, title, _ in metrics] + ["step s", "train s"]
     if paper_rows:
         header.append(f"paper {paper.get('metric', '')}".strip())
-    judged = verdicts(groups, Target(**results["target"])) if results.get("target") else None
+    judged = verdicts(groups, results) if results.get("target") else None
     if judged is not None:
         header.append("target")
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -148,7 +154,7 @@ def experiment_table(results: dict) -> str:
         for key, _, kind in metrics:
             cell = _cell(rows, key, kind)
             if by_name and cell != "–":
-                cell += _compared(g["name"], rows, by_name, key, kind, target)
+                cell += _compared(g["name"], rows, by_name, key, kind, run_target(results, g["name"]))
             cells.append(cell)
         cells += [f"{mean(steps):.2f}" if steps else "–", f"{mean(train):.0f}" if train else "–"]
         if paper_rows:

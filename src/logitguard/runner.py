@@ -267,8 +267,9 @@ class Runner:
         from .eval.datasets import default_assets, is_set_name
 
         if written not in self._identities:
-            if written in TOY_MODELS or written == "{toy}" or written.startswith("{toy}/"):
-                # the toy's folder name hashes its recipe and corpus: known before (and without) building it
+            if written in TOY_MODELS or written == "{toy}" or written.startswith(("{toy}/", "{toy_demo}/")):
+                # the toy's folder name hashes its recipe and corpus: known before (and without) building it (the
+                # demo's mined files follow from the toy)
                 found = "toy:" + self.ph.toy_dir().name
             elif written == "{holdout}":
                 found = holdout_identity(self.exp.train, self._identity)
@@ -428,6 +429,7 @@ class Runner:
             "cache_seconds": self.cache_seconds,
             "paper": self.exp.paper,
             **({"target": self.exp.target} if self.exp.target else {}),
+            **({"run_targets": self.exp.run_targets} if self.exp.run_targets else {}),
             **self.extra,
         }
         write_json_atomic(self.results_path, results)

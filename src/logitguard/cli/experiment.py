@@ -84,9 +84,10 @@ def _list(args) -> int:
     _old_name(args)
     from pathlib import Path
 
-    from ..experiment import load_experiment, variants_of
+    from ..experiment import PACKAGED, load_experiment, variants_of
 
-    for path in sorted(Path(args.experiments).glob("*.yaml")):
+    found = sorted(Path(args.experiments).glob("*.yaml"))
+    for path in found + [p for name, p in PACKAGED.items() if name not in {f.stem for f in found}]:
         exp = load_experiment(str(path))
         print(f"{path.stem:28s} variants: {', '.join(variants_of(str(path))) or '-':12s} {exp.description}")
     return 0

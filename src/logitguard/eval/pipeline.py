@@ -55,8 +55,9 @@ def read_inputs(spec, assets: str | Path | None = None) -> Inputs:
     if spec.loss_data:  # a comma list: one eval loss per file, "eval_loss_<stem>"
         paths = [p.strip() for p in spec.loss_data.split(",")]
         inputs.losses = {Path(p).stem: conversations(p, spec.limit) for p in paths}
-    if spec.exact_match:
-        inputs.exact_match = {Path(spec.exact_match).stem: conversations(spec.exact_match, spec.limit)}
+    if spec.exact_match:  # a comma list: one exact match per file, "exact_match_<stem>"
+        paths = [p.strip() for p in spec.exact_match.split(",")]
+        inputs.exact_match = {Path(p).stem: conversations(p, spec.limit) for p in paths}
     if spec.utility:
         from .utility_suite import load_utility_sets, parse_utility
 
@@ -125,7 +126,8 @@ def measure(
         from .utility import exact_match
 
         key = "exact_match" if len(inputs.exact_match) == 1 else f"exact_match_{name}"
-        metrics[key], _ = exact_match(model, tokenizer, chats, spec.max_new_tokens, spec.batch_size)
+        metrics[key], matched = exact_match(model, tokenizer, chats, spec.max_new_tokens, spec.batch_size)
+        items[f"exact_match:{name}"] = "".join("1" if r["match"] else "0" for r in matched)
         lap(f"exact_match:{name}")
     if spec.commonsense:
         from .commonsense import evaluate_commonsense
