@@ -255,3 +255,28 @@ def test_each_run_is_judged_by_its_scenarios_target():
     table = {line.split(" | ")[0].removeprefix("| "): line for line in experiment_table(results).splitlines()}
     assert "EM new_task_test" in table["run"]
     assert "0.0% |" in table["attack / keeps"] and "90.0% (+0.0 [" in table["benign / keeps all"]
+
+
+def test_one_frontier_plot_draws_sweep_lines_and_a_loss_axis(tmp_path, monkeypatch):
+    """verdict.plot_frontier is the sweep's plot too: a group's points joined in their order, coloured by group,
+    and an axis that is not a rate (a held-out loss) spans its own range instead of [0, 1]."""
+    import matplotlib.axes
+
+    from logitguard.verdict import Point, plot_frontier
+
+    lines, limits = [], []
+    real_plot, real_xlim = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.set_xlim
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "plot", lambda ax, *a, **k: lines.append((a, k)) or real_plot(ax, *a, **k)
+    )
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_xlim", lambda ax, *a, **k: limits.append(a) or real_xlim(ax, *a, **k)
+    )
+    points = [Point("1", 1.9, 0.9, group="STR(I)", order=1.0), Point("0.25", 1.5, 0.6, group="STR(I)", order=0.25),
+              Point("0", 1.4, 0.3, group="LoRA", order=0.0), Point("aligned base", 2.0, 0.95)]  # fmt: skip
+    plot_frontier(points, tmp_path / "f.png", "eval_loss (lower is better)", "t")
+    assert (tmp_path / "f.png").stat().st_size > 0
+    (xs, ys, _), kw = lines[0]
+    assert xs == [1.5, 1.9] and ys == [0.6, 0.9] and kw["label"] == "STR(I)"  # in lambda order
+    lo, hi = limits[-1]
+    assert 1.3 < lo < 1.4 and 2.0 < hi < 2.1

@@ -40,38 +40,23 @@ def utility_key(rows: list[dict]) -> tuple[str, bool]:
 
 
 def plot_frontier(results: dict, path: Path) -> None:
-    """Refusal against utility, one line per token set through its lambdas; marker size = over-refusal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Refusal against utility, one line per token set through its lambdas (labels: lambda); marker size =
+    over-refusal; drawn by verdict.plot_frontier."""
+    from .verdict import Point
+    from .verdict import plot_frontier as draw
 
     rows = [r for r in [results.get("base"), *results["rows"]] if r]
     key, higher = utility_key(rows)
-    fig, ax = plt.subplots(figsize=(7, 5))
-    lines: dict[str, list] = {}
+    points = []
     for r in results["rows"]:
         train = r["settings"]["train"]
         weight = setting(train, "reg_weight")  # rows written before the rename hold str_weight
-        label = "LoRA" if weight == 0 else "STR(" + " ".join(train["safety_words"]) + ")"
-        lines.setdefault(label, []).append((weight, r))
-    for i, (label, points) in enumerate(sorted(lines.items())):
-        points.sort(key=lambda p: p[0])
-        xs = [p[1]["metrics"][key] for p in points]
-        ys = [p[1]["metrics"]["refusal_rate"] for p in points]
-        sizes = [20 + 400 * (p[1]["metrics"].get("over_refusal_benign") or 0) for p in points]
-        ax.plot(xs, ys, "-", color=f"C{i}", alpha=0.6)
-        ax.scatter(xs, ys, s=sizes, color=f"C{i}", label=label, edgecolor="k")
-        for (lam, _), x, y in zip(points, xs, ys):
-            ax.annotate(f"{lam:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        group = "LoRA" if weight == 0 else "STR(" + " ".join(train["safety_words"]) + ")"
+        m = r["metrics"]
+        points.append(Point(f"{weight:g}", m[key], m["refusal_rate"], m.get("over_refusal_benign"), group=group,
+                            order=weight))  # fmt: skip
     if results.get("base"):
         base = results["base"]["metrics"]
-        ax.scatter([base[key]], [base["refusal_rate"]], marker="*", s=200, color="k", label="aligned base")
-    ax.set_xlabel(key + (" (higher is better)" if higher else " (lower is better)"))
-    ax.set_ylabel("refusal rate on harmful prompts")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title("safety-utility frontier (labels: lambda; marker size: benign over-refusal)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        points.append(Point("aligned base", base[key], base["refusal_rate"], base.get("over_refusal_benign")))
+    xlabel = key + (" (higher is better)" if higher else " (lower is better)")
+    draw(points, path, xlabel, "safety-utility frontier (labels: lambda; marker size: benign over-refusal)")

@@ -202,34 +202,53 @@ class Point:
     utility: float
     refusal: float
     over_refusal: float | None = None
-    meets: bool | None = None  # None: not judged (the reference points)
+    meets: bool | None = None  # None: not judged (the reference points, or a sweep's)
+    group: str | None = None  # points of one group are joined by a line, in `order` (a sweep's token set)
+    order: float | None = None
 
 
 def plot_frontier(points: list[Point], path: Path, xlabel: str, title: str, corner=None) -> None:
     """Refusal (y) against a skill (x), one labelled point per run; marker size = over-refusal; green = meets the
-    target, whose corner (x >= corner[0], y >= corner[1]) is drawn dotted."""
+    target, whose corner (x >= corner[0], y >= corner[1]) is drawn dotted; points with a group are coloured by it
+    and joined in their order (a sweep: one line per token set through its lambdas). The one frontier plot: the
+    report's, the demo's and the sweep's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 6))
+    groups = list(dict.fromkeys(p.group for p in points if p.group is not None))
+    for i, group in enumerate(groups):
+        line = sorted((p for p in points if p.group == group), key=lambda p: p.order or 0.0)
+        ax.plot([p.utility for p in line], [p.refusal for p in line], "-", color=f"C{i}", alpha=0.6, label=group)
     # runs that land on the same point (small sets give equal scores often) share one label
     labels: dict[tuple[float, float], list[str]] = {}
     for p in points:
         size = 40 + 3000 * (p.over_refusal or 0.0)
-        color = "black" if p.meets is None else "tab:green" if p.meets else "tab:gray"
-        ax.scatter(p.utility, p.refusal, s=size, color=color, alpha=0.7, marker="*" if p.meets is None else "o")
+        if p.group is not None:
+            color = f"C{groups.index(p.group)}"
+        else:
+            color = "black" if p.meets is None else "tab:green" if p.meets else "tab:gray"
+        star = p.meets is None and p.group is None
+        ax.scatter(p.utility, p.refusal, s=size, color=color, alpha=0.7, marker="*" if star else "o",
+                   label=p.label if star and groups else None)  # fmt: skip
         labels.setdefault((round(p.utility, 4), round(p.refusal, 4)), []).append(p.label)
-    # labels of nearby points are stacked downwards from the highest, so that none is written over another: a label
-    # runs about a quarter of the axis to the right of its point
-    width = 0.25 * (max(p.utility for p in points) - min(p.utility for p in points) + 0.2)
-    placed: list[tuple[float, float]] = []
-    for x, y in sorted(labels, key=lambda xy: (-xy[1], xy[0])):
-        near = sum(abs(x - px) < width and abs(y - py) < 0.06 for px, py in placed)
-        placed.append((x, y))
-        ax.annotate(", ".join(labels[x, y]), (x, y), fontsize=7, xytext=(4, 4 - 9 * near), textcoords="offset points")
     xs = [p.utility for p in points] + ([corner[0]] if corner is not None else [])
+    rates = min(xs) >= 0 and max(xs) <= 1
+    # rates: at least 0.2 wide, so that a 2-point gap does not fill the axis; other scores (a loss): their range
+    lo, hi = (max(-0.02, min(xs) - 0.1), min(1.02, max(xs) + 0.1)) if rates else (min(xs), max(xs))
+    if not rates:
+        pad = 0.05 * (hi - lo or 1.0)
+        lo, hi = lo - pad, hi + pad
+    # labels of nearby points are stacked downwards from the highest, so that none is written over another; a label
+    # of n characters runs about 0.006 n of the axis to the right of its point
+    placed: list[tuple[float, float, float]] = []
+    for x, y in sorted(labels, key=lambda xy: (-xy[1], xy[0])):
+        text = ", ".join(labels[x, y])
+        near = sum(px <= x < px + width and abs(y - py) < 0.06 for px, py, width in placed)
+        placed.append((x, y, 0.006 * len(text) * (hi - lo)))
+        ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4 - 9 * near), textcoords="offset points")
     if corner is not None:
         ax.axvline(corner[0], color="tab:green", ls=":", lw=1)
         ax.axhline(corner[1], color="tab:green", ls=":", lw=1)
@@ -237,8 +256,9 @@ def plot_frontier(points: list[Point], path: Path, xlabel: str, title: str, corn
     ax.set_ylabel("refusal on held-out harmful prompts")
     ax.set_title(textwrap.fill(title, 100), fontsize=9)
     ax.set_ylim(-0.02, 1.05)
-    # rates: at least 0.2 wide, so that a 2-point gap does not fill the axis
-    ax.set_xlim(max(-0.02, min(xs) - 0.1), min(1.02, max(xs) + 0.1))
+    ax.set_xlim(lo, hi)
+    if groups:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
