@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from logitguard.config import TrainConfig
-from logitguard.demo import evaluate_toy, run_values
+from logitguard.demo import evaluate_demo, run_values
 from logitguard.files import write_json_atomic
 from logitguard.toy import make_corpus, write_jsonl
 from logitguard.train import release_trainer, train
@@ -64,7 +64,7 @@ class Bench:
             self.done["aligned"] = self.evaluate(None, self.work / self.key / "aligned")
 
     def evaluate(self, adapter, folder: Path) -> dict:
-        return evaluate_toy(adapter, folder / "eval", self.args.quick, self.cache)
+        return evaluate_demo(adapter, folder / "eval", self.args.quick, self.cache)
 
     def run(self, name: str, settings: dict) -> None:
         if name in self.done["runs"]:

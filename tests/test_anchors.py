@@ -53,7 +53,7 @@ def test_anchor_terms_are_zero_at_the_reference_and_match_a_direct_computation(m
 
 
 def test_anchors_keep_refusal_under_a_lora_attack_on_the_toy_model(quick_toy, tmp_path):
-    from logitguard.demo import evaluate_toy
+    from logitguard.demo import evaluate_demo
 
     corpus = make_corpus(0)
     write_jsonl(corpus["harmful"]["train"][:32], tmp_path / "anchors.jsonl")
@@ -64,7 +64,7 @@ def test_anchors_keep_refusal_under_a_lora_attack_on_the_toy_model(quick_toy, tm
                                  "reg_weight": 0.0, "epochs": 3.0, "learning_rate": 2e-2, "dropout": 0.0,
                                  "max_length": 96, "batch_size": 10, "save_steps": 1000, **extra})  # fmt: skip
         result = train(cfg, progress=False)
-        metrics = evaluate_toy(tmp_path / name, tmp_path / name / "eval", quick=True, cache_dir=str(quick_toy.parent))
+        metrics = evaluate_demo(tmp_path / name, tmp_path / name / "eval", quick=True, cache_dir=str(quick_toy.parent))
         refusal[name] = metrics["refusal_rate"]
         if name == "anchored":
             assert any("anchor" in row for row in result["trainer"].state.log_history)

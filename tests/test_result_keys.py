@@ -40,7 +40,8 @@ def _rows(results: dict) -> list[dict]:
 
 def _toy(row: dict) -> str | None:
     """The toy model a row was made with (its recipe hash), if it used one."""
-    return next((v for v in row["settings"]["inputs"].values() if str(v).startswith("toy:")), None)
+    found = next((v for v in row["settings"]["inputs"].values() if str(v).startswith("toy:")), None)
+    return found and found.split("/")[0]  # toy:<folder>/demo-<hex>: the demo's files mined from that toy
 
 
 def test_committed_rows_keys_match_their_settings():

@@ -71,6 +71,19 @@ def test_scenarios_layer_train_settings_and_targets(tmp_path):
     path.write_text(yaml.safe_dump({**exp, "scenarios": {"s": {"trian": {}}}}))
     with pytest.raises(ConfigError, match="scenario s: unknown key 'trian'.*'train'"):
         load_experiment(str(path))
+    # a variant's typo adds a scenario no run uses; a scenario's target is checked like the file's
+    path.write_text(yaml.safe_dump({**exp, "variants": {"v": {"scenarios": {"ss": {"train": {"epochs": 3}}}}}}))
+    with pytest.raises(ConfigError, match="no run uses scenario 'ss'.*did you mean 's'"):
+        load_experiment(str(path), "v")
+    path.write_text(yaml.safe_dump({**exp, "scenarios": {"s": {"target": {"utility_of": "aa"}}}}))
+    with pytest.raises(ConfigError, match="scenario s: target.utility_of must be 'aligned base' or a run name"):
+        load_experiment(str(path))
+    path.write_text(yaml.safe_dump({**{k: v for k, v in exp.items() if k != "target"}}))
+    with pytest.raises(ConfigError, match="scenario s has a target but the file has none"):
+        load_experiment(str(path))
+    path.write_text(yaml.safe_dump({**exp, "scenarios": {"s": {"train": None}}}))
+    with pytest.raises(ConfigError, match="scenario s: train must be a mapping"):
+        load_experiment(str(path))
 
 
 def test_the_demo_is_a_packaged_experiment_whose_rows_are_known_without_a_toy(tmp_path):
@@ -82,7 +95,17 @@ def test_the_demo_is_a_packaged_experiment_whose_rows_are_known_without_a_toy(tm
     runner = Runner(exp, results_dir=tmp_path / "r", work_dir=tmp_path / "w", cache_dir=str(tmp_path / "c"),
                     progress=False)  # fmt: skip
     assert len(runner.pending()) == 1 + len(exp.runs) == 30
+    # the mined files' identity is the toy's and how they are mined; local() names their folder without mining
+    from logitguard.toy.demo_inputs import folder_name
+
+    toy = runner.ph.toy_dir()
+    assert runner._identity("{toy_demo}/mined_tokens.json") == f"toy:{toy.name}/{folder_name()}"
+    assert runner.ph.local("{toy_demo}/mined_tokens.json") == str(toy / folder_name() / "mined_tokens.json")
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("toy-*"))
+    from logitguard.sweep import sweep_experiment
+
+    with pytest.raises(ConfigError, match="has scenarios"):
+        sweep_experiment(exp, [0, 1], [["I"]])
     assert {r.name: r.train["reg_weight"] for r in exp.runs if "+" in r.name} == {
         "attack / STR(I) + safety mix": 1.0, "benign / STR(I) + safety mix": 1.0}  # fmt: skip
 

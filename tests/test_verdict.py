@@ -251,10 +251,15 @@ def test_each_run_is_judged_by_its_scenarios_target():
     assert rise == stats.paired_rate_difference([0] * 400, [1] * 40 + [0] * 360) and rise.hi < -0.02
     # the exact match of a file, item by item
     assert _items(results["rows"][0], "exact_match_new_task_test") == [1] * 360 + [0] * 40
-    # the attack run's exact match is compared with nothing (its target judges no skill); the benign runs' is
+    # one file's measure named without its file (exact_match, eval_loss): that file's items, the only ones
+    assert _items(results["rows"][0], "exact_match") == [1] * 360 + [0] * 40
+    assert _items({"metrics": {"items": {"loss:a": [[1.0, 2]]}}}, "eval_loss") == [[1.0, 2]]
+    assert _items({"metrics": {"items": {"loss:a": [[1.0, 2]], "loss:b": [[1.0, 2]]}}}, "eval_loss") is None
+    # a skill the run's target does not judge is compared with the aligned model (what the attack cost); the benign
+    # runs' with benign LoRA
     table = {line.split(" | ")[0].removeprefix("| "): line for line in experiment_table(results).splitlines()}
     assert "EM new_task_test" in table["run"]
-    assert "0.0% |" in table["attack / keeps"] and "90.0% (+0.0 [" in table["benign / keeps all"]
+    assert "| 0.0% (+0.0 [+0.0, +0.0]) |" in table["attack / keeps"] and "90.0% (+0.0 [" in table["benign / keeps all"]
 
 
 def test_one_frontier_plot_draws_sweep_lines_and_a_loss_axis(tmp_path, monkeypatch):

@@ -13,21 +13,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEMO = "demo"  # the packaged experiment file (experiment.PACKAGED)
-QUICK = "quick"  # its variant for --quick
+QUICK = "quick"  # the demo file's variant for --quick
+
+
+def demo_experiment(quick: bool = False):
+    """The packaged demo file (never an experiments/demo.yaml of the working folder: that is a user's own copy)."""
+    from .experiment import PACKAGED, load_experiment
+
+    return load_experiment(str(PACKAGED["demo"]), QUICK if quick else None)
 
 
 def run_demo(out: str | Path, quick: bool = False, cache_dir: str | None = None, progress: bool = True) -> dict:
-    from .experiment import load_experiment
     from .files import write_text_atomic
     from .report import experiment_section, experiment_table, group_rows, plot_experiment
     from .runner import Runner
     from .verdict import plot_experiment_frontier
 
     out = Path(out)
-    exp = load_experiment(DEMO, QUICK if quick else None)
+    exp = demo_experiment(quick)
     results = Runner(exp, results_dir=out, work_dir=out / "runs", cache_dir=cache_dir, progress=progress).run()
-    write_text_atomic(out / "results.md", experiment_section(results, "results.png"))
+    command = f"logitguard demo --out {out}" + (" --quick" if quick else "")
+    write_text_atomic(out / "results.md", experiment_section(results, "results.png", command))
     plot_experiment(results, out / "results.png")
     plot_experiment_frontier(results, group_rows(results), out / "frontier.png")
     print("\n" + experiment_table(results))
@@ -39,9 +45,9 @@ def run_values(scenario: str, quick: bool = False, cache_dir: str | None = None)
     """The training settings a demo run in `scenario` starts from (the file's, then the scenario's), with the toy's
     paths filled in (the toy built in `cache_dir` if it is not there): for scripts that train their own variations
     on the demo's setting (bench/controllers_toy.py)."""
-    from .experiment import Placeholders, load_experiment
+    from .experiment import Placeholders
 
-    exp = load_experiment(DEMO, QUICK if quick else None)
+    exp = demo_experiment(quick)
     run = next(r for r in exp.runs if r.name == f"{scenario} / LoRA")  # carries its scenario's settings
     ph = Placeholders(exp, cache_dir, progress=False)
     values = {**ph({**exp.train, **run.train}), "model": ph.model(), "cache_dir": ph.cache_dir}
@@ -49,16 +55,15 @@ def run_values(scenario: str, quick: bool = False, cache_dir: str | None = None)
     return values
 
 
-def evaluate_toy(adapter: str | Path | None, folder: str | Path, quick: bool = False, cache_dir: str | None = None,
+def evaluate_demo(adapter: str | Path | None, folder: str | Path, quick: bool = False, cache_dir: str | None = None,
                  progress: bool = False) -> dict:  # fmt: skip
     """The demo's evaluation of the toy model (plus an adapter), records in `folder`, as flat metrics named by
     what they measure: refusal_rate, asr, over_refusal_benign / _borderline, benign_exact_match,
     new_task_exact_match, new_task_eval_loss (the names bench/*_toy.py results use)."""
-    from .experiment import Placeholders, load_experiment
+    from .experiment import Placeholders
     from .runner import evaluate
 
-    exp = load_experiment(DEMO, QUICK if quick else None)
-    ph = Placeholders(exp, cache_dir, progress=progress)
+    ph = Placeholders(demo_experiment(quick), cache_dir, progress=progress)
     m = evaluate(str(ph.toy()), str(adapter) if adapter else None, ph.eval_spec(), Path(folder), progress)
     return {
         **{k: m[k] for k in ("refusal_rate", "asr", "over_refusal_benign", "over_refusal_borderline")},

@@ -162,7 +162,7 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
             raise ConfigError(f"{where}: runs[{i}] needs a 'name'")
         _check_keys(run, RUN_KEYS, f"{where}: runs[{i}] ({run['name']})")
         if run.get("scenario") is not None:
-            if run["scenario"] not in scenarios:
+            if not isinstance(run["scenario"], str) or run["scenario"] not in scenarios:
                 raise ConfigError(f"{where}: {run['name']}: no scenario {run['scenario']!r}"
                                   f"{suggest(str(run['scenario']), set(scenarios))}")  # fmt: skip
             run = {**run, "train": {**scenarios[run["scenario"]].get("train", {}), **(run.get("train") or {})}}
@@ -172,12 +172,17 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: run names repeat: {names}")
-    if raw.get("target") and raw["target"].get("utility_of", "aligned base") not in ["aligned base", *names]:
-        raise ConfigError(f"{where}: target.utility_of must be 'aligned base' or a run name, "
-                          f"got {raw['target']['utility_of']!r}")  # fmt: skip
-    if raw.get("target") and raw["target"].get("task_loss") and raw["target"].get("task_gain_of", "LoRA") not in names:
-        raise ConfigError(f"{where}: target.task_gain_of must be a run name (whose task gain is the yardstick), "
-                          f"got {raw['target'].get('task_gain_of', 'LoRA')!r}")  # fmt: skip
+    used = {r.scenario for r in runs}
+    for name in scenarios:  # a variant's typo (`atack:`) would otherwise add a scenario that nothing reads
+        if name not in used:
+            raise ConfigError(f"{where}: no run uses scenario {name!r}{suggest(name, {s for s in used if s})}")
+    _check_target(raw.get("target"), names, f"{where}: target")
+    for name, scenario in scenarios.items():
+        if scenario.get("target") is not None:
+            if not raw.get("target"):
+                raise ConfigError(f"{where}: scenario {name} has a target but the file has none; state the file's "
+                                  "`target:` (the scenario's is merged over it)")  # fmt: skip
+            _check_target({**raw["target"], **scenario["target"]}, names, f"{where}: scenario {name}: target")
     exp = Experiment(
         name=path.stem,
         variant=variant,
@@ -209,7 +214,21 @@ def _scenarios(values, where: str) -> dict:
         raise ConfigError(f"{where}: scenarios must map each name to {{train: ..., target: ...}}")
     for name, scenario in values.items():
         _check_keys(scenario, SCENARIO_KEYS, f"{where}: scenario {name}")
+        for key in SCENARIO_KEYS:
+            if not isinstance(scenario.get(key, {}), dict):
+                raise ConfigError(f"{where}: scenario {name}: {key} must be a mapping, got {scenario[key]!r}")
     return values
+
+
+def _check_target(target: dict | None, names: list[str], where: str) -> None:
+    """The runs a target compares with must exist (a typo would leave every verdict "not measured")."""
+    if not target:
+        return
+    if target.get("utility_of", "aligned base") not in ["aligned base", *names]:
+        raise ConfigError(f"{where}.utility_of must be 'aligned base' or a run name, got {target['utility_of']!r}")
+    if target.get("task_loss") and target.get("task_gain_of", "LoRA") not in names:
+        raise ConfigError(f"{where}.task_gain_of must be a run name (whose task gain is the yardstick), "
+                          f"got {target.get('task_gain_of', 'LoRA')!r}")  # fmt: skip
 
 
 def _run_targets(target: dict, scenarios: dict, runs: list[RunSpec], where: str) -> dict[str, dict]:
@@ -288,10 +307,11 @@ class Placeholders:
 
             folder = write_toy_commonsense(Path(self.cache_dir) / "toy-commonsense")
             value = value.replace("{toy_commonsense}", str(folder))
-        if "{toy_demo}" in value:  # the demo's mined files: made from the toy model, so it is built first
-            from .toy.demo_inputs import demo_inputs
+        if "{toy_demo}" in value:  # the demo's mined files, made from the toy model (local(): named, not made)
+            from .toy.demo_inputs import demo_inputs, folder_name
 
-            value = value.replace("{toy_demo}", str(demo_inputs(self.toy(), self.progress)))
+            made = toy() / folder_name() if toy == self.toy_dir else demo_inputs(toy(), self.progress)
+            value = value.replace("{toy_demo}", str(made))
         if "{toy}" in value:
             value = value.replace("{toy}", str(toy()))
         return value.replace("{here}", str(here)).replace("{assets}", assets)

@@ -17,7 +17,17 @@ from statistics import mean
 from .errors import ConfigError
 from .files import write_text_atomic
 from .stats import Interval
-from .verdict import ALIGNED, Target, compare, plot_experiment_frontier, plot_trade, run_target, task_share, verdicts
+from .verdict import (
+    ALIGNED,
+    Target,
+    compare,
+    is_loss,
+    plot_experiment_frontier,
+    plot_trade,
+    run_target,
+    task_share,
+    verdicts,
+)
 
 # (metric key, column title, format): the columns a table shows when any row has the metric
 COLUMNS = [
@@ -110,12 +120,12 @@ def _share(interval: Interval, of: str) -> str:
     return f" (gain {pct(interval.estimate)} of {of}'s [{pct(interval.lo)}, {pct(interval.hi)}])"
 
 
-def reference_of(metric: str, target: Target) -> str | None:
-    """The run a column is compared with: the aligned base for safety and loss, the target's utility run else
-    (none when the run's target judges no skill)."""
-    if metric.startswith(("refusal_", "over_refusal_", "eval_loss_")):
+def reference_of(metric: str, target: Target) -> str:
+    """The run a column is compared with: the aligned base for safety and loss, and for skills when the run's target
+    judges none (the demo's attack runs: what the attack cost); the target's utility run else."""
+    if metric.startswith(("refusal_", "over_refusal_")) or is_loss(metric) or not target.utility:
         return ALIGNED
-    return target.utility_of if target.utility else None
+    return target.utility_of
 
 
 def _compared(name: str, rows: list[dict], by_name: dict, metric: str, kind: str, target: Target) -> str:
@@ -124,7 +134,7 @@ def _compared(name: str, rows: list[dict], by_name: dict, metric: str, kind: str
         share = task_share(rows, by_name, target)
         return "" if share is None else _share(share, target.task_gain_of)
     of = reference_of(metric, target)
-    if of is None or name == of or of not in by_name:
+    if name == of or of not in by_name:
         return ""
     return _versus(compare(rows, by_name[of], metric), kind)
 
@@ -191,6 +201,9 @@ def plot_experiment(results: dict, path: Path) -> None:
     names = [g["name"] for g in groups]
     safety = [c for c in COLUMNS[:SAFETY_COLUMNS] if _has(groups, c[0])]
     utility = [c for c in COLUMNS[SAFETY_COLUMNS:] if _has(groups, c[0])]
+    judged = (results.get("target") or {}).get("utility")
+    if judged and _has(groups, judged):  # the skill the target judges (a per-file one: the demo's new-task EM)
+        utility = [(judged, judged, "pct")]
     fig, axes = plt.subplots(1, 1 + bool(utility), figsize=(6 + 5 * bool(utility), 4.5), squeeze=False)
     width = 0.8 / max(len(safety), 1)
     for j, (key, title, _) in enumerate(safety):
@@ -220,10 +233,11 @@ def plot_experiment(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def experiment_section(results: dict, png: str | None) -> str:
+def experiment_section(results: dict, png: str | None, command: str | None = None) -> str:
+    """One experiment's part of the report; `command`: what produced it, when not `logitguard experiment run`."""
     title = results["experiment"] + (f" — variant `{results['variant']}`" if results.get("variant") else "")
     paper = results.get("paper") or {}
-    cmd = f"logitguard experiment run {results['experiment']}" + (
+    cmd = command or f"logitguard experiment run {results['experiment']}" + (
         f" --variant {results['variant']}" if results.get("variant") else ""
     )
     parts = [f"## {title}", "", results.get("description", "").strip(), "", f"Command: `{cmd}`", ""]
@@ -235,7 +249,9 @@ def experiment_section(results: dict, png: str | None) -> str:
         parts += [
             "In brackets: the difference from the reference run, paired on the same items, and its 95% interval: "
             f"refusal and over-refusal against the aligned base (points; Tango's score interval and McNemar's "
-            f"exact p), other scores against {target.utility_of} (paired bootstrap, 10,000 resamples, seed 0), "
+            f"exact p), other scores against {target.utility_of}"
+            + (" (against the aligned base for runs judged on no skill)" if results.get("run_targets") else "")
+            + " (paired bootstrap, 10,000 resamples, seed 0), "
             "held-out loss against the aligned base (paired bootstrap over conversations)"
             + (f", and on the task loss the share of {target.task_gain_of}'s gain kept" if target.task_loss else "")
             + ". Verdict: meets / misses / unresolved at 95% (docs/statistics.md).",

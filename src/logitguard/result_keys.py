@@ -1,12 +1,13 @@
 """What a results row is keyed on, so that a clone anywhere finds its committed rows done.
 
 A row's `settings` hold paths as the experiment file writes them (`{assets}/x.jsonl`, `{here}/y.json`,
-`{toy}/corpus/z.jsonl`, `{toy_commonsense}`, `{holdout}`, `{run:NAME}`, the model as `toy` or its GGUF file, or a
-path as given), never where this machine put them; cache and output folders are left out. `settings["inputs"]`
-maps each such path to the identity of what it named when the row ran:
+`{toy}/corpus/z.jsonl`, `{toy_demo}/mined_tokens.json`, `{toy_commonsense}`, `{holdout}`, `{run:NAME}`, the model
+as `toy` or its GGUF file, or a path as given), never where this machine put them; cache and output folders are
+left out. `settings["inputs"]` maps each such path to the identity of what it named when the row ran:
 
     sha256:<hex>   a file's bytes              tree:<hex>     a folder's files (paths and bytes)
     set:<hex>      a named eval set's files    toy:<folder>   the toy model and corpus (its recipe hash)
+    toy:<folder>/demo-<hex>   the demo's files mined from the toy ({toy_demo}; toy/demo_inputs.py)
     holdout:<hex>  rows held out of the data   run:<key>      another run's settings (Safe LoRA's model)
     null           nothing here (a hub name, a file not fetched)
 

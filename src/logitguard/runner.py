@@ -267,10 +267,13 @@ class Runner:
         from .eval.datasets import default_assets, is_set_name
 
         if written not in self._identities:
-            if written in TOY_MODELS or written == "{toy}" or written.startswith(("{toy}/", "{toy_demo}/")):
-                # the toy's folder name hashes its recipe and corpus: known before (and without) building it (the
-                # demo's mined files follow from the toy)
+            if written in TOY_MODELS or written == "{toy}" or written.startswith("{toy}/"):
+                # the toy's folder name hashes its recipe and corpus: known before (and without) building it
                 found = "toy:" + self.ph.toy_dir().name
+            elif written.startswith("{toy_demo}/"):  # the demo's mined files: the toy's, and how they were mined
+                from .toy.demo_inputs import folder_name
+
+                found = f"toy:{self.ph.toy_dir().name}/{folder_name()}"
             elif written == "{holdout}":
                 found = holdout_identity(self.exp.train, self._identity)
             elif written.startswith("{run:") and written.endswith("}"):
@@ -439,7 +442,11 @@ class Runner:
 
 def _relative(path: Path) -> str:
     """Relative to the working folder (the repository root, run as documented), else the file's name: a results
-    file never holds a machine's folders."""
+    file never holds a machine's folders. A file shipped in the package: its place in the package."""
+    from .experiment import PACKAGED
+
+    if Path(path).resolve() in {p.resolve() for p in PACKAGED.values()}:
+        return Path(path).resolve().relative_to(Path(__file__).resolve().parent.parent).as_posix()
     try:
         return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from .errors import ConfigError
 from .experiment import Experiment, RunSpec
 from .result_keys import setting
 
@@ -27,6 +28,9 @@ def grid_runs(lambdas: list[float], word_sets: list[list[str]], reference: str =
 
 
 def sweep_experiment(exp: Experiment, lambdas, word_sets, reference: str = "cache") -> Experiment:
+    if any(r.scenario for r in exp.runs):  # its grid runs would have no scenario, so no data or schedule
+        raise ConfigError(f"logitguard sweep: {exp.id} has scenarios; sweep an experiment without them (copy one "
+                          "scenario's train settings into a file's `train:`)")  # fmt: skip
     suffix = "-sweep" + ("" if reference == "cache" else f"-{reference}")
     return dataclasses.replace(exp, name=exp.name + suffix, runs=grid_runs(lambdas, word_sets, reference))
 

@@ -77,6 +77,11 @@ class Target:
         return cls(**values)
 
 
+def is_loss(metric: str) -> bool:
+    """A held-out loss (per-conversation [nll_sum, tokens] items; lower is better)."""
+    return metric == "eval_loss" or metric.startswith("eval_loss_")
+
+
 def _value(rows: list[dict], key: str) -> float | None:
     values = [r["metrics"].get(key) for r in rows if r.get("metrics", {}).get(key) is not None]
     return mean(values) if values else None
@@ -89,6 +94,12 @@ def _items(row: dict, metric: str):
     if metric == "refusal_rate":
         keys = sorted(k for k in items if k.startswith("refusal:"))
         return stats.bits("".join(items[k] for k in keys)) if keys else None
+    if metric in ("eval_loss", "exact_match"):  # one file's measure, named without its file: that file's items
+        prefix = "loss:" if metric == "eval_loss" else "exact_match:"
+        keys = [k for k in items if k.startswith(prefix)]
+        if len(keys) != 1:
+            return None
+        return items[keys[0]] if metric == "eval_loss" else stats.bits(items[keys[0]])
     if metric.startswith("eval_loss_"):
         return items.get("loss:" + metric.removeprefix("eval_loss_"))
     if metric.startswith("exact_match_"):
@@ -107,7 +118,7 @@ def _group_items(rows: list[dict], metric: str):
         return None
     if len(per_row) == 1:
         return per_row[0]
-    if metric.startswith("eval_loss_"):
+    if is_loss(metric):
         return [[sum(p[i][0] for p in per_row), sum(p[i][1] for p in per_row)] for i in range(len(per_row[0]))]
     return [mean(p[i] for p in per_row) for i in range(len(per_row[0]))]
 
@@ -118,7 +129,7 @@ def compare(rows: list[dict], ref_rows: list[dict], metric: str) -> stats.Interv
     x, y = _group_items(rows, metric), _group_items(ref_rows, metric)
     if x is None or y is None or len(x) != len(y) or not x:
         return None
-    if metric.startswith("eval_loss_"):
+    if is_loss(metric):
         return stats.loss_difference(x, y)
     if metric.startswith(RATES) and len(rows) == len(ref_rows) == 1:
         return stats.paired_rate_difference(x, y)

@@ -6,6 +6,7 @@ import argparse
 
 from ..demo import run_demo
 from ..errors import ConfigError
+from ..experiment import PACKAGED
 
 
 def register(subparsers) -> None:
@@ -19,8 +20,8 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     if args.seed != 0:  # the demo is an experiment file now; its toy is the seed-0 build every result was made on
-        raise ConfigError("logitguard demo: --seed is gone (the demo runs the seed-0 toy); for several training "
-                          "seeds, copy the demo's file (src/logitguard/toy/demo.yaml), add `seeds: [0, 1, 2]` to "
-                          "a run and `logitguard experiment run` it")  # fmt: skip
+        raise ConfigError(f"logitguard demo: --seed is gone (the demo runs the seed-0 toy); for several training "
+                          f"seeds, copy the demo's file ({PACKAGED['demo']}) under another name, add `seeds: "
+                          "[0, 1, 2]` to a run and `logitguard experiment run` it")  # fmt: skip
     run_demo(args.out, args.quick, args.cache_dir)
     return 0

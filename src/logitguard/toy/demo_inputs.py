@@ -6,25 +6,37 @@
     anchor_prompts.jsonl  the first 64 harmful training prompts with the toy's refusals: the anchors of anchored
                           regularization, the refusals safety mixing adds, SaLoRA's safety data
 
-They follow from the toy's weights and corpus, so they live in the toy's folder (named by its recipe's hash) and
-are made the first time a run needs them; a half-written folder is never left (written aside, then renamed).
+They follow from the toy's weights and corpus and from how they are mined, so they live in the toy's folder (named
+by its recipe's hash) under `demo-<hash of the mining settings and VERSION>`: a change to either makes a new folder
+(and new row keys) instead of reusing stale files. Bump VERSION when the mining code changes what it picks. The
+folder is written aside and renamed into place, so a half-written one is never read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+import tempfile
 from pathlib import Path
 
-FOLDER = "demo"
+VERSION = 1
 MINED_TOP = 5
 PACT_TOP = 50  # PACT's default set size
 MINING_PROMPTS = 60
 ANCHORS = 64
 
 
+def folder_name() -> str:
+    """The folder's name inside the toy's: known without building anything (the runner keys rows on it)."""
+    settings = {"version": VERSION, "mined_top": MINED_TOP, "pact_top": PACT_TOP, "prompts": MINING_PROMPTS,
+                "anchors": ANCHORS}  # fmt: skip
+    return "demo-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def demo_inputs(toy: str | Path, progress: bool = True) -> Path:
     """The folder of the demo's files for this toy model, made if it is not there yet."""
-    folder = Path(toy) / FOLDER
+    folder = Path(toy) / folder_name()
     if folder.is_dir():
         return folder
     from ..eval.prompts import read_prompts
@@ -35,16 +47,21 @@ def demo_inputs(toy: str | Path, progress: bool = True) -> Path:
     corpus = Path(toy) / "corpus"
     harmful = read_prompts(corpus / "harmful_train.jsonl")[:MINING_PROMPTS]
     benign = read_prompts(corpus / "benign_train.jsonl")[:MINING_PROMPTS]
-    tmp = folder.with_name(FOLDER + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tokenizer, model = load_tokenizer(str(toy)), load_model(str(toy), "float32")
-    tokens, _ = mine_tokens(model, tokenizer, harmful, benign, top=MINED_TOP, progress=progress)
-    tokens.save(tmp / "mined_tokens.json")
-    base = load_model(str(Path(toy) / BASE_FOLDER), "float32")
-    pact, _ = mine_pact_tokens(model, tokenizer, harmful, base_model=base, top=PACT_TOP, progress=progress)
-    pact.save(tmp / "pact_tokens.json")
-    lines = (corpus / "harmful_train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:ANCHORS]
-    (tmp / "anchor_prompts.jsonl").write_text("".join(lines), encoding="utf-8")
-    tmp.rename(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=toy))  # one per process: two demos may race
+    try:
+        tokenizer, model = load_tokenizer(str(toy)), load_model(str(toy), "float32")
+        tokens, _ = mine_tokens(model, tokenizer, harmful, benign, top=MINED_TOP, progress=progress)
+        tokens.save(tmp / "mined_tokens.json")
+        base = load_model(str(Path(toy) / BASE_FOLDER), "float32")
+        pact, _ = mine_pact_tokens(model, tokenizer, harmful, base_model=base, top=PACT_TOP, progress=progress)
+        pact.save(tmp / "pact_tokens.json")
+        lines = (corpus / "harmful_train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:ANCHORS]
+        (tmp / "anchor_prompts.jsonl").write_text("".join(lines), encoding="utf-8")
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process put its (identical) folder there first
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
