@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import LogitguardError
+from .files import write_text_atomic
 
 # Used only when a tokenizer has no chat template of its own; documented in the README.
 FALLBACK_CHAT_TEMPLATE = (
@@ -154,6 +155,14 @@ def split_holdout(rows: list[dict], n: int, seed: int = 0) -> tuple[list[dict], 
 
     held = set(random.Random(seed).sample(range(len(rows)), n))
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def write_holdout(rows: list[dict], path: str | Path) -> Path:
+    """The held-out rows as JSONL (without the loader's `_where`): what `train` keeps beside a run and the runner
+    evaluates the held-out loss on; written atomically."""
+    lines = (json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n" for r in rows)
+    write_text_atomic(Path(path), "".join(lines))
+    return Path(path)
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -20,7 +20,7 @@ from . import adapters
 from .config import TrainConfig, build_config
 from .errors import ConfigError, suggest
 from .experiment import EvalSpec, Experiment, Placeholders, RunSpec
-from .files import ContentHashes, write_json_atomic, write_text_atomic
+from .files import ContentHashes, write_json_atomic
 from .result_keys import (
     TOY_MODELS,
     holdout_identity,
@@ -292,7 +292,7 @@ class Runner:
         fields = {k: v for k, v in dataclasses.asdict(spec).items() if isinstance(v, str) and "{holdout}" in v}
         if not fields:
             return spec
-        from .data import apply_columns, load_rows, split_holdout
+        from .data import apply_columns, load_rows, split_holdout, write_holdout
         from .train import HOLDOUT_SEED
 
         cfg = build_config({"model": self.model, **self.ph(self.exp.train)}, self.exp.id)
@@ -300,11 +300,7 @@ class Runner:
             raise ConfigError(f"{self.exp.id}: eval uses {{holdout}} but train.holdout is {cfg.holdout}")
         rows = apply_columns(load_rows(cfg.data, cfg.data_split), cfg.columns)
         held = split_holdout(rows, cfg.holdout, HOLDOUT_SEED)[1]
-        path = self.work / "holdout.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(
-            path, "".join(json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n" for r in held)
-        )
+        path = write_holdout(held, self.work / "holdout.jsonl")
         return dataclasses.replace(spec, **{k: v.replace("{holdout}", str(path)) for k, v in fields.items()})
 
     def _eval_base(self) -> dict:

@@ -17,7 +17,15 @@ from . import adapters
 from .cache import build_reference_cache
 from .config import ConfigError, TrainConfig, save_config
 from .controllers import steer
-from .data import ChatCollator, apply_columns, ensure_chat_template, load_rows, split_holdout, tokenize_rows
+from .data import (
+    ChatCollator,
+    apply_columns,
+    ensure_chat_template,
+    load_rows,
+    split_holdout,
+    tokenize_rows,
+    write_holdout,
+)
 from .deprecated import spelled_now
 from .files import resume_checkpoint, write_json_atomic, write_text_atomic
 from .methods import mixing, salora
@@ -273,7 +281,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
     _check_resume(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     if held_out:  # kept for eval loss on data the run never saw, as the paper does with Alpaca
-        write_text_atomic(out / "holdout.jsonl", "".join(json.dumps(_public(r)) + "\n" for r in held_out))
+        write_holdout(held_out, out / "holdout.jsonl")
     pissa_init = out / "pissa_init"
     if adapters.get(cfg.method).converts_on_save and not pissa_init.exists():
         _save_pissa_init(model, pissa_init)
@@ -369,10 +377,6 @@ def release_trainer(trainer) -> None:
     gc.collect()
     if torch.accelerator.is_available():
         torch.accelerator.empty_cache()
-
-
-def _public(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k != "_where"}
 
 
 def _save_pissa_init(model, folder: Path) -> None:
