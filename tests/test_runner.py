@@ -81,9 +81,14 @@ def test_scenarios_layer_train_settings_and_targets(tmp_path):
     path.write_text(yaml.safe_dump({**{k: v for k, v in exp.items() if k != "target"}}))
     with pytest.raises(ConfigError, match="scenario s has a target but the file has none"):
         load_experiment(str(path))
-    path.write_text(yaml.safe_dump({**exp, "scenarios": {"s": {"train": None}}}))
+    path.write_text(yaml.safe_dump({**exp, "scenarios": {"s": {"train": [1]}}}))
     with pytest.raises(ConfigError, match="scenario s: train must be a mapping"):
         load_experiment(str(path))
+    # a variant may keep fewer runs: the file's own scenarios may then go unused
+    path.write_text(
+        yaml.safe_dump({**exp, "variants": {"v": {"runs": [{"name": "b"}], "target": {"utility_of": "aligned base"}}}})
+    )
+    assert [r.name for r in load_experiment(str(path), "v").runs] == ["b"]
 
 
 def test_the_demo_is_a_packaged_experiment_whose_rows_are_known_without_a_toy(tmp_path):
@@ -106,6 +111,22 @@ def test_the_demo_is_a_packaged_experiment_whose_rows_are_known_without_a_toy(tm
 
     with pytest.raises(ConfigError, match="has scenarios"):
         sweep_experiment(exp, [0, 1], [["I"]])
+
+
+def test_the_demo_command_runs_the_packaged_file_and_records_it_by_its_package_path(tmp_path, monkeypatch):
+    """A working folder's experiments/demo.yaml (a user's copy) is never what `logitguard demo` runs; the results
+    file names the packaged file by its place in the package, wherever logitguard is installed."""
+    from logitguard.demo import demo_experiment
+    from logitguard.experiment import PACKAGED
+    from logitguard.runner import _relative
+
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "demo.yaml").write_text(yaml.safe_dump({"model": "m", "runs": [{"name": "mine"}]}))
+    monkeypatch.chdir(tmp_path)
+    assert load_experiment("demo").runs[0].name == "mine"  # by name: the working folder's file first, as for any
+    exp = demo_experiment()
+    assert exp.path == PACKAGED["demo"] and len(exp.runs) == 29
+    assert _relative(exp.path) == "logitguard/toy/demo.yaml"
     assert {r.name: r.train["reg_weight"] for r in exp.runs if "+" in r.name} == {
         "attack / STR(I) + safety mix": 1.0, "benign / STR(I) + safety mix": 1.0}  # fmt: skip
 

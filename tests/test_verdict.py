@@ -215,6 +215,10 @@ def test_target_errors_name_the_key(tmp_path):
     path.write_text(yaml.safe_dump(exp))
     with pytest.raises(ConfigError, match="task_gain_of must be a run name .*got 'LoRRA'"):
         load_experiment(str(path))
+    exp["target"] = {"utility": "eval_loss_heldout"}  # judged higher-is-better: a loss belongs in task_loss
+    path.write_text(yaml.safe_dump(exp))
+    with pytest.raises(ConfigError, match="a held-out loss goes in task_loss"):
+        load_experiment(str(path))
     exp["target"] = {"utility_of": "LoRA"}
     path.write_text(yaml.safe_dump(exp))
     assert load_experiment(str(path)).target["utility_gap"] == 0.03  # issue 22's margins by default

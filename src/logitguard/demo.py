@@ -56,7 +56,7 @@ def run_values(scenario: str, quick: bool = False, cache_dir: str | None = None)
 
 
 def evaluate_demo(adapter: str | Path | None, folder: str | Path, quick: bool = False, cache_dir: str | None = None,
-                 progress: bool = False) -> dict:  # fmt: skip
+                  progress: bool = False) -> dict:  # fmt: skip
     """The demo's evaluation of the toy model (plus an adapter), records in `folder`, as flat metrics named by
     what they measure: refusal_rate, asr, over_refusal_benign / _borderline, benign_exact_match,
     new_task_exact_match, new_task_eval_loss (the names bench/*_toy.py results use)."""

@@ -143,6 +143,7 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
     _check_keys(raw, TOP_KEYS, str(path))
     _renamed_layers(raw, str(path))
     variants = raw.pop("variants", None) or {}
+    own_scenarios = set(raw.get("scenarios") or {}) if isinstance(raw.get("scenarios"), dict) else set()
     if variant is not None:
         if variant not in variants:
             raise ConfigError(f"{path}: no variant {variant!r}; it has {sorted(variants)}")
@@ -165,7 +166,7 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
             if not isinstance(run["scenario"], str) or run["scenario"] not in scenarios:
                 raise ConfigError(f"{where}: {run['name']}: no scenario {run['scenario']!r}"
                                   f"{suggest(str(run['scenario']), set(scenarios))}")  # fmt: skip
-            run = {**run, "train": {**scenarios[run["scenario"]].get("train", {}), **(run.get("train") or {})}}
+            run = {**run, "train": {**(scenarios[run["scenario"]].get("train") or {}), **(run.get("train") or {})}}
         runs.append(RunSpec(**run))
     if not runs:
         raise ConfigError(f"{where}: no runs")
@@ -173,13 +174,13 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: run names repeat: {names}")
     used = {r.scenario for r in runs}
-    for name in scenarios:  # a variant's typo (`atack:`) would otherwise add a scenario that nothing reads
+    for name in set(scenarios) - own_scenarios:  # a variant's typo (`atack:`) would add a scenario nothing reads
         if name not in used:
             raise ConfigError(f"{where}: no run uses scenario {name!r}{suggest(name, {s for s in used if s})}")
     _check_target(raw.get("target"), names, f"{where}: target")
     for name, scenario in scenarios.items():
         if scenario.get("target") is not None:
-            if not raw.get("target"):
+            if raw.get("target") is None:
                 raise ConfigError(f"{where}: scenario {name} has a target but the file has none; state the file's "
                                   "`target:` (the scenario's is merged over it)")  # fmt: skip
             _check_target({**raw["target"], **scenario["target"]}, names, f"{where}: scenario {name}: target")
@@ -215,7 +216,7 @@ def _scenarios(values, where: str) -> dict:
     for name, scenario in values.items():
         _check_keys(scenario, SCENARIO_KEYS, f"{where}: scenario {name}")
         for key in SCENARIO_KEYS:
-            if not isinstance(scenario.get(key, {}), dict):
+            if not isinstance(scenario.get(key) or {}, dict):
                 raise ConfigError(f"{where}: scenario {name}: {key} must be a mapping, got {scenario[key]!r}")
     return values
 
@@ -287,17 +288,18 @@ class Placeholders:
         return self._toy or self._toy_dir
 
     def __call__(self, value):
-        return self._fill(value, self.toy)
+        return self._fill(value, build=True)
 
     def local(self, value):
         """Like calling it, but builds no toy model: {toy} is the folder the toy is (or will be) in."""
-        return self._fill(value, self.toy_dir)
+        return self._fill(value, build=False)
 
-    def _fill(self, value, toy):
+    def _fill(self, value, build: bool):
         if isinstance(value, dict):
-            return {k: self._fill(v, toy) for k, v in value.items()}
+            return {k: self._fill(v, build) for k, v in value.items()}
         if isinstance(value, list):
-            return [self._fill(v, toy) for v in value]
+            return [self._fill(v, build) for v in value]
+        toy = self.toy if build else self.toy_dir
         if not isinstance(value, str) or "{" not in value:
             return value
         here = self.exp.path.resolve().parent
@@ -310,7 +312,7 @@ class Placeholders:
         if "{toy_demo}" in value:  # the demo's mined files, made from the toy model (local(): named, not made)
             from .toy.demo_inputs import demo_inputs, folder_name
 
-            made = toy() / folder_name() if toy == self.toy_dir else demo_inputs(toy(), self.progress)
+            made = demo_inputs(toy(), self.progress) if build else toy() / folder_name()
             value = value.replace("{toy_demo}", str(made))
         if "{toy}" in value:
             value = value.replace("{toy}", str(toy()))

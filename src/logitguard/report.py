@@ -203,7 +203,7 @@ def plot_experiment(results: dict, path: Path) -> None:
     utility = [c for c in COLUMNS[SAFETY_COLUMNS:] if _has(groups, c[0])]
     judged = (results.get("target") or {}).get("utility")
     if judged and _has(groups, judged):  # the skill the target judges (a per-file one: the demo's new-task EM)
-        utility = [(judged, judged, "pct")]
+        utility = [next((c for c in COLUMNS if c[0] == judged), (judged, judged, "pct"))]
     fig, axes = plt.subplots(1, 1 + bool(utility), figsize=(6 + 5 * bool(utility), 4.5), squeeze=False)
     width = 0.8 / max(len(safety), 1)
     for j, (key, title, _) in enumerate(safety):
@@ -250,7 +250,11 @@ def experiment_section(results: dict, png: str | None, command: str | None = Non
             "In brackets: the difference from the reference run, paired on the same items, and its 95% interval: "
             f"refusal and over-refusal against the aligned base (points; Tango's score interval and McNemar's "
             f"exact p), other scores against {target.utility_of}"
-            + (" (against the aligned base for runs judged on no skill)" if results.get("run_targets") else "")
+            + (
+                " (against the aligned base for runs judged on no skill)"
+                if any(not run_target(results, g["name"]).utility for g in group_rows(results))
+                else ""
+            )  # fmt: skip
             + " (paired bootstrap, 10,000 resamples, seed 0), "
             "held-out loss against the aligned base (paired bootstrap over conversations)"
             + (f", and on the task loss the share of {target.task_gain_of}'s gain kept" if target.task_loss else "")

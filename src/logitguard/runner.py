@@ -19,7 +19,7 @@ from pathlib import Path
 from . import adapters
 from .config import TrainConfig, build_config
 from .errors import ConfigError, suggest
-from .experiment import EvalSpec, Experiment, Placeholders, RunSpec
+from .experiment import PACKAGED, EvalSpec, Experiment, Placeholders, RunSpec
 from .files import ContentHashes, write_json_atomic
 from .result_keys import (
     TOY_MODELS,
@@ -270,7 +270,8 @@ class Runner:
             if written in TOY_MODELS or written == "{toy}" or written.startswith("{toy}/"):
                 # the toy's folder name hashes its recipe and corpus: known before (and without) building it
                 found = "toy:" + self.ph.toy_dir().name
-            elif written.startswith("{toy_demo}/"):  # the demo's mined files: the toy's, and how they were mined
+            elif written == "{toy_demo}" or written.startswith("{toy_demo}/"):
+                # the demo's mined files: the toy's, and how they were mined
                 from .toy.demo_inputs import folder_name
 
                 found = f"toy:{self.ph.toy_dir().name}/{folder_name()}"
@@ -439,8 +440,6 @@ class Runner:
 def _relative(path: Path) -> str:
     """Relative to the working folder (the repository root, run as documented), else the file's name: a results
     file never holds a machine's folders. A file shipped in the package: its place in the package."""
-    from .experiment import PACKAGED
-
     if Path(path).resolve() in {p.resolve() for p in PACKAGED.values()}:
         return Path(path).resolve().relative_to(Path(__file__).resolve().parent.parent).as_posix()
     try:

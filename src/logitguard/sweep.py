@@ -62,5 +62,7 @@ def plot_frontier(results: dict, path: Path) -> None:
     if results.get("base"):
         base = results["base"]["metrics"]
         points.append(Point("aligned base", base[key], base["refusal_rate"], base.get("over_refusal_benign")))
+    if not points:
+        return  # nothing measured yet
     xlabel = key + (" (higher is better)" if higher else " (lower is better)")
     draw(points, path, xlabel, "safety-utility frontier (labels: lambda; marker size: benign over-refusal)")

@@ -74,6 +74,9 @@ class Target:
         for key in values:
             if key not in TARGET_KEYS:
                 raise ConfigError(f"{where}: target: unknown key {key!r}{suggest(key, TARGET_KEYS)}")
+        if values.get("utility") and is_loss(values["utility"]):  # judged higher-is-better
+            raise ConfigError(f"{where}: target.utility is a score where higher is better; a held-out loss goes in "
+                              f"task_loss (the share of a run's gain kept), got {values['utility']!r}")  # fmt: skip
         return cls(**values)
 
 
@@ -245,8 +248,9 @@ def plot_frontier(points: list[Point], path: Path, xlabel: str, title: str, corn
         ax.scatter(p.utility, p.refusal, s=size, color=color, alpha=0.7, marker="*" if star else "o",
                    label=p.label if star and groups else None)  # fmt: skip
         labels.setdefault((round(p.utility, 4), round(p.refusal, 4)), []).append(p.label)
+    # rates or not: from the points (a corner below 0, a reference skill under its gap, must not decide it)
+    rates = all(0 <= p.utility <= 1 for p in points)
     xs = [p.utility for p in points] + ([corner[0]] if corner is not None else [])
-    rates = min(xs) >= 0 and max(xs) <= 1
     # rates: at least 0.2 wide, so that a 2-point gap does not fill the axis; other scores (a loss): their range
     lo, hi = (max(-0.02, min(xs) - 0.1), min(1.02, max(xs) + 0.1)) if rates else (min(xs), max(xs))
     if not rates:
@@ -257,8 +261,9 @@ def plot_frontier(points: list[Point], path: Path, xlabel: str, title: str, corn
     placed: list[tuple[float, float, float]] = []
     for x, y in sorted(labels, key=lambda xy: (-xy[1], xy[0])):
         text = ", ".join(labels[x, y])
-        near = sum(px <= x < px + width and abs(y - py) < 0.06 for px, py, width in placed)
-        placed.append((x, y, 0.006 * len(text) * (hi - lo)))
+        width = 0.006 * len(text) * (hi - lo)
+        near = sum(x < px + pw and px < x + width and abs(y - py) < 0.06 for px, py, pw in placed)  # spans overlap
+        placed.append((x, y, width))
         ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4 - 9 * near), textcoords="offset points")
     if corner is not None:
         ax.axvline(corner[0], color="tab:green", ls=":", lw=1)

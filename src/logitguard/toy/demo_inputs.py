@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,6 +58,7 @@ def demo_inputs(toy: str | Path, progress: bool = True) -> Path:
         pact.save(tmp / "pact_tokens.json")
         lines = (corpus / "harmful_train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:ANCHORS]
         (tmp / "anchor_prompts.jsonl").write_text("".join(lines), encoding="utf-8")
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep a shared cache's folder from its other users
         try:
             tmp.rename(folder)
         except OSError:  # another process put its (identical) folder there first
