@@ -256,15 +256,19 @@ def plot_frontier(points: list[Point], path: Path, xlabel: str, title: str, corn
     if not rates:
         pad = 0.05 * (hi - lo or 1.0)
         lo, hi = lo - pad, hi + pad
-    # labels of nearby points are stacked downwards from the highest, so that none is written over another; a label
-    # of n characters runs about 0.006 n of the axis to the right of its point
-    placed: list[tuple[float, float, float]] = []
+    # labels are placed from the highest point down, each on the first line below its point that no label already
+    # written crosses: a 7-point label of n characters spans about 0.0085 n of the axis' width, a line (9 points) is
+    # about 0.03 of the refusal axis (this figure's size)
+    placed: list[tuple[float, float, float]] = []  # (x, y where the label's text sits, width)
     for x, y in sorted(labels, key=lambda xy: (-xy[1], xy[0])):
         text = ", ".join(labels[x, y])
-        width = 0.006 * len(text) * (hi - lo)
-        near = sum(x < px + pw and px < x + width and abs(y - py) < 0.06 for px, py, pw in placed)  # spans overlap
-        placed.append((x, y, width))
-        ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4 - 9 * near), textcoords="offset points")
+        width = 0.0085 * len(text) * (hi - lo)
+        level = next(
+            k for k in range(len(placed) + 1)
+            if not any(x < px + pw and px < x + width and abs(y - 0.03 * k - py) < 0.03 for px, py, pw in placed)
+        )  # fmt: skip
+        placed.append((x, y - 0.03 * level, width))
+        ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4 - 9 * level), textcoords="offset points")
     if corner is not None:
         ax.axvline(corner[0], color="tab:green", ls=":", lw=1)
         ax.axhline(corner[1], color="tab:green", ls=":", lw=1)
