@@ -53,6 +53,15 @@ SCENARIO_KEYS = {"train", "target"}
 PACKAGED = {"demo": Path(__file__).parent / "toy" / "demo.yaml"}
 
 
+def packaged_name(path: str | Path) -> str | None:
+    """A packaged experiment file's place in the package (`logitguard/toy/demo.yaml`), the same wherever logitguard
+    is installed: what a results file records; None for any other file."""
+    path = Path(path).resolve()
+    if path not in {p.resolve() for p in PACKAGED.values()}:
+        return None
+    return path.relative_to(Path(__file__).resolve().parent.parent).as_posix()
+
+
 @dataclass
 class EvalSpec:
     harmful: str | None = None  # harmful prompts: refusal rate, keyword ASR (and HRR with a judge)
@@ -178,12 +187,7 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
         if name not in used:
             raise ConfigError(f"{where}: no run uses scenario {name!r}{suggest(name, {s for s in used if s})}")
     _check_target(raw.get("target"), names, f"{where}: target")
-    for name, scenario in scenarios.items():
-        if scenario.get("target") is not None:
-            if raw.get("target") is None:
-                raise ConfigError(f"{where}: scenario {name} has a target but the file has none; state the file's "
-                                  "`target:` (the scenario's is merged over it)")  # fmt: skip
-            _check_target({**raw["target"], **scenario["target"]}, names, f"{where}: scenario {name}: target")
+    scenario_targets = _scenario_targets(raw.get("target"), scenarios, names, where)
     exp = Experiment(
         name=path.stem,
         variant=variant,
@@ -196,7 +200,7 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
         paper=raw.get("paper") or {},
         path=path,
         target=dataclasses.asdict(Target.parse(raw["target"] or {}, where)) if "target" in raw else None,
-        run_targets=_run_targets(raw.get("target") or {}, scenarios, runs, where),
+        run_targets={r.name: scenario_targets[r.scenario] for r in runs if r.scenario in scenario_targets},
     )
     for run in runs:  # every run's training config must build (placeholders stand in for paths)
         if run.safelora is None:
@@ -232,13 +236,18 @@ def _check_target(target: dict | None, names: list[str], where: str) -> None:
                           f"got {target.get('task_gain_of', 'LoRA')!r}")  # fmt: skip
 
 
-def _run_targets(target: dict, scenarios: dict, runs: list[RunSpec], where: str) -> dict[str, dict]:
-    """{run name: the file's target with its scenario's merged over it}, for the runs whose scenario has one."""
+def _scenario_targets(target: dict | None, scenarios: dict, names: list[str], where: str) -> dict[str, dict]:
+    """{scenario: the file's target with the scenario's merged over it, checked}, for the scenarios that have one."""
     out = {}
-    for run in runs:
-        own = scenarios[run.scenario].get("target") if run.scenario is not None else None
-        if own is not None:
-            out[run.name] = dataclasses.asdict(Target.parse({**target, **own}, f"{where}: scenario {run.scenario}"))
+    for name, scenario in scenarios.items():
+        if scenario.get("target") is None:
+            continue
+        if target is None:
+            raise ConfigError(f"{where}: scenario {name} has a target but the file has none; state the file's "
+                              "`target:` (the scenario's is merged over it)")  # fmt: skip
+        merged = {**target, **scenario["target"]}
+        _check_target(merged, names, f"{where}: scenario {name}: target")
+        out[name] = dataclasses.asdict(Target.parse(merged, f"{where}: scenario {name}"))
     return out
 
 
@@ -299,9 +308,9 @@ class Placeholders:
             return {k: self._fill(v, build) for k, v in value.items()}
         if isinstance(value, list):
             return [self._fill(v, build) for v in value]
-        toy = self.toy if build else self.toy_dir
         if not isinstance(value, str) or "{" not in value:
             return value
+        toy = self.toy if build else self.toy_dir
         here = self.exp.path.resolve().parent
         assets = os.environ.get("LOGITGUARD_ASSETS", str(here / "assets"))
         if "{toy_commonsense}" in value:

@@ -14,7 +14,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .experiment import PACKAGED, Experiment, load_experiment
+from .experiment import PACKAGED, Experiment, load_experiment, packaged_name
 from .files import ContentHashes, write_json_atomic
 from .result_keys import holdout_identity, input_paths, result_key, run_identity, set_identity
 
@@ -23,7 +23,7 @@ def experiment_of(results: dict, experiments: Path) -> Experiment:
     """The experiment (its variant, a sweep's grid) a results file was written from."""
     name = results["experiment"]
     base = name.split("-sweep")[0]  # a sweep's file is named <experiment>-sweep[-<reference>]
-    packaged = {f"logitguard/toy/{p.name}": p for p in PACKAGED.values()}  # the demo's: never a local copy
+    packaged = {packaged_name(p): p for p in PACKAGED.values()}  # the demo's: never a working folder's copy
     if results.get("config_file") in packaged:
         base = str(packaged[results["config_file"]])
     exp = load_experiment(base, results.get("variant"), experiments)

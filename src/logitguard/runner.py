@@ -19,7 +19,7 @@ from pathlib import Path
 from . import adapters
 from .config import TrainConfig, build_config
 from .errors import ConfigError, suggest
-from .experiment import PACKAGED, EvalSpec, Experiment, Placeholders, RunSpec
+from .experiment import EvalSpec, Experiment, Placeholders, RunSpec, packaged_name
 from .files import ContentHashes, write_json_atomic
 from .result_keys import (
     TOY_MODELS,
@@ -440,8 +440,9 @@ class Runner:
 def _relative(path: Path) -> str:
     """Relative to the working folder (the repository root, run as documented), else the file's name: a results
     file never holds a machine's folders. A file shipped in the package: its place in the package."""
-    if Path(path).resolve() in {p.resolve() for p in PACKAGED.values()}:
-        return Path(path).resolve().relative_to(Path(__file__).resolve().parent.parent).as_posix()
+    packaged = packaged_name(path)
+    if packaged:
+        return packaged
     try:
         return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:

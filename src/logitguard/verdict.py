@@ -97,12 +97,12 @@ def _items(row: dict, metric: str):
     if metric == "refusal_rate":
         keys = sorted(k for k in items if k.startswith("refusal:"))
         return stats.bits("".join(items[k] for k in keys)) if keys else None
-    if metric in ("eval_loss", "exact_match"):  # one file's measure, named without its file: that file's items
+    if metric in ("eval_loss", "exact_match"):  # one file's measure, named without its file: that file's
         prefix = "loss:" if metric == "eval_loss" else "exact_match:"
-        keys = [k for k in items if k.startswith(prefix)]
-        if len(keys) != 1:
+        files = [k.removeprefix(prefix) for k in items if k.startswith(prefix)]
+        if len(files) != 1:
             return None
-        return items[keys[0]] if metric == "eval_loss" else stats.bits(items[keys[0]])
+        metric = f"{metric}_{files[0]}"
     if metric.startswith("eval_loss_"):
         return items.get("loss:" + metric.removeprefix("eval_loss_"))
     if metric.startswith("exact_match_"):
