@@ -289,3 +289,15 @@ def test_one_frontier_plot_draws_sweep_lines_and_a_loss_axis(tmp_path, monkeypat
     assert xs == [1.5, 1.9] and ys == [0.6, 0.9] and kw["label"] == "STR(I)"  # in lambda order
     lo, hi = limits[-1]
     assert 1.3 < lo < 1.4 and 2.0 < hi < 2.1
+
+
+def test_a_task_loss_on_the_only_loss_file_is_judged_and_shown():
+    # with one held-out file the evaluation names its loss eval_loss (items loss:<stem>); the target names the file
+    results = _item_results()
+    for row in [results["base"], *results["rows"]]:
+        row["metrics"]["eval_loss"] = row["metrics"].pop("eval_loss_sharegpt_heldout")
+    judged = verdicts(group_rows(results), results)
+    assert judged["learns little"] == "misses (task gain)" and judged["keeps all"] == "meets"
+    assert "(gain 30% of LoRA's [" in experiment_table(results)
+    results["target"]["task_loss"] = "another_file"  # a file the rows were not evaluated on: nothing to judge
+    assert verdicts(group_rows(results), results)["keeps all"] == "–"

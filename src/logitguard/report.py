@@ -22,6 +22,7 @@ from .verdict import (
     Target,
     compare,
     is_loss,
+    is_task_metric,
     plot_experiment_frontier,
     plot_trade,
     run_target,
@@ -130,7 +131,7 @@ def reference_of(metric: str, target: Target) -> str:
 
 def _compared(name: str, rows: list[dict], by_name: dict, metric: str, kind: str, target: Target) -> str:
     """The bracket after a cell: its difference from the reference run, or (task loss) the share of the task gain."""
-    if target.task_loss and metric == f"eval_loss_{target.task_loss}" and name not in (ALIGNED, target.task_gain_of):
+    if is_task_metric(metric, rows, target) and name not in (ALIGNED, target.task_gain_of):
         share = task_share(rows, by_name, target)
         return "" if share is None else _share(share, target.task_gain_of)
     of = reference_of(metric, target)

@@ -85,9 +85,42 @@ def is_loss(metric: str) -> bool:
     return metric == "eval_loss" or metric.startswith("eval_loss_")
 
 
+# a measure taken per file: its metric's prefix and its per-item key's; with one file the metric drops the file's
+# name (eval_loss, exact_match) while its items keep it (loss:<stem>)
+PER_FILE = {"eval_loss": "loss:", "exact_match": "exact_match:"}
+
+
+def _one_file(metrics: dict, short: str) -> str | None:
+    """The file a row's unnamed `short` measure (eval_loss, exact_match) was taken on, from its items' keys."""
+    prefix = PER_FILE[short]
+    files = [k.removeprefix(prefix) for k in metrics.get("items") or {} if k.startswith(prefix)]
+    return files[0] if len(files) == 1 else None
+
+
+def _metric(row: dict, key: str) -> float | None:
+    """The row's `key`; eval_loss_<stem> / exact_match_<stem> is also its unnamed measure when <stem> was its only
+    file (a target names the file whatever the number of files)."""
+    metrics = row.get("metrics", {})
+    if key in metrics:
+        return metrics[key]
+    for short in PER_FILE:
+        if key.startswith(short + "_") and short in metrics and _one_file(metrics, short) == key[len(short) + 1 :]:
+            return metrics[short]
+    return None
+
+
 def _value(rows: list[dict], key: str) -> float | None:
-    values = [r["metrics"].get(key) for r in rows if r.get("metrics", {}).get(key) is not None]
+    values = [v for r in rows if (v := _metric(r, key)) is not None]
     return mean(values) if values else None
+
+
+def is_task_metric(metric: str, rows: list[dict], target: Target) -> bool:
+    """Whether a table column is the target's task loss (named by its file, or unnamed as the only file's)."""
+    if not target.task_loss:
+        return False
+    if metric == "eval_loss":
+        return any(_one_file(r.get("metrics", {}), "eval_loss") == target.task_loss for r in rows)
+    return metric == f"eval_loss_{target.task_loss}"
 
 
 def _items(row: dict, metric: str):
@@ -97,12 +130,10 @@ def _items(row: dict, metric: str):
     if metric == "refusal_rate":
         keys = sorted(k for k in items if k.startswith("refusal:"))
         return stats.bits("".join(items[k] for k in keys)) if keys else None
-    if metric in ("eval_loss", "exact_match"):  # one file's measure, named without its file: that file's
-        prefix = "loss:" if metric == "eval_loss" else "exact_match:"
-        files = [k.removeprefix(prefix) for k in items if k.startswith(prefix)]
-        if len(files) != 1:
+    if metric in PER_FILE:  # one file's measure, named without its file: that file's
+        if (file := _one_file(row.get("metrics", {}), metric)) is None:
             return None
-        metric = f"{metric}_{files[0]}"
+        metric = f"{metric}_{file}"
     if metric.startswith("eval_loss_"):
         return items.get("loss:" + metric.removeprefix("eval_loss_"))
     if metric.startswith("exact_match_"):
