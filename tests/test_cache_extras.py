@@ -74,3 +74,22 @@ def test_a_stale_extras_cache_is_refused(model, tokenizer, tmp_path):
                               folder=folder)  # fmt: skip
     with pytest.raises(ReferenceError, match="other data"):
         CachedReference(folder, IDS, kind="label_logp", examples=examples[:3])
+
+
+def test_a_left_padded_batch_is_refused_not_read_early(model, tokenizer, tmp_path):
+    # rows are read into the first columns: a left-padded row passes the length check, so padding is checked
+    examples = chat_examples(tokenizer)[:3]
+    folder = build_reference_cache(model, tokenizer, examples, IDS, tmp_path, 64, progress=False, label_logp=True)
+    batch = batch_of(tokenizer, examples)
+    mask = batch["attention_mask"]
+    assert (mask.sum(1) < mask.shape[1]).any()  # some row is padded
+    flipped = {k: batch[k].flip(1) for k in ("input_ids", "attention_mask")}  # the same rows, padded on the left
+    for kind in (None, "label_logp"):
+        ref = CachedReference(folder, IDS, **({"kind": kind} if kind else {}))
+        right = {**batch, "example_idx": torch.arange(3)}
+        assert ref(model, right).shape[:2] == mask.shape  # right padding reads
+        left = {**flipped, "example_idx": torch.arange(3)}
+        with pytest.raises(ReferenceError, match="right padding"):
+            ref(model, left)
+        with pytest.raises(ReferenceError, match="right padding"):
+            ref.prepare([right, left])

@@ -833,7 +833,9 @@ class CachedReference:
         if not batches or any(b.get("example_idx") is None or "attention_mask" not in b for b in batches):
             return  # __call__ says what is missing
         sizes = [len(b["example_idx"]) for b in batches]
-        host = _host_ints([b["example_idx"] for b in batches] + [b["attention_mask"].sum(dim=1) for b in batches])
+        masks = [b["attention_mask"] for b in batches]
+        host = _host_ints([b["example_idx"] for b in batches] + [m.sum(dim=1) for m in masks] + [_rises(masks)])
+        _check_right_padded(host.pop())
         idx, lengths = host[: sum(sizes)], host[sum(sizes) :]
         start = 0
         for b, n in zip(batches, sizes):
@@ -852,9 +854,27 @@ class CachedReference:
                 "tokenize_rows and collate with ChatCollator, or use OnlineReference with your own data pipeline"
             )
         mask = batch["attention_mask"]
-        host = _host_ints([batch["example_idx"], mask.sum(dim=1)])  # one wait for the device, not two
+        host = _host_ints([batch["example_idx"], mask.sum(dim=1), _rises([mask])])  # one wait for the device
+        _check_right_padded(host.pop())
         n = len(batch["example_idx"])
         return self.read(host[:n], host[n:], mask.shape[1], mask.device)
+
+
+RIGHT_PADDING = (
+    "the reference cache lines each row's cached positions up from its first column, which needs right "
+    "padding and one example per row; use padding_side='right' and no packing / padding-free batches"
+)
+
+
+def _rises(masks: list[torch.Tensor]) -> torch.Tensor:
+    """(1,) on the masks' device: how many 0 -> 1 steps the attention masks hold (0 for right padding)."""
+    return sum((m[:, 1:] > m[:, :-1]).sum().to(masks[0].device) for m in masks).reshape(1)
+
+
+def _check_right_padded(rises: int) -> None:
+    # a left-padded row would pass the length check and read every reference value `pad` positions early
+    if rises:
+        raise ReferenceError(RIGHT_PADDING)
 
 
 def _host_ints(tensors: list[torch.Tensor]) -> list[int]:

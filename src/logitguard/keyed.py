@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cache import take_ahead
+from .cache import RIGHT_PADDING, take_ahead
 from .reference import ReferenceError
 
 
@@ -79,10 +79,7 @@ class KeyedReference:
         ids, mask = ids.numpy(), mask.numpy().astype(bool)
         lengths = mask.sum(axis=1)  # (B,)
         if not (mask == (np.arange(mask.shape[1])[None, :] < lengths[:, None])).all():  # each row: ones, then zeros
-            raise ReferenceError(
-                "the reference cache matches batch rows to cached examples by their tokens, which needs right "
-                "padding and one example per row; use padding_side='right' and no packing / padding-free batches"
-            )
+            raise ReferenceError(RIGHT_PADDING)
         idx = []
         for row, n in zip(ids, lengths.tolist()):
             key = _digest(row[:n])
