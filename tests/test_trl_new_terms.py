@@ -108,3 +108,19 @@ def test_trl_refuses_a_loss_type_the_objective_would_drop(tmp_path):
     with pytest.raises(ConfigError, match="loss_type nll"):
         config(tmp_path, regularizer="constrained_sft", loss_type="dft")
     config(tmp_path, regularizer="kl", loss_type="dft")  # kl is added to TRL's loss, whatever its type
+    with pytest.raises(ConfigError, match="label_smoothing_factor 0"):
+        config(tmp_path, regularizer="constrained_sft", label_smoothing_factor=0.1)
+
+
+def test_trl_refuses_what_would_drop_a_terms_gradient(model, tokenizer, tmp_path):
+    from logitguard.config import ConfigError
+
+    data = Dataset.from_list(CHAT)
+    # full fine-tuning trains lm_head, which the KL (projected onto the hidden state) would leave without gradient
+    with pytest.raises(ConfigError, match="trained output head no gradient"):
+        SafetySFTTrainer(model=model, args=config(tmp_path, regularizer="kl"), train_dataset=data,
+                         processing_class=tokenizer)  # fmt: skip
+    # a compute_loss_func bypasses the fused head whose log-probs constrained SFT reads
+    with pytest.raises(ConfigError, match="compute_loss_func"):
+        SafetySFTTrainer(model=lora(model), args=config(tmp_path, regularizer="constrained_sft"), train_dataset=data,
+                         processing_class=tokenizer, compute_loss_func=lambda *a, **k: 0)  # fmt: skip

@@ -95,6 +95,13 @@ class SafetySFTConfig(SFTConfig, ControllerSettings, MonitorSettings, Regularize
         if self.reg_weight > 0 and get_regularizer(self.regularizer).replaces_ce and self.loss_type != "nll":
             raise ConfigError(f"regularizer {self.regularizer} replaces the SFT loss; loss_type {self.loss_type!r} "
                               "would be dropped: use loss_type nll")  # fmt: skip
+        if (
+            self.reg_weight > 0
+            and get_regularizer(self.regularizer).reads == "label_logp"
+            and (self.label_smoothing_factor > 0)
+        ):  # TRL's loss then comes from another forward, whose log-probs carry no gradient to this objective
+            raise ConfigError(f"regularizer {self.regularizer} reads the per-token log-probs of TRL's fused LM head, "
+                              "which label smoothing bypasses: set label_smoothing_factor 0")  # fmt: skip
         if (self.reg_weight > 0 or self.anchor_prompts) and (self.packing or self.padding_free):
             raise ConfigError(
                 "packing / padding_free: logitguard's regularizer needs one example per row (its reference cache "
@@ -123,6 +130,8 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
                               "use logitguard's own trainer, which falls back to full logits")  # fmt: skip
         self.safety_tokens = resolve_tokens(self.args, self.processing_class)
         entry = get_regularizer(self.args.regularizer)
+        if self.args.reg_weight > 0:
+            _check_head_paths(self.model, entry, kwargs.get("compute_loss_func"))
         if self.args.reg_weight > 0 and len(self.safety_tokens) < entry.min_tokens:
             raise ConfigError(f"the {entry.name} regularizer compares distributions over the safety tokens: it "
                               "needs >= 2")  # fmt: skip
@@ -266,6 +275,22 @@ def _backbone_safety_logits(model, ids: torch.Tensor):
     head rows, read while the forward runs (TRL's fused head never calls the head module itself)."""
     with _backbone_terms(model, ids) as box:
         yield box
+
+
+def _check_head_paths(model, entry, compute_loss_func) -> None:
+    """What the TRL path computes from the hidden state must carry the term's gradient. The top-k KL is projected
+    onto the hidden state only (head_terms.chunked_row_terms): a trained output head (full fine-tuning, lm_head in
+    modules_to_save) would get cross-entropy's gradient and none of the KL's. A compute_loss_func takes the loss
+    past TRL's fused head, whose log-probs constrained SFT reads."""
+    head = unwrap(model).get_output_embeddings()
+    trained = any(getattr(p, "requires_grad", False) for p in (head.weight, getattr(head, "bias", None)))
+    if entry.reads == "topk_kl" and trained:
+        raise ConfigError(f"regularizer {entry.name} under TRL gives a trained output head no gradient (the KL "
+                          "is taken from the hidden state); freeze lm_head (train LoRA on the body) or use "
+                          "`logitguard train`, which computes it from full logits when the head trains")  # fmt: skip
+    if entry.reads == "label_logp" and compute_loss_func is not None:
+        raise ConfigError(f"regularizer {entry.name} reads the per-token log-probs of TRL's fused LM head, which "
+                          "compute_loss_func bypasses: leave compute_loss_func unset")  # fmt: skip
 
 
 @contextlib.contextmanager
