@@ -123,6 +123,8 @@ class _Holder(torch.nn.Module):
         (tf.HyperCLOVAXConfig(logits_scaling=2.0), (2.0, None), (2.0, None)),  # multiplies
         (tf.MiniCPM3Config(dim_model_base=640), (1.0, None), (0.25, None)),  # divides the head's input
         (tf.MptConfig(logit_scale=2.0), (1.0, None), (1.0, None)),  # never applied by transformers' MPT
+        (tf.RecurrentGemmaConfig(logits_soft_cap=30.0), (1.0, 30.0), (1.0, 30.0)),
+        (tf.xLSTMConfig(output_logit_soft_cap=15.0), (1.0, 15.0), (1.0, 15.0)),
         # multimodal: the transform lives under text_config
         (tf.PaliGemmaConfig(text_config={"model_type": "gemma2", "final_logit_softcapping": 30.0}), (1.0, 30.0),
          (1.0, 30.0)),

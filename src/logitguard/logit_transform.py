@@ -31,6 +31,8 @@ LOGIT_TRANSFORMS = {
     "lm_head_multiplier": "multiply",  # Falcon-H1
     "output_multiplier": "multiply",  # Muse Spark, Muse Glimmer (before their soft-cap)
     "final_logit_softcapping": "softcap",  # Gemma-2/3/3n/4, PaliGemma, VaultGemma, Mistral-Large-4, nanochat
+    "logits_soft_cap": "softcap",  # RecurrentGemma
+    "output_logit_soft_cap": "softcap",  # xLSTM
 }
 
 # (model_type, attribute) -> what that family does instead (None: the value is in the config but never applied).
