@@ -33,3 +33,21 @@ def test_step_time_bench_tiny(tmp_path):
     assert result["cache_build_epoch_fraction"] > 0 and result["pact_cache_build_epoch_fraction"] > 0
     assert "| cached |" in proc.stdout and "| pact_cached |" in proc.stdout and "| kl |" in proc.stdout
     assert result["extras_cache_build_epoch_fraction"] > 0 and result["kl_topk"] == 32
+
+
+def test_decode_batch_bench_runs_on_a_tiny_model(tmp_path, tokenizer):
+    # the script's shape on a tiny model and the fake assets: both layouts decode the same greedy tokens
+    from conftest import tiny_llama
+    from fake_assets import write_fake_assets
+
+    folder = tmp_path / "model"
+    tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "decode.json"
+    bench = Path(__file__).parents[1] / "bench" / "decode_batch.py"
+    cmd = [sys.executable, str(bench), "--model", str(folder), "--assets", str(write_fake_assets(tmp_path / "a")),
+           "--batches", "1,3", "--steps", "2", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [d["rows"] for d in result["decode"]] == [1, 3, 1, 3] and result["tokens_equal"] == {"1": True, "3": True}
