@@ -32,7 +32,8 @@ def median_seconds(call, reps: int = 9) -> float:
 
 
 def column_major(model) -> None:
-    """Every linear weight stored transposed in memory (its values, shape and results' dtype unchanged)."""
+    """Every linear weight stored transposed in memory (values and shape unchanged); a tied input embedding is the
+    same tensor, so it is stored transposed too (one lookup a token: no cost that shows)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight.data = module.weight.data.t().contiguous().t()

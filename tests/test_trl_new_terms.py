@@ -120,7 +120,10 @@ def test_trl_refuses_what_would_drop_a_terms_gradient(model, tokenizer, tmp_path
     with pytest.raises(ConfigError, match="trained output head no gradient"):
         SafetySFTTrainer(model=model, args=config(tmp_path, regularizer="kl"), train_dataset=data,
                          processing_class=tokenizer)  # fmt: skip
-    # a compute_loss_func bypasses the fused head whose log-probs constrained SFT reads
+    # a compute_loss_func bypasses the fused head whose log-probs constrained SFT reads (by keyword or position)
+    csft = config(tmp_path, regularizer="constrained_sft")
     with pytest.raises(ConfigError, match="compute_loss_func"):
-        SafetySFTTrainer(model=lora(model), args=config(tmp_path, regularizer="constrained_sft"), train_dataset=data,
-                         processing_class=tokenizer, compute_loss_func=lambda *a, **k: 0)  # fmt: skip
+        SafetySFTTrainer(model=lora(model), args=csft, train_dataset=data, processing_class=tokenizer,
+                         compute_loss_func=lambda *a, **k: 0)  # fmt: skip
+    with pytest.raises(ConfigError, match="compute_loss_func"):
+        SafetySFTTrainer(lora(model), csft, None, data, None, tokenizer, lambda *a, **k: 0)

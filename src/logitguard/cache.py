@@ -861,8 +861,8 @@ class CachedReference:
 
 
 RIGHT_PADDING = (
-    "the reference cache lines each row's cached positions up from its first column, which needs right "
-    "padding and one example per row; use padding_side='right' and no packing / padding-free batches"
+    "the reference cache needs right padding and one example per row (it reads each row's reference from the row's "
+    "first column); use padding_side='right' and no packing / padding-free batches"
 )
 
 

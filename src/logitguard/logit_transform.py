@@ -116,6 +116,6 @@ def logit_transform(model: nn.Module, from_backbone: bool = False) -> LogitTrans
     if not math.isfinite(scale) or scale == 0 or (softcap is not None and not softcap > 0):
         raise LogitTransformError(
             f"the model's config transforms its logits by scale {scale} and soft-cap {softcap}, which leaves no "
-            "usable logits; check logit_scale / logits_scaling / final_logit_softcapping in its config.json"
+            f"usable logits; check {' / '.join(LOGIT_TRANSFORMS)} in its config.json"
         )
     return LogitTransform(scale, softcap)

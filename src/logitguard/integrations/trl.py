@@ -131,7 +131,7 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
         self.safety_tokens = resolve_tokens(self.args, self.processing_class)
         entry = get_regularizer(self.args.regularizer)
         if self.args.reg_weight > 0:
-            _check_head_paths(self.model, entry, kwargs.get("compute_loss_func"))
+            _check_head_paths(self.model, entry, getattr(self, "compute_loss_func", None))
         if self.args.reg_weight > 0 and len(self.safety_tokens) < entry.min_tokens:
             raise ConfigError(f"the {entry.name} regularizer compares distributions over the safety tokens: it "
                               "needs >= 2")  # fmt: skip
@@ -279,8 +279,8 @@ def _backbone_safety_logits(model, ids: torch.Tensor):
 
 def _check_head_paths(model, entry, compute_loss_func) -> None:
     """What the TRL path computes from the hidden state must carry the term's gradient. The top-k KL is projected
-    onto the hidden state only (head_terms.chunked_row_terms): a trained output head (full fine-tuning, lm_head in
-    modules_to_save) would get cross-entropy's gradient and none of the KL's. A compute_loss_func takes the loss
+    onto the hidden state only (head_terms.chunked_row_terms): a trained output head (full fine-tuning) would get
+    cross-entropy's gradient and none of the KL's. A compute_loss_func (given by keyword or position) takes the loss
     past TRL's fused head, whose log-probs constrained SFT reads."""
     head = unwrap(model).get_output_embeddings()
     trained = any(getattr(p, "requires_grad", False) for p in (head.weight, getattr(head, "bias", None)))
