@@ -301,3 +301,13 @@ def test_a_task_loss_on_the_only_loss_file_is_judged_and_shown():
     assert "(gain 30% of LoRA's [" in experiment_table(results)
     results["target"]["task_loss"] = "another_file"  # a file the rows were not evaluated on: nothing to judge
     assert verdicts(group_rows(results), results)["keeps all"] == "–"
+
+
+def test_a_per_file_metric_is_found_under_its_unnamed_form_only_for_that_file():
+    from logitguard.verdict import _metric
+
+    row = {"metrics": {"exact_match": 0.5, "eval_loss": 1.2, "items": {"exact_match:new_task": "10", "loss:chat": []}}}
+    assert _metric(row, "exact_match_new_task") == 0.5 and _metric(row, "eval_loss_chat") == 1.2
+    assert _metric(row, "exact_match_other") is None and _metric(row, "eval_loss_other") is None
+    two = {"metrics": {"eval_loss": 1.2, "items": {"loss:a": [], "loss:b": []}}}  # two files: the name is ambiguous
+    assert _metric(two, "eval_loss_a") is None
