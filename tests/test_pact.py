@@ -17,7 +17,7 @@ from logitguard.pact import (
     post_only_examples,
     response_span,
 )
-from logitguard.reference import frozen_safety_logits
+from logitguard.reference import ReferenceError, frozen_safety_logits
 from logitguard.tokens import SafetyTokens
 from logitguard.trainer import SafetyTrainer
 
@@ -84,6 +84,28 @@ def test_cached_equals_two_forwards_per_step(model, tokenizer, tmp_path):
         for b, want in enumerate(expected[start : start + 4]):
             torch.testing.assert_close(from_cache[b, : len(want)], want, rtol=1e-4, atol=1e-5)
             assert not from_cache[b, len(want) :].any()  # padding
+
+
+def test_cached_reads_a_step_with_one_host_transfer_and_refuses_left_padding(model, tokenizer, tmp_path, monkeypatch):
+    import logitguard.cache as cache
+
+    examples = chat_examples(tokenizer)
+    ids = list(SafetyTokens.from_words(tokenizer, WORDS).ids)
+    cached = build_pact_cache(model, tokenizer, examples, ids, assistant_header_ids(tokenizer), tmp_path, 64,
+                              progress=False)  # fmt: skip
+    batches = [{**batch_of(tokenizer, examples[s : s + 3]), "example_idx": torch.arange(s, s + 3)} for s in (0, 3)]
+    direct = [cached(model, b) for b in batches]
+    transfers = []
+    real = cache._host_ints
+    monkeypatch.setattr(cache, "_host_ints", lambda tensors: transfers.append(1) or real(tensors))
+    cached.prepare(batches)
+    for b, want in zip(batches, direct):
+        torch.testing.assert_close(cached(model, b), want, rtol=0, atol=0)
+    assert len(transfers) == 1  # the step's indices and lengths, once; not once more per micro-batch
+    left = {**batches[0], **{k: batches[0][k].flip(1) for k in ("input_ids", "attention_mask")}}
+    assert (batches[0]["attention_mask"].sum(1) < batches[0]["attention_mask"].shape[1]).any()
+    with pytest.raises(ReferenceError, match="right padding"):
+        cached(model, left)
 
 
 def signed_weights(n: int) -> tuple[float, ...]:

@@ -629,7 +629,38 @@ def _manifest(components, key, examples, token_ids, shard_size, shards, extras=N
 # --- reading ----------------------------------------------------------------------------------------------
 
 
-class CachedReference:
+class ReadsByIndex:
+    """`prepare` and `__call__` of a reference read from a cache by `example_idx`, for a class with
+    `read(idx, lengths, width, device)`: each batch's indices and lengths reach the host in one transfer, with
+    the right-padding check, and never once more per read."""
+
+    def prepare(self, batches: list[dict]) -> None:
+        """Read the references of one optimizer step's micro-batches ahead, before its first forward, with one
+        transfer of their example indices and lengths to the host (the trainer calls this from
+        get_batch_samples). A `__call__` with one of these batches then returns its reference without the host
+        waiting for the device; reading per micro-batch would wait twice per micro-batch."""
+        self._ahead = []
+        if not batches or any(b.get("example_idx") is None or "attention_mask" not in b for b in batches):
+            return  # __call__ says what is missing
+        for b, (idx, lengths) in zip(batches, host_layout(batches)):
+            mask = b["attention_mask"]
+            self._ahead.append((b["input_ids"], self.read(idx, lengths, mask.shape[1], mask.device)))
+
+    def __call__(self, model: nn.Module, batch: dict):
+        ready = take_ahead(self, batch)
+        if ready is not None:
+            return ready
+        if batch.get("example_idx") is None:
+            raise ReferenceError(
+                "the batch has no 'example_idx', which the reference cache is looked up by: tokenize with "
+                "tokenize_rows and collate with ChatCollator, or use OnlineReference with your own data pipeline"
+            )
+        mask = batch["attention_mask"]
+        ((idx, lengths),) = host_layout([batch])  # one wait for the device
+        return self.read(idx, lengths, mask.shape[1], mask.device)
+
+
+class CachedReference(ReadsByIndex):
     """Reads cached reference logits for a batch by `example_idx` (memory-mapped safetensors shards).
 
     Checked before anything is read: the manifest parses and is complete, the cache was built for
@@ -824,41 +855,6 @@ class CachedReference:
             out[b, : len(rows)] = rows.float()
         return out.to(device, non_blocking=True)
 
-    def prepare(self, batches: list[dict]) -> None:
-        """Read the references of one optimizer step's micro-batches ahead, before its first forward, with one
-        transfer of their example indices and lengths to the host (the trainer calls this from
-        get_batch_samples). A `__call__` with one of these batches then returns its reference without the host
-        waiting for the device; reading per micro-batch would wait twice per micro-batch."""
-        self._ahead = []
-        if not batches or any(b.get("example_idx") is None or "attention_mask" not in b for b in batches):
-            return  # __call__ says what is missing
-        sizes = [len(b["example_idx"]) for b in batches]
-        masks = [b["attention_mask"] for b in batches]
-        host = _host_ints([b["example_idx"] for b in batches] + [m.sum(dim=1) for m in masks] + [_rises(masks)])
-        _check_right_padded(host.pop())
-        idx, lengths = host[: sum(sizes)], host[sum(sizes) :]
-        start = 0
-        for b, n in zip(batches, sizes):
-            mask = b["attention_mask"]
-            out = self.read(idx[start : start + n], lengths[start : start + n], mask.shape[1], mask.device)
-            self._ahead.append((b["input_ids"], out))
-            start += n
-
-    def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        ready = take_ahead(self, batch)
-        if ready is not None:
-            return ready
-        if batch.get("example_idx") is None:
-            raise ReferenceError(
-                "the batch has no 'example_idx', which the reference cache is looked up by: tokenize with "
-                "tokenize_rows and collate with ChatCollator, or use OnlineReference with your own data pipeline"
-            )
-        mask = batch["attention_mask"]
-        host = _host_ints([batch["example_idx"], mask.sum(dim=1), _rises([mask])])  # one wait for the device
-        _check_right_padded(host.pop())
-        n = len(batch["example_idx"])
-        return self.read(host[:n], host[n:], mask.shape[1], mask.device)
-
 
 RIGHT_PADDING = (
     "the reference cache needs right padding and one example per row (it reads each row's reference from the row's "
@@ -875,6 +871,21 @@ def _check_right_padded(rises: int) -> None:
     # a left-padded row would pass the length check and read every reference value `pad` positions early
     if rises:
         raise ReferenceError(RIGHT_PADDING)
+
+
+def host_layout(batches: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """Each batch's (example indices, lengths) as host ints, from one transfer for all the batches; refuses a
+    left-padded batch in the same transfer."""
+    sizes = [len(b["example_idx"]) for b in batches]
+    masks = [b["attention_mask"] for b in batches]
+    host = _host_ints([b["example_idx"] for b in batches] + [m.sum(dim=1) for m in masks] + [_rises(masks)])
+    _check_right_padded(host.pop())
+    idx, lengths = host[: sum(sizes)], host[sum(sizes) :]
+    out, start = [], 0
+    for n in sizes:
+        out.append((idx[start : start + n], lengths[start : start + n]))
+        start += n
+    return out
 
 
 def _host_ints(tensors: list[torch.Tensor]) -> list[int]:

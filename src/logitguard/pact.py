@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cache import CachedReference, build_reference_cache
+from .cache import CachedReference, ReadsByIndex, build_reference_cache
 from .errors import ConfigError
 from .reference import OnlineReference, ReferenceError, frozen_safety_logits
 
@@ -113,9 +113,10 @@ class PactOnlineReference(OnlineReference):
         return torch.cat([ref_full, ref_post], dim=-1)  # (B, T, 2K)
 
 
-class PactCachedReference:
+class PactCachedReference(ReadsByIndex):
     """PACT's references read from two caches by `example_idx`: `full` over the examples, `post` over their
-    response-only sequences (`post_only_examples`, same order). Zero reference forwards per step."""
+    response-only sequences (`post_only_examples`, same order). Zero reference forwards per step, and one
+    transfer of the step's indices to the host (`prepare`), as for the plain cache."""
 
     policy_from_full_logits = False
 
@@ -126,12 +127,13 @@ class PactCachedReference:
         self.header_len = len(header_ids)
         self.spans = [response_span(ex["labels"]) for ex in examples]
 
-    def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        ref_full = self.full(model, batch)  # (B, T, K); checks example_idx and lengths
-        ref_post = torch.zeros(ref_full.shape, dtype=torch.float32)
-        for b, idx in enumerate(batch["example_idx"].tolist()):
-            place_post(self.post.rows(idx), *self.spans[idx], self.header_len, ref_post[b])
-        return torch.cat([ref_full, ref_post.to(ref_full.device, non_blocking=True)], dim=-1)  # (B, T, 2K)
+    def read(self, idx: list[int], lengths: list[int], width: int, device: torch.device) -> torch.Tensor:
+        """(B, width, 2K): the full sequences' reference beside the response-only one, placed at the response."""
+        ref_full = self.full.read(idx, lengths, width, device)  # checks the lengths
+        ref_post = torch.zeros(ref_full.shape, dtype=torch.float32, pin_memory=device.type == "cuda")
+        for b, i in enumerate(idx):
+            place_post(self.post.rows(i), *self.spans[i], self.header_len, ref_post[b])
+        return torch.cat([ref_full, ref_post.to(device, non_blocking=True)], dim=-1)
 
 
 def build_pact_cache(

@@ -92,14 +92,12 @@ class SafetySFTConfig(SFTConfig, ControllerSettings, MonitorSettings, Regularize
         check_anchor_settings(self)
         check_monitor_settings(self)
         check_controller_settings(self)
-        if self.reg_weight > 0 and get_regularizer(self.regularizer).replaces_ce and self.loss_type != "nll":
+        entry = get_regularizer(self.regularizer)
+        if self.reg_weight > 0 and entry.replaces_ce and self.loss_type != "nll":
             raise ConfigError(f"regularizer {self.regularizer} replaces the SFT loss; loss_type {self.loss_type!r} "
                               "would be dropped: use loss_type nll")  # fmt: skip
-        if (
-            self.reg_weight > 0
-            and get_regularizer(self.regularizer).reads == "label_logp"
-            and (self.label_smoothing_factor > 0)
-        ):  # TRL's loss then comes from another forward, whose log-probs carry no gradient to this objective
+        if self.reg_weight > 0 and entry.reads == "label_logp" and self.label_smoothing_factor > 0:
+            # TRL's loss then comes from another forward, whose log-probs carry no gradient to this objective
             raise ConfigError(f"regularizer {self.regularizer} reads the per-token log-probs of TRL's fused LM head, "
                               "which label smoothing bypasses: set label_smoothing_factor 0")  # fmt: skip
         if (self.reg_weight > 0 or self.anchor_prompts) and (self.packing or self.padding_free):
