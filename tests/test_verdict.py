@@ -304,10 +304,20 @@ def test_a_task_loss_on_the_only_loss_file_is_judged_and_shown():
 
 
 def test_a_per_file_metric_is_found_under_its_unnamed_form_only_for_that_file():
-    from logitguard.verdict import _metric
+    from logitguard.verdict import metric_value as _metric
 
     row = {"metrics": {"exact_match": 0.5, "eval_loss": 1.2, "items": {"exact_match:new_task": "10", "loss:chat": []}}}
     assert _metric(row, "exact_match_new_task") == 0.5 and _metric(row, "eval_loss_chat") == 1.2
     assert _metric(row, "exact_match_other") is None and _metric(row, "eval_loss_other") is None
     two = {"metrics": {"eval_loss": 1.2, "items": {"loss:a": [], "loss:b": []}}}  # two files: the name is ambiguous
     assert _metric(two, "eval_loss_a") is None
+
+
+def test_the_plot_draws_the_judged_per_file_skill_when_it_is_stored_unnamed():
+    from logitguard.report import plot_columns
+
+    items = {"exact_match:new_task": "10", "refusal:harmful": "11"}
+    row = {"name": "LoRA", "metrics": {"exact_match": 0.5, "refusal_rate": 1.0, "eval_loss": 2.0, "items": items}}
+    results = {"experiment": "x", "rows": [row], "target": {"utility": "exact_match_new_task"}}
+    _, utility = plot_columns(results, group_rows(results))
+    assert [c[0] for c in utility] == ["exact_match_new_task"]  # the judged skill alone, under its own name

@@ -23,6 +23,7 @@ from .verdict import (
     compare,
     is_loss,
     is_task_metric,
+    metric_value,
     plot_experiment_frontier,
     plot_trade,
     run_target,
@@ -191,6 +192,17 @@ def step_ratios(results: dict) -> dict[str, float]:
     }
 
 
+def plot_columns(results: dict, groups: list[dict]) -> tuple[list[tuple], list[tuple]]:
+    """The safety columns and the utility column(s) `plot_experiment` draws (only the first utility one is)."""
+    safety = [c for c in COLUMNS[:SAFETY_COLUMNS] if _has(groups, c[0])]
+    utility = [c for c in COLUMNS[SAFETY_COLUMNS:] if _has(groups, c[0])]
+    judged = (results.get("target") or {}).get("utility")
+    if judged and any(metric_value(r, judged) is not None for g in groups for r in g["rows"]):
+        # the skill the target judges; a per-file one (the demo's new-task EM) may be stored unnamed: its only file
+        utility = [next((c for c in COLUMNS if c[0] == judged), (judged, judged, "pct"))]
+    return safety, utility
+
+
 def plot_experiment(results: dict, path: Path) -> None:
     """Safety next to utility per run: refusal / ASR / over-refusal bars, utility as a second panel."""
     import matplotlib
@@ -200,11 +212,7 @@ def plot_experiment(results: dict, path: Path) -> None:
 
     groups = group_rows(results)
     names = [g["name"] for g in groups]
-    safety = [c for c in COLUMNS[:SAFETY_COLUMNS] if _has(groups, c[0])]
-    utility = [c for c in COLUMNS[SAFETY_COLUMNS:] if _has(groups, c[0])]
-    judged = (results.get("target") or {}).get("utility")
-    if judged and _has(groups, judged):  # the skill the target judges (a per-file one: the demo's new-task EM)
-        utility = [next((c for c in COLUMNS if c[0] == judged), (judged, judged, "pct"))]
+    safety, utility = plot_columns(results, groups)
     fig, axes = plt.subplots(1, 1 + bool(utility), figsize=(6 + 5 * bool(utility), 4.5), squeeze=False)
     width = 0.8 / max(len(safety), 1)
     for j, (key, title, _) in enumerate(safety):
@@ -223,7 +231,7 @@ def plot_experiment(results: dict, path: Path) -> None:
     if utility:
         ax = axes[0][1]
         key, title, _ = utility[0]  # one utility measure per panel: they have different scales
-        values = [[r["metrics"][key] for r in g["rows"] if r["metrics"].get(key) is not None] for g in groups]
+        values = [[v for r in g["rows"] if (v := metric_value(r, key)) is not None] for g in groups]
         positions = [i for i, v in enumerate(values) if v]
         ax.boxplot([values[i] for i in positions], positions=positions, widths=0.5)  # seeds -> a box
         ax.set_title(title)

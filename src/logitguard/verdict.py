@@ -97,7 +97,7 @@ def _one_file(metrics: dict, short: str) -> str | None:
     return files[0] if len(files) == 1 else None
 
 
-def _metric(row: dict, key: str) -> float | None:
+def metric_value(row: dict, key: str) -> float | None:
     """The row's `key`; eval_loss_<stem> / exact_match_<stem> is also its unnamed measure when <stem> was its only
     file (a target names the file whatever the number of files)."""
     metrics = row.get("metrics", {})
@@ -110,7 +110,7 @@ def _metric(row: dict, key: str) -> float | None:
 
 
 def _value(rows: list[dict], key: str) -> float | None:
-    values = [v for r in rows if (v := _metric(r, key)) is not None]
+    values = [v for r in rows if (v := metric_value(r, key)) is not None]
     return mean(values) if values else None
 
 
