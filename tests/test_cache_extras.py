@@ -45,6 +45,22 @@ def test_extras_round_trip(model, tokenizer, tmp_path):
     torch.testing.assert_close(plain[mask], logits[..., IDS][mask], rtol=1e-5, atol=1e-5)
 
 
+def test_a_16_bit_top_k_is_read_as_a_distribution(model, tokenizer, tmp_path):
+    examples = chat_examples(tokenizer)[:3]
+    folder = build_reference_cache(model, tokenizer, examples, IDS, tmp_path, 64, dtype="bfloat16", progress=False,
+                                   topk=8)  # fmt: skip
+    batch, logits = direct(model, tokenizer, examples)
+    mask = batch["attention_mask"].bool()
+    for k in (8, 4):
+        _, logp, tail = CachedReference(folder, IDS, kind="topk", topk=k)(
+            model, {**batch, "example_idx": torch.arange(3)}
+        )
+        total = logp.exp().sum(-1) + tail.exp()  # (B, T)
+        torch.testing.assert_close(total[mask], torch.ones_like(total[mask]), rtol=0, atol=2e-6)
+        _, w_logp, _ = reference_topk(logits, k)
+        torch.testing.assert_close(logp[mask], w_logp[mask], rtol=0, atol=0.05)  # bf16's rounding, nothing more
+
+
 def test_a_cache_without_the_extra_is_refused_then_extended(model, tokenizer, tmp_path):
     examples = chat_examples(tokenizer)[:4]
     folder = build_reference_cache(model, tokenizer, examples, IDS, tmp_path, 64, progress=False)

@@ -798,12 +798,18 @@ class CachedReference(ReadsByIndex):
     def _topk_rows(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids (L, k), logp (L, k), tail (L,)) of example `idx`; a cache with a larger k folds the rest into the
         tail."""
-        ids, logp = self.extra_rows(idx, "topk_ids"), self.extra_rows(idx, "topk_logp").float()
-        tail = self.extra_rows(idx, "tail_logmass").float()
+        ids, stored = self.extra_rows(idx, "topk_ids"), self.extra_rows(idx, "topk_logp")
+        logp, tail = stored.float(), self.extra_rows(idx, "tail_logmass").float()
         k = self.topk
         if logp.shape[1] > k:
             tail = torch.logaddexp(tail, torch.logsumexp(logp[:, k:], dim=1))
-        return ids[:, :k].long(), logp[:, :k], tail
+        logp = logp[:, :k]
+        if stored.dtype != torch.float32:
+            # log-probs rounded to 16 bits beside an fp32 tail sum to 1 only within ~0.4%: the term would pull the
+            # policy to that off-simplex target, and its value could go below 0. Renormalised, it is a distribution.
+            total = torch.logaddexp(torch.logsumexp(logp, dim=1), tail)  # (L,)
+            logp, tail = logp - total[:, None], tail - total
+        return ids[:, :k].long(), logp, tail
 
     def read(self, idx: list[int], lengths: list[int], width: int, device: torch.device):
         if self.kind != "logits":
