@@ -59,7 +59,8 @@ def evaluate_demo(adapter: str | Path | None, folder: str | Path, quick: bool = 
                   progress: bool = False) -> dict:  # fmt: skip
     """The demo's evaluation of the toy model (plus an adapter), records in `folder`, as flat metrics named by
     what they measure: refusal_rate, asr, over_refusal_benign / _borderline, benign_exact_match,
-    new_task_exact_match, new_task_eval_loss (the names bench/*_toy.py results use)."""
+    new_task_exact_match, new_task_eval_loss (the names bench/*_toy.py results use), and the per-item outcomes
+    behind them under "items"."""
     from .experiment import Placeholders
     from .runner import evaluate
 
@@ -70,4 +71,5 @@ def evaluate_demo(adapter: str | Path | None, folder: str | Path, quick: bool = 
         "benign_exact_match": m["exact_match_benign_test"],
         "new_task_exact_match": m["exact_match_new_task_test"],
         "new_task_eval_loss": m["eval_loss"],
+        "items": m.get("items"),  # per-item outcomes: paired intervals between two evaluated runs (stats.py)
     }
