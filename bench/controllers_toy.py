@@ -111,7 +111,9 @@ def main() -> None:
     for name, settings in runs(args.scenario, bench.done["R0"])[1:]:
         if args.only is None or name.startswith(args.only):
             bench.run(name, settings)
-    print(json.dumps({k: v for k, v in bench.done.items() if k != "runs"}, indent=1))
+    summary = {k: v for k, v in bench.done.items() if k != "runs"}
+    summary["aligned"] = {k: v for k, v in summary["aligned"].items() if k != "items"}  # per-item data: in --out
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

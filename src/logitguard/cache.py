@@ -805,8 +805,9 @@ class CachedReference(ReadsByIndex):
             tail = torch.logaddexp(tail, torch.logsumexp(logp[:, k:], dim=1))
         logp = logp[:, :k]
         if stored.dtype != torch.float32:
-            # log-probs rounded to 16 bits beside an fp32 tail sum to 1 only within ~0.4%: the term would pull the
-            # policy to that off-simplex target, and its value could go below 0. Renormalised, it is a distribution.
+            # log-probs rounded to 16 bits beside an fp32 tail sum to 1 only within ~0.4% per nat of the top-k's
+            # entropy: the term would pull the policy to that off-simplex target, and its value could go below 0.
+            # Renormalised, the reference is a distribution.
             total = torch.logaddexp(torch.logsumexp(logp, dim=1), tail)  # (L,)
             logp, tail = logp - total[:, None], tail - total
         return ids[:, :k].long(), logp, tail
