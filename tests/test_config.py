@@ -71,3 +71,12 @@ def test_every_key_is_in_the_configuration_reference():
     table = doc[doc.index("## Config keys") : doc.index("## Data")]
     missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in table]
     assert missing == []
+
+
+def test_reg_weight_defaults_to_the_regularizers_own():
+    base = {"model": "m", "data": "d.jsonl"}
+    assert load_config(None, base).reg_weight == 0.3  # STR's: the real model's lambda frontier (docs/real-model.md)
+    for name in ("kl", "pact", "restricted_kl", "constrained_sft"):
+        assert load_config(None, {**base, "regularizer": name, "safety_words": "I,cannot"}).reg_weight == 1.0
+    assert load_config(None, {**base, "reg_weight": "1"}).reg_weight == 1.0  # given: kept, whatever the default
+    assert load_config(None, {**base, "reg_weight": "0"}).reg_weight == 0.0

@@ -56,6 +56,18 @@ def test_committed_rows_keys_match_their_settings():
         assert not found, f"{path.name}: {found[:3]}"
 
 
+def test_a_changed_default_keeps_old_rows_keys_and_never_merges_two_lambdas():
+    from logitguard.config import build_config
+    from logitguard.result_keys import train_settings
+
+    def key(**train):
+        return result_key({"train": train_settings(build_config({"model": "m", "data": "d.jsonl", **train}, "t"))})
+
+    # a row written when lambda 1 was every term's default recorded 1.0, and its key left it out as a default
+    assert key(reg_weight=1.0) == result_key({"train": {"model": "m", "data": "d.jsonl"}})
+    assert key() == key(reg_weight=0.3) != key(reg_weight=1.0)  # STR's default now: its own key
+
+
 @pytest.fixture
 def clone(tmp_path, monkeypatch):
     """The repository's experiments and results at another path, with an empty cache and no fetched assets; the

@@ -205,3 +205,9 @@ def test_trl_holds_a_safety_target_from_the_monitor(tokenizer, tmp_path):
     assert controller.target == checks[0]["refusal"] and len(controller.history) == 3
     with pytest.raises(ConfigError, match="needs monitor_harmful"):
         config(tmp_path, safety_target=0.9)
+
+
+def test_reg_weight_defaults_to_the_regularizers_own(tmp_path):
+    assert config(tmp_path).reg_weight == 0.3  # STR's, as logitguard train's
+    assert config(tmp_path, regularizer="kl").reg_weight == 1.0
+    assert config(tmp_path, reg_weight=1.0).reg_weight == 1.0

@@ -77,9 +77,11 @@ class SafetySettings:
         default=False, metadata={"help": "control: as many random tokens as the resolved safety set"}
     )
     regularizer: str = field(default="str", metadata={"help": f"one of {sorted(regularizer_names())}"})
-    reg_weight: float = field(
-        default=1.0, metadata={"help": "lambda, the regularizer's weight (was str_weight); 0: the plain method"}
-    )
+    reg_weight: float | None = field(
+        default=None,
+        metadata={"help": "lambda, the regularizer's weight (was str_weight); 0: the plain method; default: the "
+                  "regularizer's own (str 0.3, the others 1)"},
+    )  # fmt: skip
     positions: str = field(default="all", metadata={"help": f"regularized positions, one of {POSITIONS}"})
     first_response_tokens: int = field(default=0, metadata={"help": "extra weight on the first N response tokens"})
     first_response_weight: float = field(default=1.0, metadata={"help": "weight of those first response tokens"})
@@ -366,6 +368,8 @@ def check_safety_settings(cfg, references: tuple[str, ...] = MODES) -> None:
             raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {list(allowed)}")
     if not cfg.temperature > 0:
         raise ConfigError(f"temperature: must be > 0, got {cfg.temperature}")
+    if cfg.reg_weight is None:  # not given: the term's own default (the config then records the value it ran with)
+        cfg.reg_weight = get_regularizer(cfg.regularizer).default_weight
     if cfg.reg_weight < 0:
         raise ConfigError(f"reg_weight: must be >= 0, got {cfg.reg_weight}")
     if not cfg.safety_words and not cfg.token_file:

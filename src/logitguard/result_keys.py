@@ -42,6 +42,10 @@ TRAINER_NOT_RESULTS = {"save_strategy", "save_total_limit", "disable_tqdm", "log
 # A renamed setting is hashed under its old name (logitguard.deprecated): the rows computed before the rename keep
 # their keys, so a clone finds them done.
 KEY_SPELLING = {new: old for old, new in RENAMED_KEYS.items()}
+# Defaults as the keys know them: a default changed later keeps its old value here, so that the rows computed at the
+# old default keep their keys, and a row at the new default is never taken for one at the old (both would otherwise
+# hash without the setting). reg_weight was 1.0 for every regularizer until STR's became 0.3 (regularizers/).
+KEY_DEFAULTS = {TrainConfig: {"reg_weight": 1.0}}
 # Where, not what: never in a row's settings.
 WHERE = ("output_dir", "cache_dir", "reference_cache", "resume")
 
@@ -49,6 +53,7 @@ WHERE = ("output_dir", "cache_dir", "reference_cache", "resume")
 def _non_default(values: dict, cls) -> dict:
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in
                 dataclasses.fields(cls)}  # fmt: skip
+    defaults.update(KEY_DEFAULTS.get(cls, {}))
     return {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
 
 

@@ -13,6 +13,7 @@ An entry says (torchtune's loss protocols: capability fields, not names):
                  "topk" (ids, logp (B, T, k), tail (B, T)); built and cached by `cached` / `online`
   positions      positions the term always reads ("response"), or None: the user's `positions`
   replaces_ce    the term is the objective itself (it replaces cross-entropy; lambda only switches it on)
+  default_weight lambda when the user gives no reg_weight: the term's own, from the measurements that chose it
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Regularizer:
     positions: str | None = None
     min_tokens: int = 1  # safety tokens the term needs
     replaces_ce: bool = False
+    default_weight: float = 1.0
     temperature: bool = False  # takes the shared `temperature` setting
     kwargs: Callable = _no_kwargs  # (cfg, tokens) -> the term's keyword arguments from a config
     check: Callable = _no_check  # (cfg) -> None or a ConfigError, when chosen: its settings against the rest
