@@ -244,7 +244,7 @@ def test_a_controlled_run_keeps_where_lambda_went(tmp_path, model_dir):
     row = _bench(tmp_path, _tiny_experiment(tmp_path, model_dir, runs))["rows"][0]
     controller = row["lambda_controller"]
     assert controller["controller"] == "str_budget" and len(controller["history"]) == row["steps"]
-    assert controller["final_lambda"] == controller["history"][-1]["lambda"] != 1.0
+    assert controller["final_lambda"] == controller["history"][-1]["lambda"] != row["settings"]["train"]["reg_weight"]
     long = {"history": [{"step": k} for k in range(1, 102)]}
     assert [h["step"] for h in thinned(long, 10)["history"]] == [*range(1, 102, 11), 101]
 

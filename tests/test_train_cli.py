@@ -104,6 +104,11 @@ def test_resuming_checkpoints_of_other_settings_is_refused(tmp_path, model_dir, 
     assert "other settings (learning_rate)" in err and "Traceback" not in err
     assert (out / "config.yaml").read_text() == config  # the refused run overwrote nothing
     run_train(tmp_path, model_dir, "--epochs", "2", "--save-steps", "1")  # training longer resumes
+    # checkpoints of a run at lambda 1 (STR's default before 0.3), resumed without reg_weight: the cause is named
+    (out / "config.yaml").write_text(config.replace("reg_weight: 0.3", "reg_weight: 1.0"))
+    assert "reg_weight: 0.3" in config
+    run_train(tmp_path, model_dir, "--epochs", "2", "--save-steps", "1", rc=2)
+    assert "STR's default lambda is 0.3 now, it was 1: set reg_weight 1" in capsys.readouterr().err
     run_train(tmp_path, model_dir, "--epochs", "1", "--learning-rate", "1e-3", "--resume", "false")
 
 

@@ -181,7 +181,8 @@ def test_trl_steers_lambda_as_logitguard_train_does(tokenizer, tmp_path):
         trainer = _steered(tmp_path, tokenizer, batch_size, accum, counted, str_budget=1e-3, str_budget_lr=10.0)
         controller = trainer.lambda_controller
         assert isinstance(controller, BudgetController) and len(controller.history) == 2
-        weight = 1.0
+        weight = trainer.args.reg_weight  # where lambda starts: the config's (STR's default here)
+        assert weight == 0.3
         for row in controller.history:
             weight = dual_ascent(weight, row["reg"], 1e-3, 10.0)
             assert row["lambda"] == pytest.approx(weight)

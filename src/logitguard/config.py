@@ -80,7 +80,8 @@ class SafetySettings:
     reg_weight: float | None = field(
         default=None,
         metadata={"help": "lambda, the regularizer's weight (was str_weight); 0: the plain method; default: the "
-                  "regularizer's own (str 0.3, the others 1)"},
+                  "regularizer's own (" + ", ".join(f"{n} {e.default_weight:g}" for n, e in sorted(REGISTRY.items()))
+                  + ")"},
     )  # fmt: skip
     positions: str = field(default="all", metadata={"help": f"regularized positions, one of {POSITIONS}"})
     first_response_tokens: int = field(default=0, metadata={"help": "extra weight on the first N response tokens"})
