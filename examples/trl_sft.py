@@ -62,7 +62,7 @@ def main():
             use_cpu=True,
             bf16=False,
             safety_words=["I", "cannot"],  # logitguard
-            reg_weight=1.0,  # logitguard
+            reg_weight=0.3,  # logitguard (STR's default lambda)
             cache_dir=f"{out}/cache",  # logitguard (default: ~/.cache/logitguard)
         )
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
