@@ -108,7 +108,7 @@ def test_resuming_checkpoints_of_other_settings_is_refused(tmp_path, model_dir, 
     (out / "config.yaml").write_text(config.replace("reg_weight: 0.3", "reg_weight: 1.0"))
     assert "reg_weight: 0.3" in config
     run_train(tmp_path, model_dir, "--epochs", "2", "--save-steps", "1", rc=2)
-    assert "STR's default lambda is 0.3 now, it was 1: set reg_weight 1" in capsys.readouterr().err
+    assert "str's default lambda is 0.3 now, it was 1: set reg_weight 1" in capsys.readouterr().err
     run_train(tmp_path, model_dir, "--epochs", "1", "--learning-rate", "1e-3", "--resume", "false")
 
 

@@ -362,13 +362,14 @@ def _check_resume(cfg: TrainConfig, out: Path) -> None:
     differ = resume_conflicts(cfg, out)
     if differ:
         moved = ""
-        if differ == ["reg_weight"] and cfg.regularizer == "str":  # the error path only: one more small read
+        if differ == ["reg_weight"]:  # the error path only: one more small read
             import yaml
 
             old = (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("reg_weight")
-            if old == 1.0 and cfg.reg_weight == get_regularizer("str").default_weight:
-                # a run started before STR's default lambda moved from 1, resumed without reg_weight
-                moved = f" (STR's default lambda is {cfg.reg_weight:g} now, it was 1: set reg_weight 1 to resume)"
+            if old == 1.0 and cfg.reg_weight == get_regularizer(cfg.regularizer).default_weight != 1.0:
+                # a run started before this term's default lambda moved from 1 (STR's), resumed without reg_weight
+                moved = (f" ({cfg.regularizer}'s default lambda is {cfg.reg_weight:g} now, it was 1: set reg_weight 1 "
+                         "to resume)")  # fmt: skip
         raise ConfigError(
             f"{out} holds checkpoints of a run with other settings ({', '.join(differ)}){moved}; resuming would "
             "continue that run. Use another output_dir, or resume: false to train from scratch there"
