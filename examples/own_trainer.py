@@ -67,7 +67,7 @@ def main():
                                  logging_steps=1, report_to=[], use_cpu=True, save_strategy="no")  # fmt: skip
         trainer = SafetyTrainer(
             model=model, args=args, train_dataset=examples, data_collator=my_collator,
-            safety_ids=SAFETY_IDS, reference=reference, reg_weight=1.0,
+            safety_ids=SAFETY_IDS, reference=reference, reg_weight=0.3,
         )  # fmt: skip
         trainer.train()
         last = [row for row in trainer.state.log_history if "reg" in row][-1]

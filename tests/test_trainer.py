@@ -170,3 +170,13 @@ def test_distribution_regularizers_need_two_tokens(model, tokenizer, tmp_path, r
             model=lora(model), args=training_args(tmp_path), safety_ids=[5], reference=object(), reg_weight=1.0,
             regularizer=regularizer,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("regularizer, expected", [("str", 0.3), ("restricted_kl", 1.0)])
+def test_reg_weight_unset_is_the_terms_default(model, tokenizer, tmp_path, regularizer, expected):
+    """Like TrainConfig and SafetySFTConfig, SafetyTrainer without reg_weight takes the registry's default."""
+    trainer = SafetyTrainer(
+        model=lora(model), args=training_args(tmp_path), safety_ids=[5, 6], reference=object(), regularizer=regularizer
+    )
+    assert trainer.configured_weight == expected
+    assert trainer.reg_weight() == expected

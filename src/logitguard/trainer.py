@@ -46,7 +46,7 @@ class SafetyRegularization:
         self,
         safety_ids: list[int],
         reference,
-        reg_weight: float,
+        reg_weight: float | None = None,
         regularizer: str = "str",
         temperature: float = 2.0,
         positions: str = "all",
@@ -62,6 +62,8 @@ class SafetyRegularization:
                 "CUDA_VISIBLE_DEVICES"
             )
         entry = get_regularizer(regularizer)  # the registry entry: what the term reads, needs and how it normalises
+        if reg_weight is None:  # the term's own default, as TrainConfig and SafetySFTConfig resolve it
+            reg_weight = entry.default_weight
         if reg_weight > 0 and reference is None:
             raise ConfigError("reg_weight > 0 needs a reference (cache, online or paper)")
         if len(safety_ids) < entry.min_tokens:
@@ -222,7 +224,7 @@ class SafetyTrainer(SafetyRegularization, Trainer):
         *args,
         safety_ids: list[int],
         reference,
-        reg_weight: float,
+        reg_weight: float | None = None,
         regularizer: str = "str",
         temperature: float = 2.0,
         positions: str = "all",
