@@ -58,12 +58,12 @@ def test_head_tap_with_the_head_on_another_device(model, tokenizer, full):
 
 
 def test_trl_backbone_safety_logits_with_the_head_on_another_device(model, tokenizer):
-    from logitguard.integrations.trl import _backbone_safety_logits
+    from logitguard.integrations.trl import _backbone_terms
 
     batch = batch_of(tokenizer, chat_examples(tokenizer)[:2])
     ids = torch.as_tensor(SafetyTokens.from_words(tokenizer, "I,cannot").ids)
     head_elsewhere(model)
-    with OneDevicePerOp(), _backbone_safety_logits(model, ids) as box:
+    with OneDevicePerOp(), _backbone_terms(model, ids) as box:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert box["safety"].device == ids.device and box["safety"].dtype == torch.float32
 

@@ -212,3 +212,44 @@ def test_reg_weight_defaults_to_the_regularizers_own(tmp_path):
     assert config(tmp_path).reg_weight == 0.3  # STR's, as logitguard train's
     assert config(tmp_path, regularizer="kl").reg_weight == 1.0
     assert config(tmp_path, reg_weight=1.0).reg_weight == 1.0
+
+
+def test_trl_plain_run_trains_with_packing(model, tokenizer, tmp_path):
+    """The drop-in's baseline (reg_weight 0) takes TRL's padding-free packed batches, which have no attention_mask."""
+    trainer = SafetySFTTrainer(
+        model=lora(model), args=config(tmp_path, reg_weight=0.0, packing=True), train_dataset=Dataset.from_list(CHAT),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_rewriting_inits_are_named_from_the_config_or_the_attached_adapter():
+    from types import SimpleNamespace
+
+    from peft import LoraConfig
+
+    from logitguard.integrations.trl import _rewriting_init
+
+    for init in ("pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"):
+        assert _rewriting_init(None, SimpleNamespace(init_lora_weights=init)) == init
+    for init in (True, "gaussian", "eva", "mica", "orthogonal"):  # they set only the adapter's own matrices
+        assert _rewriting_init(None, SimpleNamespace(init_lora_weights=init)) is None
+    attached = SimpleNamespace(peft_config={"default": LoraConfig(init_lora_weights="pissa")})  # a PeftModel passed in
+    assert _rewriting_init(attached, None) == "pissa"
+
+
+def test_terms_on_the_answer_need_labels_that_find_it(model, tokenizer, tmp_path):
+    """Conversational data without assistant_only_loss is labelled everywhere: a term on the answer's tokens would
+    score the template's; refused with the fix. STR on every position is not affected."""
+    data = Dataset.from_list(CHAT)
+    for settings in ({"regularizer": "constrained_sft"}, {"positions": "response"}, {"first_response_tokens": 2}):
+        with pytest.raises(ConfigError, match="assistant_only_loss=True"):
+            SafetySFTTrainer(model=lora(model), args=config(tmp_path, **settings), train_dataset=data,
+                             processing_class=tokenizer)  # fmt: skip
+    SafetySFTTrainer(model=lora(model), args=config(tmp_path), train_dataset=data, processing_class=tokenizer)
+
+
+def test_reg_weight_must_be_finite(tmp_path):
+    with pytest.raises(ConfigError, match="finite number >= 0"):
+        config(tmp_path, reg_weight=float("nan"))

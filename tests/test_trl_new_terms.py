@@ -127,3 +127,36 @@ def test_trl_refuses_what_would_drop_a_terms_gradient(model, tokenizer, tmp_path
                          compute_loss_func=lambda *a, **k: 0)  # fmt: skip
     with pytest.raises(ConfigError, match="compute_loss_func"):
         SafetySFTTrainer(lora(model), csft, None, data, None, tokenizer, lambda *a, **k: 0)
+
+
+def test_constrained_sft_keeps_a_moe_models_router_loss(tokenizer, tmp_path):
+    """constrained SFT replaces TRL's cross-entropy but not a Mixture-of-Experts model's load-balancing loss: the
+    loss with router_aux_loss_coef c is the one without plus c * the model's aux_loss."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    moe = MixtralConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0,
+                        output_router_logits=True, router_aux_loss_coef=0.5)  # fmt: skip
+    base = MixtralForCausalLM(moe)
+    rows = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in CHAT]
+    losses, aux = {}, None
+    for coef in (0.5, 0.0):
+        model = base if coef else MixtralForCausalLM(moe)
+        if not coef:
+            model.load_state_dict(base.state_dict())
+        trainer = SafetySFTTrainer(
+            model=model,
+            args=config(tmp_path / str(coef), regularizer="constrained_sft", router_aux_loss_coef=coef),
+            train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        )  # fmt: skip
+        batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by train() for each step
+        losses[coef] = trainer.compute_loss(trainer.model, batch).item()
+        if coef:
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+            aux = trainer.model(**inputs, output_router_logits=True).aux_loss.item()
+    assert aux > 0
+    assert losses[0.5] == pytest.approx(losses[0.0] + 0.5 * aux, rel=1e-4)

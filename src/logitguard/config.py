@@ -371,8 +371,8 @@ def check_safety_settings(cfg, references: tuple[str, ...] = MODES) -> None:
         raise ConfigError(f"temperature: must be > 0, got {cfg.temperature}")
     if cfg.reg_weight is None:  # not given: the term's own default (the config then records the value it ran with)
         cfg.reg_weight = get_regularizer(cfg.regularizer).default_weight
-    if cfg.reg_weight < 0:
-        raise ConfigError(f"reg_weight: must be >= 0, got {cfg.reg_weight}")
+    if not (cfg.reg_weight >= 0 and math.isfinite(cfg.reg_weight)):  # NaN would pass `< 0` and turn the term off
+        raise ConfigError(f"reg_weight: must be a finite number >= 0, got {cfg.reg_weight}")
     if not cfg.safety_words and not cfg.token_file:
         raise ConfigError("safety_words: give at least one word, or a token_file")
     for entry in REGISTRY.values():  # every term's own keys

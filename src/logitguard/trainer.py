@@ -129,13 +129,20 @@ class SafetyRegularization:
         sequences = (weights.sum(dim=1) > 0).sum()
         return torch.stack([tokens.float(), sequences.float(), weights.sum()])
 
+    def needs_step_counts(self) -> bool:
+        """Whether this step's (tokens, sequences, weight) counts are used: the regularizer normalises by them (and
+        logitguard's own trainer its cross-entropy, see SafetyTrainer)."""
+        return self.configured_weight > 0
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._micro = 0  # micro-batches of this step seen by compute_loss (anchor sampling)
+        if not self.needs_step_counts():  # a plain run: TRL's padding-free batches have no attention_mask to count
+            return batch_samples, num_items
         counts = torch.stack([self._counts(b).to(device) for b in batch_samples]).sum(dim=0)  # (3,) on `device`
         if self.args.world_size > 1:
             counts = self.accelerator.gather(counts.unsqueeze(0)).sum(dim=0)
         self._step_counts = counts
-        self._micro = 0  # micro-batches of this step seen by compute_loss (anchor sampling)
         prepare = getattr(self.reference, "prepare", None)
         if prepare is not None and self.configured_weight > 0:
             prepare(batch_samples)  # the step's cached references: one wait for the device, not two per micro-batch
@@ -218,6 +225,9 @@ class SafetyRegularization:
 
 class SafetyTrainer(SafetyRegularization, Trainer):
     loss_is_scaled_for_ga = True  # see module docstring: we normalise over the whole step ourselves
+
+    def needs_step_counts(self) -> bool:
+        return True  # its cross-entropy is the step's token sum over the step's token count, regularizer or not
 
     def __init__(
         self,

@@ -72,8 +72,23 @@ if Version(trl.__version__).release[:2] != Version(SUPPORTED_TRL).release:
         f"{trl.__version__} is installed; pip install 'trl=={SUPPORTED_TRL}.*'"
     )
 
-# PEFT initialisations that rewrite the base weights: "adapter disabled" is then not the aligned model.
-_REWRITING_INITS = ("pissa", "olora", "corda", "eva", "loftq")
+# PEFT initialisations that rewrite the base weights (peft/tuners/lora/layer.py: PiSSA's and CorDA's residual, OLoRA's
+# QR, LoftQ's quantised residual, LoRA-GA's W - s BA): "adapter disabled" is then not the aligned model. EVA, MiCA and
+# orthogonal inits only set the adapter's own matrices.
+_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _rewriting_init(model, peft_config) -> str | None:
+    """The base-rewriting init_lora_weights of the adapter to be attached (peft_config) or already attached (a
+    PeftModel passed in), or None."""
+    configs = [peft_config] + list(getattr(model, "peft_config", {}).values())
+    for config in configs:
+        init = getattr(config, "init_lora_weights", True)
+        if isinstance(init, str) and any(
+            init.lower() == name or init.lower().startswith(name + "_niter_") for name in _REWRITING_INITS
+        ):
+            return init
+    return None
 
 
 @dataclass
@@ -111,11 +126,10 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
     """TRL's SFTTrainer with CE + lambda * regularizer(safety-token logits)."""
 
     def __init__(self, model, args: SafetySFTConfig | None = None, *rest, **kwargs):
-        if args is not None and not isinstance(args, SafetySFTConfig):
-            raise ConfigError("SafetySFTTrainer needs a SafetySFTConfig (logitguard.integrations.trl) as args")
-        peft_config = kwargs.get("peft_config")
-        init = getattr(peft_config, "init_lora_weights", True)
-        if isinstance(init, str) and init.split("_")[0].lower() in _REWRITING_INITS:
+        if not isinstance(args, SafetySFTConfig):  # SFTTrainer would make a plain SFTConfig, without the safety keys
+            raise ConfigError("SafetySFTTrainer needs args=SafetySFTConfig(...) (logitguard.integrations.trl)")
+        uses_reference = args.reg_weight > 0 or bool(args.anchor_prompts)
+        if uses_reference and (init := _rewriting_init(model, kwargs.get("peft_config"))) is not None:
             raise ConfigError(
                 f"init_lora_weights={init!r} rewrites the base weights, so the adapter-disabled model is not the "
                 "aligned one; build the reference first with `logitguard train` (method pissa), or use a plain init"
@@ -130,6 +144,7 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
         entry = get_regularizer(self.args.regularizer)
         if self.args.reg_weight > 0:
             _check_head_paths(self.model, entry, getattr(self, "compute_loss_func", None))
+            self._check_response_labels(entry)
         if self.args.reg_weight > 0 and len(self.safety_tokens) < entry.min_tokens:
             raise ConfigError(f"the {entry.name} regularizer compares distributions over the safety tokens: it "
                               "needs >= 2")  # fmt: skip
@@ -143,6 +158,18 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
         # the safety monitor (monitor_harmful) and a lambda controller (str_budget, safety_target), as in `logitguard
         # train`: lambda is then the controller's (reg_weight() below)
         self.safety_monitor, _ = steer(self.args, self.processing_class, self)
+
+    def _check_response_labels(self, entry) -> None:
+        """A term on the answer's tokens (PACT, constrained SFT, kl; positions "response", first_response_tokens) finds
+        them through the labels: TRL labels every token of conversational data unless assistant_only_loss is set,
+        and the template's tokens would then count as the answer's (constrained SFT's first-token betas among them)."""
+        on_answer = (entry.positions or self.args.positions) == "response" or self.args.first_response_tokens > 0
+        if on_answer and not (self.args.assistant_only_loss or self.completion_only_loss):
+            raise ConfigError(
+                f"regularizer {entry.name} scores the answer's tokens, but TRL's labels cover the whole sequence "
+                "(prompt and chat template too): set assistant_only_loss=True for conversational data, or train on "
+                "prompt-completion data (completion_only_loss)"
+            )
 
     def _make_anchors(self):
         """The anchored regularizer's anchors, from the aligned model (the adapter disabled while they are made)."""
@@ -210,20 +237,28 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         scale = self.accelerator.num_processes if step_wide else 1  # DDP averages gradients across processes
+        # TRL's loss: its CE times (processes // tensor-parallel size) where it averages tokens across devices, plus a
+        # MoE model's weighted router loss over the accumulation steps (an objective that replaces CE keeps that one)
+        trl_factor = self.accelerator.num_processes // self.get_tp_size() if step_wide and (
+            self.args.average_tokens_across_devices) else 1  # fmt: skip
+        aux = 0.0
+        if getattr(self, "aux_loss_enabled", False) and box.get("aux_loss") is not None:
+            steps = self.current_gradient_accumulation_steps if step_wide else 1
+            aux = self.router_aux_loss_coef * box["aux_loss"] / steps
         if reads == "label_logp" and "label_logp" not in box:
             raise ConfigError(f"regularizer {self.entry.name} reads the per-token log-probs of TRL's fused LM head, "
                               "which label smoothing and compute_loss_func bypass; use neither")  # fmt: skip
         policy = box["safety"] if reads == "safety" else box["kl"] if reads == "topk_kl" else box["label_logp"]
         reg = self.regularize(model, policy, batch, mode, step_wide=step_wide, reference=reference)
         local_tokens = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
-        ce = loss.detach() / scale * (num_items_in_batch / local_tokens if step_wide else 1)
+        ce = (loss.detach() - aux) / trl_factor * (num_items_in_batch / local_tokens if step_wide else 1)
         self._safety_metrics[mode]["ce"].append(ce)
         # lambda weighs the term; an objective that replaces cross-entropy is the loss itself (lambda > 0: on). A
         # controller is shown the term as a share of the step's mean: a micro-batch mean is one of the accumulation
         # steps' (and of the processes', whose gradients DDP averages)
         parts = max(1, self.current_gradient_accumulation_steps) * self.accelerator.num_processes
         shown = reg if step_wide else reg / parts
-        loss = reg * scale if self.entry.replaces_ce else loss + self.reg_weight(shown) * reg * scale
+        loss = reg * scale + aux if self.entry.replaces_ce else loss + self.reg_weight(shown) * reg * scale
         return self._with_anchors(model, (loss, outputs) if return_outputs else loss, mode, step_wide, return_outputs)
 
     def _with_anchors(self, model, result, mode: str, step_wide: bool, return_outputs: bool):
@@ -265,14 +300,6 @@ class STRSFTTrainer(SafetySFTTrainer):
     def __init__(self, *args, **kwargs):
         warn("STRSFTTrainer", "SafetySFTTrainer")
         super().__init__(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _backbone_safety_logits(model, ids: torch.Tensor):
-    """During a forward of `model`, the (B, T, K) safety logits from the backbone's final hidden state and the K
-    head rows, read while the forward runs (TRL's fused head never calls the head module itself)."""
-    with _backbone_terms(model, ids) as box:
-        yield box
 
 
 def _check_head_paths(model, entry, compute_loss_func) -> None:
@@ -331,10 +358,14 @@ def _backbone_terms(model, ids, labels=None, kl_reference=None, label_logp: bool
 
     def lm_hook(_module, _args, _kwargs, output):
         log_probs = getattr(output, "log_probs", None)  # (B, T - 1): position t scores labels[t + 1]
-        if log_probs is not None and "label_logp" not in box:
+        # only the forward the loss backpropagates through (TRL's second, no-grad one under label smoothing or a
+        # compute_loss_func is not it: the objective then finds no log-probs and says why)
+        if log_probs is not None and log_probs.requires_grad and "label_logp" not in box:
             box["label_logp"] = torch.nn.functional.pad(log_probs.float(), (0, 1))  # (B, T)
+            box["aux_loss"] = getattr(output, "aux_loss", None)  # a MoE model's router loss (output_router_logits)
 
-    handles = [lm.get_decoder().register_forward_hook(hook)]
+    # the hidden-state hook gathers a sharded head (FSDP2, ZeRO-3) each forward: only when a term reads it
+    handles = [lm.get_decoder().register_forward_hook(hook)] if ids is not None or kl_reference is not None else []
     if label_logp:
         # on the model TRL calls (PEFT's wrappers call the causal LM's `forward` directly, past its hooks)
         handles.append(model.register_forward_hook(lm_hook, with_kwargs=True))
