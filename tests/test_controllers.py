@@ -107,6 +107,31 @@ def test_a_target_relative_to_the_aligned_model_is_set_by_the_check_before_train
         late.on_step_end(None, SimpleNamespace(global_step=3, stateful_callbacks={}), None)
 
 
+def test_a_target_the_aligned_model_misses_is_refused_at_the_check_before_training():
+    monitor = SimpleNamespace(history=[{"step": 0, "refusal": 0.787}])  # the real probe's aligned rate
+    with pytest.raises(ConfigError, match="aligned model refuses 78.7% of the probe before training"):
+        SafetyTarget(1.0, 0.95, monitor).on_step_end(None, SimpleNamespace(global_step=0, stateful_callbacks={}), None)
+
+
+def test_every_rank_acts_on_rank_zeros_probe_rates(monkeypatch):
+    import torch.distributed as dist
+
+    from logitguard.callbacks import rank_zero_values
+
+    assert rank_zero_values({"refusal": 0.5}) == {"refusal": 0.5}  # one process: nothing to agree on
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    sent = []
+
+    def broadcast(box, src):  # rank 0 sends its rates; this rank's own are replaced
+        sent.append((src, dict(box[0])))
+        box[0] = {"refusal": 0.75}
+
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    assert rank_zero_values({"refusal": 0.5}) == {"refusal": 0.75}
+    assert sent == [(0, {"refusal": 0.5})]
+
+
 def test_rewind_restores_weights_and_optimizer_state_and_keeps_the_learning_rate():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))

@@ -144,7 +144,7 @@ class SafetyMonitor(TrainerCallback):
             self._check(args, state, control, model)
 
     def _check(self, args, state, control, model) -> None:
-        rates = self.measure(model)
+        rates = rank_zero_values(self.measure(model))
         self.history.append({"step": state.global_step, **rates})
         logs = {f"eval_safety_{k}": v for k, v in rates.items()}
         if self.trainer is not None:
@@ -166,6 +166,19 @@ class SafetyMonitor(TrainerCallback):
                     "stopping (the last checkpoint is saved)",
                     flush=True,
                 )
+
+
+def rank_zero_values(values: dict) -> dict:
+    """Rank 0's values on every process. Each rank generates on the probe itself, and greedy decoding can differ
+    between ranks in a near-tie (kernels, mixed GPUs); every decision taken from the rates (stop, save, lambda, the
+    rewind) must be the same on all of them, or DDP's replicas diverge and a stop on one rank hangs the others."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    box = [values]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def safety_monitor(cfg, tokenizer, trainer) -> SafetyMonitor | None:

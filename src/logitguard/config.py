@@ -133,8 +133,8 @@ class ControllerSettings:
     # docs/controllers.md: lambda starts at reg_weight and moves; off by default, so runs that do not set them keep
     # their meaning (and their results key)
     str_budget: float | None = field(
-        default=None, metadata={"help": "constrained training: hold the regularizer's running mean <= this budget "
-                                "(reg's unit) by dual ascent on lambda each optimizer step"},
+        default=None, metadata={"help": "constrained training: hold the regularizer (each optimizer step's mean) <= "
+                                "this budget (reg's unit) by dual ascent on lambda each optimizer step"},
     )  # fmt: skip
     str_budget_lr: float | None = field(
         default=None, metadata={"help": "str_budget: dual-ascent step size eta (default 0.1 / str_budget)"}

@@ -203,6 +203,13 @@ class SafetyTarget(LambdaController):
                     )
                 self.target = max(0.0, self.refusal - self.drop)
             met = self.refusal >= self.target
+            if row["step"] == 0 and not met:
+                # the aligned model itself is below the target: every check would miss and lambda double without end
+                raise ConfigError(
+                    f"safety_target {self.target:.3g}: the aligned model refuses {self.refusal:.1%} of the probe "
+                    "before training, so the target can never be met; set safety_target at most that, or give "
+                    "safety_target_drop (the drop allowed from it)"
+                )
             rewound = None
             if met and self.rewind and model is not None:
                 self._kept = {"step": row["step"], **snapshot(model, optimizer)}
