@@ -181,6 +181,11 @@ def test_fused_projection_equals_two_and_refuses_another_loss():
     nll, kl = chunked_row_terms(hidden, weight, bias, targets, ref, kl_ratio=coef_kl / coef_nll)
     with pytest.raises(RuntimeError, match="kl_ratio"):
         ((nll * coef_nll).sum() + 2 * (kl * coef_kl).sum()).backward()
+    # a micro-batch with no labelled token (no rows) backpropagates to an empty gradient
+    hidden = torch.randn(0, h, requires_grad=True)
+    nll, kl = chunked_row_terms(hidden, weight, bias, targets[:0], tuple(x[:0] for x in ref), kl_ratio=torch.ones(0))
+    (nll.sum() + kl.sum()).backward()
+    assert hidden.grad.shape == (0, h)
 
 
 @pytest.mark.parametrize("regularizer", ["constrained_sft", "kl"])
