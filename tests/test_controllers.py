@@ -113,6 +113,21 @@ def test_a_target_the_aligned_model_misses_is_refused_at_the_check_before_traini
         SafetyTarget(1.0, 0.95, monitor).on_step_end(None, SimpleNamespace(global_step=0, stateful_callbacks={}), None)
 
 
+def test_a_steering_probe_cannot_change_on_a_resume(tmp_path):
+    """The monitor's settings may change on a resume while it only watches; with safety_target its probe decides
+    lambda (and the target measured on it), so a changed probe is a changed run."""
+    from logitguard.config import save_config
+    from logitguard.train import resume_conflicts
+
+    out = tmp_path / "run"
+    (out / "checkpoint-10").mkdir(parents=True)
+    (out / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    for steer, expected in (({}, []), ({"safety_target_drop": 0.03}, ["monitor_harmful"])):
+        values = {"model": "m", "data": "d", "output_dir": str(out), "monitor_harmful": "a.jsonl", **steer}
+        save_config(build_config(values), out / "config.yaml")
+        assert resume_conflicts(build_config({**values, "monitor_harmful": "b.jsonl"}), out) == expected
+
+
 def test_every_rank_acts_on_rank_zeros_probe_rates(monkeypatch):
     import torch.distributed as dist
 

@@ -338,7 +338,10 @@ def resume_conflicts(cfg: TrainConfig, out: Path) -> list[str]:
     # a key added to TrainConfig after those checkpoints were saved had its default then
     defaults = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(TrainConfig(model="m", data="d"))))
     old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
-    differ = [k for k in new if k not in RESUMABLE_CHANGES and not k.startswith("monitor_") and old.get(k) != new[k]]
+    # the monitor only watches, and may change on a resume, unless safety_target steers lambda by its probe
+    steered = new.get("safety_target") is not None or new.get("safety_target_drop") is not None
+    differ = [k for k in new if k not in RESUMABLE_CHANGES and (steered or not k.startswith("monitor_"))
+              and old.get(k) != new[k]]  # fmt: skip
     old_trainer, new_trainer = (
         {k: v for k, v in (d.get("trainer") or {}).items() if k not in TRAINER_RESUMABLE} for d in (old, new)
     )
