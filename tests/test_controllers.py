@@ -187,6 +187,19 @@ def test_rewind_is_refused_under_sharding():
     assert trainer.lambda_controller.rewind is False
 
 
+def test_a_controller_attached_by_hand_is_refused_where_it_could_not_steer():
+    from logitguard.regularizers import get
+
+    def trainer(weight, regularizer):
+        return SimpleNamespace(configured_weight=weight, entry=get(regularizer), add_callback=lambda cb: None)
+
+    with pytest.raises(ConfigError, match="reg_weight is 0"):
+        BudgetController(0.5, 0.1).attach(trainer(0.0, "str"))
+    with pytest.raises(ConfigError, match="replaces cross-entropy"):
+        BudgetController(0.5, 0.1).attach(trainer(1.0, "constrained_sft"))
+    assert BudgetController(0.5, 0.1).attach(trainer(0.5, "str")).weight == 0.5
+
+
 # ---------------------------------------------------------------- settings: YAML, flags, defaults
 
 

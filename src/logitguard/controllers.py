@@ -53,6 +53,15 @@ class LambdaController(TrainerCallback):
 
     def attach(self, trainer) -> LambdaController:
         """Steer `trainer`'s lambda: it asks this controller from now on (see SafetyRegularization.reg_weight)."""
+        # the checks check_controller_settings makes on a config, for a controller attached by hand: a trainer whose
+        # term is off never shows it one, and an objective that replaces CE has no weight to steer
+        if not getattr(trainer, "configured_weight", 1.0) > 0:
+            raise ConfigError(f"{self.kind}: the trainer's reg_weight is 0, so its term is never computed; start "
+                              "it at the lambda to steer from (> 0)")  # fmt: skip
+        entry = getattr(trainer, "entry", None)
+        if entry is not None and entry.replaces_ce:
+            raise ConfigError(f"{self.kind}: regularizer {entry.name} replaces cross-entropy; there is no lambda to "
+                              "steer")  # fmt: skip
         self.trainer = trainer
         trainer.lambda_controller = self
         trainer.add_callback(self)
