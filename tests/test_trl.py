@@ -253,3 +253,9 @@ def test_terms_on_the_answer_need_labels_that_find_it(model, tokenizer, tmp_path
 def test_reg_weight_must_be_finite(tmp_path):
     with pytest.raises(ConfigError, match="finite number >= 0"):
         config(tmp_path, reg_weight=float("nan"))
+
+
+def test_a_streamed_dataset_needs_the_online_reference(model, tokenizer, tmp_path):
+    streamed = Dataset.from_list(CHAT).to_iterable_dataset()
+    with pytest.raises(ConfigError, match="reference='online'"):
+        SafetySFTTrainer(model=lora(model), args=config(tmp_path), train_dataset=streamed, processing_class=tokenizer)

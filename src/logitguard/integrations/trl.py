@@ -185,6 +185,11 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
         peft = hasattr(self.model, "peft_config")
         if self.args.reference == "online":
             return entry.online(ids, self.processing_class, "lora" if peft else "full", self.args)
+        if not hasattr(self.train_dataset, "__len__"):  # a streamed (iterable) dataset would be read to its end here
+            raise ConfigError(
+                "the reference cache is built from the whole training set, which a streamed dataset does not hold: "
+                "set reference='online', or load the dataset without streaming"
+            )
         examples = [
             {
                 "input_ids": list(row["input_ids"]),
