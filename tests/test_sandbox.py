@@ -45,7 +45,17 @@ checks = {{
     "list parent cwd": lambda: os.listdir(paths["cwd"]),
     "parent environ": lambda: open(f"/proc/{{os.getppid()}}/environ", "rb").read(),
     "list /tmp": lambda: [n for n in os.listdir("/tmp") if not n.startswith("logitguard-exec-")],
+    # a path relative to a directory descriptor, which the audit event shows as relative to the working folder
+    "dir_fd token": lambda: os.read(os.open(os.path.relpath(paths["token"], "/usr"), os.O_RDONLY,
+                                            dir_fd=os.open("/usr", os.O_RDONLY)), 100),
 }}
+if paths["guarded"]:  # a blocked extension loaded under another dotted name (it starts processes unaudited)
+    def renamed():
+        import importlib.util, glob
+        file = glob.glob(os.path.join(sys.base_exec_prefix, "lib", "python3*", "lib-dynload", "_posixsubprocess*"))
+        spec = importlib.util.spec_from_file_location("x._posixsubprocess", file[0])
+        return importlib.util.module_from_spec(spec)
+    checks["renamed _posixsubprocess"] = renamed
 if paths["exists"]:  # not audited, so only the mount namespace hides it
     checks["token exists"] = lambda: os.path.exists(paths["token"]) or os.path.exists(paths["repo_file"])
 leaked = []
@@ -94,11 +104,12 @@ def user_files(tmp_path, monkeypatch):
 
 def test_the_probe_finds_every_file_outside_the_sandbox(user_files):
     # the control: run plainly, each check reads something, so an empty list in the sandbox means it held
-    program = _PROBE.format(paths=json.dumps(user_files | {"exists": True}))
+    program = _PROBE.format(paths=json.dumps(user_files | {"exists": True, "guarded": True}))
     plain = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
     leaked = set(json.loads(plain.stdout))
     expected = {"open token", "os.open token", "open ssh key", "list home", "scan .ssh", "read repo file"}
-    expected |= {"list repo", "list parent cwd", "parent environ", "list /tmp", "token exists"}
+    expected |= {"list repo", "list parent cwd", "parent environ", "list /tmp", "token exists", "dir_fd token"}
+    expected |= {"renamed _posixsubprocess"}
     assert expected <= leaked and plain.returncode == 1
 
 
@@ -108,7 +119,7 @@ def test_the_probe_finds_every_file_outside_the_sandbox(user_files):
 )
 def test_user_files_cannot_be_read_or_listed(user_files, isolation, guard):
     exists = isolation == "mountns" or (isolation == "auto" and mount_isolation())
-    program = _PROBE.format(paths=json.dumps(user_files | {"exists": exists}))
+    program = _PROBE.format(paths=json.dumps(user_files | {"exists": exists, "guarded": guard}))
     result = run_python(
         program + f"\nraise SystemExit(open({user_files['token']!r}).read())", isolation=isolation, guard=guard
     )
@@ -195,14 +206,33 @@ def test_detail_never_carries_the_programs_output(program):
     assert result.detail in ("exit status 1", "exit status 2", "ValueError", "KeyError")
 
 
-def test_a_missing_namespace_is_recorded_and_warned_about(monkeypatch, user_files):
+def test_a_missing_namespace_is_refused_unless_a_weaker_isolation_is_named(monkeypatch, user_files):
     monkeypatch.setattr(sandbox, "mount_isolation_problem", lambda: "unshare: Operation not permitted (test)")
+    monkeypatch.delenv(sandbox.OPT_IN, raising=False)
+    with pytest.raises(sandbox.SandboxUnavailable, match="test.*would see this user's files.*LOGITGUARD_SANDBOX"):
+        run_python("pass")
+    monkeypatch.setenv(sandbox.OPT_IN, "guard")
     sandbox._warn_once.cache_clear()
-    with pytest.warns(UserWarning, match="no mount namespace .*test.*can see this user's files"):
+    with pytest.warns(UserWarning, match="no mount namespace .*test.*'guard'.*can see this user's files"):
         result = run_python(f"print(open({user_files['token']!r}).read())")
-    assert result.isolation in ("netns", "guard") and result.detail == "PermissionError"  # the guard still refuses
-    with pytest.raises(RuntimeError, match="no mount namespace"):
+    assert result.isolation == "guard" and result.detail == "PermissionError"  # the guard still refuses
+    with pytest.raises(sandbox.SandboxUnavailable, match="no mount namespace"):
         run_python("pass", isolation="mountns")
+
+
+@needs_mountns
+def test_what_a_program_leaves_running_dies_with_it():
+    program = "import os\nos.system('sleep 31.4159 &')\n"  # no guard: the namespace alone
+    assert run_python(program, isolation="mountns", guard=False).passed
+    left = subprocess.run(["pgrep", "-f", "sleep 31.4159"], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
+
+
+@needs_mountns
+def test_the_programs_folder_is_capped_in_size():
+    program = "for i in range(8):\n    open(f'f{i}', 'wb').write(bytes(15 << 20))\n"  # 120 MB, each under 16
+    result = run_python(program, isolation="mountns", guard=False)
+    assert result.status == "failed" and result.detail == "OSError", result  # no space left on the 64 MB tmpfs
 
 
 @needs_mountns

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from .sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT, run_python
+from .sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT, resolve_isolation, run_python
 
 HUMANEVAL_VERSION = 1
 INSTRUCTION = (
@@ -99,6 +99,7 @@ def evaluate_humaneval(
     timeout: float = DEFAULT_TIMEOUT,
     workers: int = 2,
     progress: bool = True,
+    isolation: str = "auto",
 ) -> tuple[dict, list[dict]]:
     """(summary, records): greedy completions through the chat template, executed in the sandbox.
 
@@ -110,13 +111,14 @@ def evaluate_humaneval(
 
     if not problems:
         raise ValueError("evaluate_humaneval needs at least one problem")
+    isolation = resolve_isolation(isolation)  # before the generation: a machine that cannot run them says so first
     prompts = [humaneval_prompt(p) for p in problems]
     # generation ends where the answer's code block closes: the program run is the same, the prose after it is
     # never generated
     completions = generate_responses(
         model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress, stop=StopRule(code_closed, "`")
     )
-    records = execute(problems, completions, timeout=timeout, workers=workers)
+    records = execute(problems, completions, timeout=timeout, workers=workers, isolation=isolation)
     for record, completion in zip(records, completions):
         record["code_block"] = code_block(completion)
     passed = sum(r["passed"] for r in records)

@@ -62,6 +62,10 @@ def read_inputs(spec, assets: str | Path | None = None) -> Inputs:
         from .utility_suite import load_utility_sets, parse_utility
 
         inputs.utility = load_utility_sets(parse_utility(spec.utility), assets, spec.limit)
+        if "humaneval" in inputs.utility:  # a machine that cannot sandbox its programs says so before any generation
+            from .sandbox import resolve_isolation
+
+            resolve_isolation()
     if spec.commonsense:
         from .commonsense import available_tasks
 

@@ -13,12 +13,18 @@ in a fresh working folder that is deleted afterwards, with:
     as this user (nobody when logitguard runs as root; root with every capability dropped inside a user
     namespace that maps no nobody). A small launcher (ctypes: unshare, mount) builds the view, then execs the
     program's interpreter;
-  - "netns": a network namespace only (`unshare -rn`, or `unshare -n` as root), where mount namespaces are
-    unavailable: the program can then read whatever this user can, except what the guard refuses;
+    The working folder is a tmpfs of its own there (64 MB, 1,024 files: it cannot fill the host's /tmp), and
+    whatever the program leaves running is killed with its process group when it ends;
+  - "netns": a network namespace only (`unshare -rn`, or `unshare -n` as root): the program can then read whatever
+    this user can, except what the guard refuses;
   - "guard": the guard alone.
+  "auto" is "mountns"; where the machine has no mount namespace it refuses (SandboxUnavailable, before any
+  generation) unless LOGITGUARD_SANDBOX names "netns" or "guard", and then warns.
 - a guard (a `sys.addaudithook` hook, which Python code cannot remove) installed before the program runs: it
-  refuses sockets, starting processes, ctypes, deleting or renaming files, writing outside the working folder,
-  and opening or listing anything outside the working folder, the Python installation and a few /dev nodes.
+  refuses sockets, starting processes, ctypes (each by the module's own name, however it is loaded), deleting or
+  renaming files, writing outside the working folder, opening a directory (a descriptor for dir_fd paths, which
+  the audit event does not show), and opening or listing anything outside the working folder, the Python
+  installation and a few /dev nodes.
   An audit hook is a second line, not a boundary (os.stat, for one, is not audited); the namespaces are.
 - `detail`, which goes into the records, never echoes the program's output: it is the name of a built-in
   exception class (from the last line of stderr), else the exit status, the signal or the timeout.
@@ -42,6 +48,8 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from logitguard.errors import LogitguardError  # absolute: tests load this file on its own
 
 DEFAULT_TIMEOUT = 10.0  # seconds per program (HumanEval's tests take well under one)
 DEFAULT_MEMORY_MB = 1024
@@ -74,13 +82,17 @@ if guard == "1":
     writes_to = ("os.mkdir", "os.utime", "os.setxattr", "os.removexattr")  # events whose first argument is a path
 
     def _hook(event, args, _real=os.path.realpath, _w=os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND):
-        if event == "import" and args[0] in blocked_imports:
+        # by the module's own name: an extension loaded from its file under another dotted name is the same module
+        if event == "import" and args[0].rpartition(".")[2] in blocked_imports:
             raise PermissionError(f"sandbox: import {args[0]} is not allowed")
         if event.startswith(blocked):
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event in ("open", "os.listdir", "os.scandir", *writes_to) and not isinstance(args[0], int):
             path = _real(os.fsdecode(args[0] if args[0] is not None else "."))
             if event == "open":
+                if os.path.isdir(path):
+                    # a directory descriptor would make paths relative to it (dir_fd), which the event does not show
+                    raise PermissionError(f"sandbox: opening the directory {path} is not allowed")
                 mode, flags = args[1], args[2]
                 writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (mode is None and flags & _w)
             else:
@@ -189,7 +201,17 @@ for path in spec["python"]:
 for path in spec["devices"]:
     if os.path.exists(path):
         place(path, True)  # reads and writes go to the device; the node itself stays as it is
-place(spec["box"], False)
+# the program's folder: a tmpfs of its own, capped in size and files (a bind of the host's /tmp would let it fill
+# that, in memory where /tmp is a tmpfs, past RLIMIT_AS), holding a copy of the program
+with open(spec["box"] + "/program.py", "rb") as f:
+    source = f.read()
+os.makedirs(root + spec["box"])
+owner = f",uid={nobody},gid={nobody}" if uid == 0 and nobody is not None else ""
+mount("tmpfs", root + spec["box"], "tmpfs", 2 | 4, f"mode=0700,size={spec['box_mb']}m,nr_inodes=1024{owner}")
+with open(root + spec["box"] + "/program.py", "wb") as f:
+    f.write(source)
+if owner:
+    os.chown(root + spec["box"] + "/program.py", nobody, nobody)
 mount(None, root, None, REMOUNT | RDONLY | 2 | 4)
 os.chroot(root)
 os.chdir(spec["box"])
@@ -280,20 +302,10 @@ def run_python(
 ) -> ExecResult:
     """Run `source` as a Python program under the limits above; exit status 0 is "passed".
 
-    isolation: "auto" (the strongest available, with a warning when it is not "mountns"), "mountns" or "netns"
-    (required: a RuntimeError where unavailable) or "guard" (no namespace). guard=False leaves out the audit hook
-    (only for testing a namespace on its own)."""
-    if isolation not in ISOLATIONS:
-        raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
-    if isolation in ("auto", "mountns") and not mount_isolation():
-        if isolation == "mountns":
-            raise RuntimeError(f"no mount namespace on this machine: {mount_isolation_problem()}")
-        isolation = "netns" if network_isolation() else "guard"
-        _warn_once(isolation, mount_isolation_problem())
-    elif isolation == "auto":
-        isolation = "mountns"
-    if isolation == "netns" and not network_isolation():
-        raise RuntimeError("no network namespace on this machine (`unshare -rn true` fails)")
+    isolation: "auto" ("mountns"; where the machine has none, the weaker isolation LOGITGUARD_SANDBOX names, else
+    SandboxUnavailable), "mountns" or "netns" (required: SandboxUnavailable where unavailable) or "guard" (no
+    namespace). guard=False leaves out the audit hook (only for testing a namespace on its own)."""
+    isolation = resolve_isolation(isolation)
     if isolation == "guard" and not guard:
         raise ValueError("refusing to run without a namespace and without the guard")
     try:
@@ -302,11 +314,45 @@ def run_python(
         raise RuntimeError(f"sandbox setup failed: {e}") from None
 
 
+class SandboxUnavailable(LogitguardError, RuntimeError):
+    """The isolation asked for (or the only one that keeps the user's files out of sight) is not on this machine."""
+
+
+OPT_IN = "LOGITGUARD_SANDBOX"  # netns or guard: run model-written code with that weaker isolation where no mountns
+
+
+def resolve_isolation(isolation: str = "auto") -> str:
+    """The isolation `run_python` will use: call it before generating (an evaluation then fails before its hour of
+    generation, not after). Only "mountns" keeps the user's files out of the programs' sight: the audit hook alone
+    is a second line, not a boundary, so "auto" takes a weaker one only where the user names it in
+    LOGITGUARD_SANDBOX."""
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
+    if isolation == "auto":
+        if mount_isolation():
+            return "mountns"
+        chosen = os.environ.get(OPT_IN, "")
+        if chosen not in ("netns", "guard"):
+            raise SandboxUnavailable(
+                f"no mount namespace on this machine ({mount_isolation_problem()}), so model-written programs "
+                f"(HumanEval) would see this user's files; allow user namespaces (Ubuntu: sysctl "
+                f"kernel.apparmor_restrict_unprivileged_userns=0), or accept a weaker isolation with {OPT_IN}=netns "
+                f"(no network) or {OPT_IN}=guard"
+            )
+        _warn_once(chosen, mount_isolation_problem())
+        isolation = chosen
+    if isolation == "mountns" and not mount_isolation():
+        raise SandboxUnavailable(f"no mount namespace on this machine: {mount_isolation_problem()}")
+    if isolation == "netns" and not network_isolation():
+        raise SandboxUnavailable("no network namespace on this machine (`unshare -rn true` fails)")
+    return isolation
+
+
 @functools.cache
 def _warn_once(kind: str, why: str) -> None:
     warnings.warn(
-        f"sandbox: no mount namespace ({why}); untrusted programs run with isolation {kind!r} and can see this "
-        "user's files (the audit hook still refuses opening and listing them)",
+        f"sandbox: no mount namespace ({why}); untrusted programs run with isolation {kind!r} ({OPT_IN}) and "
+        "can see this user's files: the audit hook refuses plain reads of them, but it is not a boundary",
         stacklevel=3,
     )
 
@@ -330,7 +376,7 @@ def _run(source: str, timeout: float, memory_mb: int, kind: str, guard: bool, ma
                     os.chown(p, nobody, nobody)
             status_fd = os.open(folder / "status", os.O_WRONLY | os.O_CREAT, 0o600)
             spec = {"root": str(folder / "root"), "box": str(box), "system": SYSTEM_PATHS, "devices": DEVICES}
-            spec |= {"python": python_paths(), "nobody": nobody, "status": status_fd}
+            spec |= {"python": python_paths(), "nobody": nobody, "status": status_fd, "box_mb": 4 * max_file_mb}
             cmd = [exe, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec), *cmd]
         elif kind == "netns":
             cmd = [*network_isolation(), *cmd]
@@ -355,7 +401,8 @@ def _run(source: str, timeout: float, memory_mb: int, kind: str, guard: bool, ma
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 code = None
-                _kill_group(proc)
+            finally:
+                _kill_group(proc)  # after an exit too: what the program left running in the background dies with it
         seconds = time.monotonic() - start
         stderr = (folder / "stderr").read_bytes()[-4000:].decode("utf-8", "replace")
         if kind == "mountns" and code is not None and (folder / "status").read_bytes() != b"ok":
