@@ -220,6 +220,17 @@ def test_a_missing_namespace_is_refused_unless_a_weaker_isolation_is_named(monke
         run_python("pass", isolation="mountns")
 
 
+@pytest.mark.parametrize("isolation", [pytest.param("mountns", marks=needs_mountns), "guard"])
+def test_the_python_prefix_shows_only_its_lib_folders(isolation):
+    """A conda prefix keeps activation variables (tokens) in conda-meta/ and etc/: only lib*/ and the interpreter
+    are visible (mountns), or readable at all (the guard)."""
+    program = (
+        "import os, sys\ntry:\n    seen = set(os.listdir(sys.base_prefix))\nexcept PermissionError:\n"
+        "    seen = set()\nsys.exit(0 if seen <= {'bin', 'lib', 'lib64'} else 1)\n"
+    )
+    assert run_python(program, isolation=isolation, guard=isolation == "guard").passed
+
+
 @needs_mountns
 def test_what_a_program_leaves_running_dies_with_it():
     program = "import os\nos.system('sleep 31.4159 &')\n"  # no guard: the namespace alone

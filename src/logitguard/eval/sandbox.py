@@ -72,7 +72,9 @@ resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 if guard == "1":
     import os
     home = os.path.realpath(os.getcwd()) + os.sep
-    readable = tuple({home, *(os.path.realpath(p) + os.sep for p in (sys.base_prefix, sys.base_exec_prefix))})
+    prefixes = (sys.base_prefix, sys.base_exec_prefix)  # their lib folders only (python_paths says why)
+    libs = {os.path.realpath(os.path.join(p, lib)) + os.sep for p in prefixes for lib in ("lib", "lib64")}
+    readable = tuple({home, *libs})
     devices = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
     blocked_imports = {"socket", "_socket", "ssl", "_ssl", "subprocess", "_posixsubprocess", "multiprocessing",
                        "_multiprocessing", "ctypes", "_ctypes", "pty"}
@@ -249,9 +251,19 @@ def python_executable() -> str:
 
 
 def python_paths() -> list[str]:
-    """What the interpreter needs outside the system directories: its prefixes and its own folder."""
+    """What the interpreter needs outside the system directories: its prefixes' lib folders (the standard library,
+    its extension modules and the libraries they link) and the interpreter file itself. Not the whole prefix: a
+    conda environment keeps its activation variables there (conda-meta/state, etc/conda/activate.d), tokens
+    among them, and a base installation holds the other environments."""
+    import sysconfig
+
     exe = python_executable()
-    paths = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix, os.path.dirname(exe))}
+    paths = {exe}
+    for prefix in (sys.base_prefix, sys.base_exec_prefix):
+        paths |= {os.path.realpath(os.path.join(prefix, lib)) for lib in ("lib", "lib64")}
+    if sysconfig.get_config_var("LIBDIR"):  # where libpython lives, if elsewhere
+        paths.add(os.path.realpath(sysconfig.get_config_var("LIBDIR")))
+    paths = {p for p in paths if os.path.exists(p)}
     covered = tuple(p + os.sep for p in (*SYSTEM_PATHS, *paths))  # a path inside another needs no bind of its own
     return sorted(p for p in paths if not (p + os.sep).startswith(tuple(c for c in covered if c != p + os.sep)))
 
