@@ -26,7 +26,7 @@ def test_unknown_key_named_with_suggestion(tmp_path):
     [
         ("model: m\ndata: d\nmethod: qlora\n", "method: 'qlora' is not one of"),
         ("model: m\ndata: d\nrank: two\n", "rank: expected an integer"),
-        ("model: m\ndata: d\nreg_weight: -1\n", "reg_weight: must be >= 0"),
+        ("model: m\ndata: d\nreg_weight: -1\n", "reg_weight: must be a finite number >= 0"),
         ("model: m\ndata: d\nresume: maybe\n", "resume: expected true or false"),
         ("model: m\ndata: d\ntrainer: {warmup_step: 3}\n", "trainer.warmup_step.*'warmup_steps'"),
         ("data: d\n", "model: required"),

@@ -159,7 +159,7 @@ BAD_INPUTS = {
     ),
     "missing token file": (_flags("--token-file", "none.json"), ["none.json does not exist"]),
     "pact on one token": (_one_token_file, ["pact regularizer", "needs >= 2"]),
-    "negative weight": (_flags("--reg-weight", "-1"), ["reg_weight: must be >= 0"]),
+    "negative weight": (_flags("--reg-weight", "-1"), ["reg_weight: must be a finite number >= 0"]),
     "negative learning rate": (_flags("--learning-rate", "-0.0002"), ["learning_rate: must be > 0"]),
     "zero rank": (_flags("--rank", "0"), ["rank: must be >= 1"]),
     "NaN weight": (_flags("--reg-weight", "nan"), ["reg_weight: must be a finite number"]),
