@@ -248,6 +248,21 @@ def test_terms_on_the_answer_need_labels_that_find_it(model, tokenizer, tmp_path
             SafetySFTTrainer(model=lora(model), args=config(tmp_path, **settings), train_dataset=data,
                              processing_class=tokenizer)  # fmt: skip
     SafetySFTTrainer(model=lora(model), args=config(tmp_path), train_dataset=data, processing_class=tokenizer)
+    # decided from the rows, not the flags: prompt-completion data with completion_only_loss off is labelled
+    # everywhere too; pre-tokenized rows that mask their prompt need neither flag
+    pairs = Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in CHAT])
+    with pytest.raises(ConfigError, match="label every token"):
+        SafetySFTTrainer(model=lora(model), args=config(tmp_path, positions="response", completion_only_loss=False),
+                         train_dataset=pairs, processing_class=tokenizer)  # fmt: skip
+    tokenized = []
+    for r in CHAT:
+        prompt = tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(r["messages"], return_dict=False)
+        tokenized.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt) :]})
+    trainer = SafetySFTTrainer(model=lora(model), args=config(tmp_path, positions="response"),
+                               train_dataset=Dataset.from_list(tokenized), processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    assert [row["reg"] for row in trainer.state.log_history if "reg" in row][-1] > 0
 
 
 def test_reg_weight_must_be_finite(tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,14 +162,19 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
 
     def _check_response_labels(self, entry) -> None:
         """A term on the answer's tokens (PACT, constrained SFT, kl; positions "response", first_response_tokens) finds
-        them through the labels: TRL labels every token of conversational data unless assistant_only_loss is set,
-        and the template's tokens would then count as the answer's (constrained SFT's first-token betas among them)."""
+        them through the labels (-100 off the answer). Decided from the prepared rows, not the flags: TRL labels every
+        token of conversational data unless assistant_only_loss is set, and pre-tokenized data brings its own labels;
+        with none masked, the template's tokens would count as the answer's (constrained SFT's first-token betas
+        among them)."""
         on_answer = (entry.positions or self.args.positions) == "response" or self.args.first_response_tokens > 0
-        if on_answer and not (self.args.assistant_only_loss or self.completion_only_loss):
+        if not on_answer:
+            return
+        rows = list(itertools.islice(iter(self.train_dataset), 16))
+        if rows and not any("labels" in row and -100 in list(row["labels"]) for row in rows):
             raise ConfigError(
-                f"regularizer {entry.name} scores the answer's tokens, but TRL's labels cover the whole sequence "
-                "(prompt and chat template too): set assistant_only_loss=True for conversational data, or train on "
-                "prompt-completion data (completion_only_loss)"
+                f"regularizer {entry.name} scores the answer's tokens, but the first {len(rows)} training rows label "
+                "every token (prompt and chat template too): set assistant_only_loss=True for conversational data, "
+                "train on prompt-completion data (completion_only_loss), or give labels with -100 off the answer"
             )
 
     def _make_anchors(self):
