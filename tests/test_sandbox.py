@@ -6,6 +6,7 @@ about, never silent. The network layers and the HumanEval scoring are tested in 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pwd
@@ -49,11 +50,10 @@ checks = {{
     "dir_fd token": lambda: os.read(os.open(os.path.relpath(paths["token"], "/usr"), os.O_RDONLY,
                                             dir_fd=os.open("/usr", os.O_RDONLY)), 100),
 }}
-if paths["guarded"]:  # a blocked extension loaded under another dotted name (it starts processes unaudited)
+if paths["guarded"] and paths["posixsubprocess"]:  # a blocked extension under another name starts processes unaudited
     def renamed():
-        import importlib.util, glob
-        file = glob.glob(os.path.join(sys.base_exec_prefix, "lib", "python3*", "lib-dynload", "_posixsubprocess*"))
-        spec = importlib.util.spec_from_file_location("x._posixsubprocess", file[0])
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("x._posixsubprocess", paths["posixsubprocess"])
         return importlib.util.module_from_spec(spec)
     checks["renamed _posixsubprocess"] = renamed
 if paths["exists"]:  # not audited, so only the mount namespace hides it
@@ -99,7 +99,14 @@ def user_files(tmp_path, monkeypatch):
         "repo": str(REPO),
         "repo_file": str(REPO / "pyproject.toml"),
         "cwd": os.getcwd(),
+        "posixsubprocess": _extension_file("_posixsubprocess"),
     }
+
+
+def _extension_file(name: str) -> str | None:
+    """Where the interpreter loads an extension module from (lib-dynload, lib64), or None when it is built in."""
+    origin = importlib.util.find_spec(name).origin
+    return origin if origin and os.path.isfile(origin) else None
 
 
 def test_the_probe_finds_every_file_outside_the_sandbox(user_files):
@@ -109,7 +116,7 @@ def test_the_probe_finds_every_file_outside_the_sandbox(user_files):
     leaked = set(json.loads(plain.stdout))
     expected = {"open token", "os.open token", "open ssh key", "list home", "scan .ssh", "read repo file"}
     expected |= {"list repo", "list parent cwd", "parent environ", "list /tmp", "token exists", "dir_fd token"}
-    expected |= {"renamed _posixsubprocess"}
+    expected |= {"renamed _posixsubprocess"} if user_files["posixsubprocess"] else set()
     assert expected <= leaked and plain.returncode == 1
 
 
@@ -206,6 +213,38 @@ def test_detail_never_carries_the_programs_output(program):
     assert result.detail in ("exit status 1", "exit status 2", "ValueError", "KeyError")
 
 
+_TRICKS = {  # each changes what the guard would see, then the program reads the token
+    "os.fsdecode": "import os\nos.fsdecode = lambda path: '/dev/null'\n",
+    "os.fspath": "import os\nos.fspath = lambda path: '/dev/null'\n",
+    "posixpath.abspath": "import posixpath\nposixpath.abspath = lambda path: '/dev/null'\n",
+    "builtins.isinstance": "import builtins\nbuiltins.isinstance = lambda *args: True\n",
+    "the hook's defaults": (
+        "import gc\nfor f in gc.get_objects():\n    if type(f).__name__ == 'function' and f.__name__ == '_hook':\n"
+        "        f.__defaults__ = tuple(('/',) if type(d) is tuple else d for d in f.__defaults__)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("trick", _TRICKS)
+def test_the_guard_trusts_nothing_the_program_can_rebind(user_files, trick):
+    program = _TRICKS[trick] + f"print(open({user_files['token']!r}).read())\n"
+    result = run_python(program, isolation="guard")
+    assert result.detail == "PermissionError" and SECRET not in repr(result), result
+
+
+def test_the_guard_takes_plain_paths_only(user_files):
+    """os.open has converted a path object before the audit event: a second __fspath__ call, the guard's, could
+    answer differently. open() converts first, so pathlib keeps working there."""
+    program = (
+        "import os, pathlib\npathlib.Path('mine').write_text('x')\nassert open(pathlib.Path('mine')).read() == 'x'\n"
+        f"class Flip:\n    calls = 0\n    def __fspath__(self):\n        Flip.calls += 1\n"
+        f"        return {user_files['token']!r} if Flip.calls == 1 else '/dev/null'\n"
+        "print(os.read(os.open(Flip(), os.O_RDONLY), 100))\n"
+    )
+    result = run_python(program, isolation="guard")
+    assert result.detail == "PermissionError" and SECRET not in repr(result), result
+
+
 def test_a_missing_namespace_is_refused_unless_a_weaker_isolation_is_named(monkeypatch, user_files):
     monkeypatch.setattr(sandbox, "mount_isolation_problem", lambda: "unshare: Operation not permitted (test)")
     monkeypatch.delenv(sandbox.OPT_IN, raising=False)
@@ -220,7 +259,14 @@ def test_a_missing_namespace_is_refused_unless_a_weaker_isolation_is_named(monke
         run_python("pass", isolation="mountns")
 
 
-@pytest.mark.parametrize("isolation", [pytest.param("mountns", marks=needs_mountns), "guard"])
+# A system Python (prefix /usr) is bound whole with the system folders: nothing of a user's is kept there
+in_system = (sys.base_prefix + os.sep).startswith(tuple(p + os.sep for p in sandbox.SYSTEM_PATHS))
+
+
+@pytest.mark.parametrize(
+    "isolation",
+    [pytest.param("mountns", marks=[needs_mountns, pytest.mark.skipif(in_system, reason="a system Python")]), "guard"],
+)
 def test_the_python_prefix_shows_only_its_lib_folders(isolation):
     """A conda prefix keeps activation variables (tokens) in conda-meta/ and etc/: only lib*/ and the interpreter
     are visible (mountns), or readable at all (the guard)."""

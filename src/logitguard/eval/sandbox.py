@@ -70,41 +70,90 @@ resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 if guard == "1":
-    import os
+    import os, stat
     home = os.path.realpath(os.getcwd()) + os.sep
     prefixes = (sys.base_prefix, sys.base_exec_prefix)  # their lib folders only (python_paths says why)
     libs = {os.path.realpath(os.path.join(p, lib)) + os.sep for p in prefixes for lib in ("lib", "lib64")}
-    readable = tuple({home, *libs})
-    devices = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
-    blocked_imports = {"socket", "_socket", "ssl", "_ssl", "subprocess", "_posixsubprocess", "multiprocessing",
-                       "_multiprocessing", "ctypes", "_ctypes", "pty"}
-    blocked = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-               "os.forkpty", "os.kill", "os.killpg", "ctypes.", "os.remove", "os.rmdir", "os.rename",
-               "shutil.rmtree", "os.chmod", "os.chown", "os.truncate", "os.link", "os.symlink", "os.putenv")
-    writes_to = ("os.mkdir", "os.utime", "os.setxattr", "os.removexattr")  # events whose first argument is a path
 
-    def _hook(event, args, _real=os.path.realpath, _w=os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND):
+    # The program can rebind any module's names (os.fsdecode, posixpath's realpath helpers, os.path.isdir, even
+    # builtins.type), so the hook uses only what it holds in its defaults: C functions and immutable values. The
+    # functions' own defaults and code cannot be replaced unaudited (object.__setattr__, refused below).
+    def _resolve(path, _lstat=os.lstat, _readlink=os.readlink, _getcwd=os.getcwd, _islink=stat.S_ISLNK,
+                 _reversed=reversed):
+        # realpath: symlinks followed from the root, ".." applied to what they resolved to
+        parts = ([] if path.startswith("/") else _getcwd().split("/")) + path.split("/")
+        parts.reverse()
+        resolved, hops = [], 0
+        while parts:
+            part = parts.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                resolved = resolved[:-1]
+                continue
+            here = "/" + "/".join([*resolved, part])
+            try:
+                link = _islink(_lstat(here).st_mode)
+            except OSError:
+                link = False
+            if not link:
+                resolved = [*resolved, part]
+                continue
+            hops += 1
+            if hops > 40:
+                raise PermissionError(f"sandbox: too many symbolic links in {path}")
+            target = _readlink(here)
+            resolved = [] if target.startswith("/") else resolved
+            parts.extend(_reversed(target.split("/")))
+        return "/" + "/".join(resolved)
+
+    def _hook(event, args, _resolve=_resolve, _isdir=stat.S_ISDIR, _stat=os.stat, _sep=os.sep,
+              _home=home, _readable=tuple({home, *libs}), _w=os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND,
+              _devices=("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"),
+              _blocked_imports=frozenset({"socket", "_socket", "ssl", "_ssl", "subprocess", "_posixsubprocess",
+                                          "multiprocessing", "_multiprocessing", "ctypes", "_ctypes", "pty"}),
+              _blocked=("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+                        "os.forkpty", "os.kill", "os.killpg", "ctypes.", "os.remove", "os.rmdir", "os.rename",
+                        "shutil.rmtree", "os.chmod", "os.chown", "os.truncate", "os.link", "os.symlink",
+                        "os.putenv"),
+              _writes_to=("os.mkdir", "os.utime", "os.setxattr", "os.removexattr"),  # first argument a path
+              _own=("__code__", "__defaults__", "__kwdefaults__"), _type=type, _int=int, _str=str, _bytes=bytes):
         # by the module's own name: an extension loaded from its file under another dotted name is the same module
-        if event == "import" and args[0].rpartition(".")[2] in blocked_imports:
+        if event == "import" and args[0].rpartition(".")[2] in _blocked_imports:
             raise PermissionError(f"sandbox: import {args[0]} is not allowed")
-        if event.startswith(blocked):
+        if event.startswith(_blocked):
             raise PermissionError(f"sandbox: {event} is not allowed")
-        if event in ("open", "os.listdir", "os.scandir", *writes_to) and not isinstance(args[0], int):
-            path = _real(os.fsdecode(args[0] if args[0] is not None else "."))
+        if event == "object.__setattr__" and args[1] in _own:  # would rewrite this hook
+            raise PermissionError(f"sandbox: setting a function's {args[1]} is not allowed")
+        if event in ("open", "os.listdir", "os.scandir", *_writes_to) and _type(args[0]) is not _int:
+            path = args[0] if args[0] is not None else "."
+            if _type(path) is _bytes:
+                path = path.decode("utf-8", "surrogateescape")
+            if _type(path) is not _str:
+                # os.open converted it already; a second __fspath__ call could answer differently (open() passes str)
+                raise PermissionError(f"sandbox: {event} takes a str or bytes path here, got {_type(path).__name__}")
+            path = _resolve(path)
             if event == "open":
-                if os.path.isdir(path):
+                try:
+                    directory = _isdir(_stat(path).st_mode)
+                except OSError:
+                    directory = False
+                if directory:
                     # a directory descriptor would make paths relative to it (dir_fd), which the event does not show
                     raise PermissionError(f"sandbox: opening the directory {path} is not allowed")
                 mode, flags = args[1], args[2]
-                writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (mode is None and flags & _w)
+                writes = (_type(mode) is _str and ("w" in mode or "a" in mode or "x" in mode or "+" in mode)) or (
+                    mode is None and flags & _w
+                )
             else:
-                writes = event in writes_to
-            if writes and not (path + os.sep).startswith(home):
+                writes = event in _writes_to
+            if writes and not (path + _sep).startswith(_home):
                 raise PermissionError(f"sandbox: writing {path} is not allowed")
-            if not (path + os.sep).startswith(readable) and path not in devices:
+            if not (path + _sep).startswith(_readable) and path not in _devices:
                 raise PermissionError(f"sandbox: reading {path} is not allowed")
 
     sys.addaudithook(_hook)
+    del os, stat, home, prefixes, libs, _resolve, _hook
 del resource
 import runpy
 runpy.run_path(program, run_name="__main__")
