@@ -180,3 +180,11 @@ def test_reg_weight_unset_is_the_terms_default(model, tokenizer, tmp_path, regul
     )
     assert trainer.configured_weight == expected
     assert trainer.reg_weight() == expected
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -1.0])
+def test_reg_weight_must_be_a_finite_number(model, tokenizer, tmp_path, weight):
+    """NaN passes `< 0` and `> 0` checks alike: the term would silently be off."""
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        SafetyTrainer(model=lora(model), args=training_args(tmp_path), safety_ids=[5, 6], reference=object(),
+                      reg_weight=weight)  # fmt: skip

@@ -73,6 +73,17 @@ def test_trl_refuses_packing_and_rewriting_inits(model, tokenizer, tmp_path):
             model=model, args=config(tmp_path), train_dataset=Dataset.from_list(CHAT), processing_class=tokenizer,
             peft_config=LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"),
         )  # fmt: skip
+    # given positionally, as SFTTrainer's signature allows
+    import inspect
+
+    from trl import SFTTrainer
+
+    values = {"train_dataset": Dataset.from_list(CHAT), "processing_class": tokenizer,
+              "peft_config": LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa")}  # fmt: skip
+    params = list(inspect.signature(SFTTrainer.__init__).parameters.values())[3:]
+    upto = [q.name for q in params].index("peft_config") + 1
+    with pytest.raises(ConfigError, match="rewrites the base weights"):
+        SafetySFTTrainer(model, config(tmp_path), *[values.get(q.name, q.default) for q in params[:upto]])
 
 
 def trl_step_update(tmp_path, tokenizer, examples, ids, batch_size, accum):

@@ -24,6 +24,7 @@ head's forward and computes the K safety logits from K head rows and the cross-e
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
 
 import torch
@@ -64,6 +65,8 @@ class SafetyRegularization:
         entry = get_regularizer(regularizer)  # the registry entry: what the term reads, needs and how it normalises
         if reg_weight is None:  # the term's own default, as TrainConfig and SafetySFTConfig resolve it
             reg_weight = entry.default_weight
+        if not (reg_weight >= 0 and math.isfinite(reg_weight)):  # NaN would pass `< 0` and turn the term off
+            raise ConfigError(f"reg_weight: must be a finite number >= 0, got {reg_weight}")
         if reg_weight > 0 and reference is None:
             raise ConfigError("reg_weight > 0 needs a reference (cache, online or paper)")
         if len(safety_ids) < entry.min_tokens:

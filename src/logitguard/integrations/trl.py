@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,8 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
         if not isinstance(args, SafetySFTConfig):  # SFTTrainer would make a plain SFTConfig, without the safety keys
             raise ConfigError("SafetySFTTrainer needs args=SafetySFTConfig(...) (logitguard.integrations.trl)")
         uses_reference = args.reg_weight > 0 or bool(args.anchor_prompts)
-        if uses_reference and (init := _rewriting_init(model, kwargs.get("peft_config"))) is not None:
+        given = inspect.signature(SFTTrainer.__init__).bind_partial(self, model, args, *rest, **kwargs).arguments
+        if uses_reference and (init := _rewriting_init(model, given.get("peft_config"))) is not None:
             raise ConfigError(
                 f"init_lora_weights={init!r} rewrites the base weights, so the adapter-disabled model is not the "
                 "aligned one; build the reference first with `logitguard train` (method pissa), or use a plain init"
@@ -262,7 +264,7 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
         policy = box["safety"] if reads == "safety" else box["kl"] if reads == "topk_kl" else box["label_logp"]
         reg = self.regularize(model, policy, batch, mode, step_wide=step_wide, reference=reference)
         local_tokens = (inputs["labels"][:, 1:] != -100).sum().clamp_min(1)
-        ce = (loss.detach() - aux) / trl_factor * (num_items_in_batch / local_tokens if step_wide else 1)
+        ce = (loss - aux).detach() / trl_factor * (num_items_in_batch / local_tokens if step_wide else 1)
         self._safety_metrics[mode]["ce"].append(ce)
         # lambda weighs the term; an objective that replaces cross-entropy is the loss itself (lambda > 0: on). A
         # controller is shown the term as a share of the step's mean: a micro-batch mean is one of the accumulation
