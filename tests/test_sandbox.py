@@ -297,3 +297,13 @@ def test_a_failed_setup_raises_instead_of_running_with_less(monkeypatch):
     monkeypatch.setattr(sandbox, "python_paths", lambda: ["/nonexistent/logitguard-python"])
     with pytest.raises(RuntimeError, match="sandbox setup failed: .*mount"):
         run_python("pass")
+
+
+def test_a_lib64_link_in_the_prefix_is_kept_as_a_link(tmp_path, monkeypatch):
+    """A prefix whose lib64 links to lib: sys.path may name either, so the namespace gets the folder and the link."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib64").symlink_to("lib")
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path))
+    monkeypatch.setattr(sys, "base_exec_prefix", str(tmp_path))
+    paths = python_paths()
+    assert str(tmp_path / "lib") in paths and str(tmp_path / "lib64") in paths

@@ -241,14 +241,12 @@ def place(path, readonly):
     if readonly:  # a remount must keep the flags the user namespace locked
         mount(None, target, None, BIND | REMOUNT | RDONLY | (os.statvfs(target).f_flag & KEEP))
 
-for path in spec["system"]:
+for path in spec["system"] + spec["python"]:
     if os.path.islink(path):
         os.makedirs(os.path.dirname(root + path), exist_ok=True)
         os.symlink(os.readlink(path), root + path)
-    elif os.path.exists(path):
+    elif os.path.exists(path) or path in spec["python"]:  # the interpreter's own paths must be there
         place(path, True)
-for path in spec["python"]:
-    place(path, True)
 for path in spec["devices"]:
     if os.path.exists(path):
         place(path, True)  # reads and writes go to the device; the node itself stays as it is
@@ -309,7 +307,10 @@ def python_paths() -> list[str]:
     exe = python_executable()
     paths = {exe}
     for prefix in (sys.base_prefix, sys.base_exec_prefix):
-        paths |= {os.path.realpath(os.path.join(prefix, lib)) for lib in ("lib", "lib64")}
+        for lib in (os.path.join(prefix, "lib"), os.path.join(prefix, "lib64")):
+            paths.add(os.path.realpath(lib))
+            if os.path.islink(lib):  # lib64 -> lib: sys.path may name the link, which the launcher recreates
+                paths.add(lib)
     if sysconfig.get_config_var("LIBDIR"):  # where libpython lives, if elsewhere
         paths.add(os.path.realpath(sysconfig.get_config_var("LIBDIR")))
     paths = {p for p in paths if os.path.exists(p)}
