@@ -232,9 +232,70 @@ def test_the_guard_trusts_nothing_the_program_can_rebind(user_files, trick):
     assert result.detail == "PermissionError" and SECRET not in repr(result), result
 
 
+_ESCAPES = {  # each reads the token past a hook that only looked at names and paths
+    "subinterpreter": "import _xxsubinterpreters as i\ni.run_string(i.create(), 'print(open(TOKEN).read())')\n",
+    "trace function": (
+        "import gc, sys\nhook = [f for f in gc.get_objects() if type(f).__name__ == 'function' and "
+        "f.__name__ == '_hook'][0]\nhook.__cantrace__ = True\n"
+        "def local(frame, event, arg):\n    if frame.f_locals.get('path') is not None:\n"
+        "        frame.f_locals['path'] = '/dev/null'\n    return local\n"
+        "sys.settrace(lambda frame, event, arg: local if frame.f_code.co_name == '_hook' else None)\n"
+        "print(open(TOKEN).read())\n"
+    ),
+    "long path": (  # the hook's stat of a path past PATH_MAX failed, so it took a folder for a file: a folder
+        # descriptor; from a short deep folder the hook then resolves a relative path inside the box, the kernel from
+        # the descriptor, to the token
+        "import os\nhome = os.getcwd()\nos.makedirs('a/' * 24)\n"
+        "while len(os.getcwd()) + 252 < 4096:\n    os.mkdir('L' * 250)\n    os.chdir('L' * 250)\n"
+        "os.mkdir('D' * 250)\nfolder = os.open('D' * 250, os.O_RDONLY)\ndepth = os.getcwd().count('/') + 1\n"
+        "os.chdir(home + '/a' * 24)\n"
+        "print(os.read(os.open('../' * depth + TOKEN.lstrip('/'), os.O_RDONLY, dir_fd=folder), 100))\n"
+    ),
+    "native code": (
+        "import importlib.machinery, importlib.util\nname = 'mine' + importlib.machinery.EXTENSION_SUFFIXES[0]\n"
+        "open(name, 'wb').write(b'not an ELF')\n"
+        "importlib.util.module_from_spec(importlib.util.spec_from_file_location('mine', name))\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("escape", _ESCAPES)
+def test_the_guard_refuses_what_the_hook_cannot_see_past(user_files, escape):
+    if escape == "subinterpreter" and sys.version_info >= (3, 13):
+        pytest.skip("the module is _interpreters from 3.13")
+    program = f"TOKEN = {user_files['token']!r}\n" + _ESCAPES[escape]
+    result = run_python(program, isolation="guard")
+    # the subinterpreter's creation fails as a RuntimeError when the hook refuses it
+    assert result.detail in ("PermissionError", "RuntimeError") and SECRET not in repr(result), result
+
+
+def test_a_blocked_extension_cannot_hide_behind_a_str_subclass(user_files):
+    if not user_files["posixsubprocess"]:
+        pytest.skip("_posixsubprocess is built into this interpreter: no hook sees it (docs/evaluation.md)")
+    program = (
+        "import importlib.util\nclass Name(str):\n    def rpartition(self, sep):\n        return ('', '', 'fine')\n"
+        f"spec = importlib.util.spec_from_file_location(Name('_posixsubprocess'), {user_files['posixsubprocess']!r})\n"
+        "importlib.util.module_from_spec(spec)\n"
+    )
+    assert run_python(program, isolation="guard").detail == "PermissionError"
+
+
+def test_the_guard_leaves_the_standard_library_working(tmp_path):
+    """namedtuple sets its __new__'s defaults, which dataclasses, inspect, logging and unittest all do on import."""
+    program = (
+        "import dataclasses, inspect, logging, traceback, unittest, pathlib, tempfile, json\n"
+        "from collections import namedtuple\nPoint = namedtuple('Point', 'x y', defaults=(0,))\n"
+        "assert Point(1).y == 0\npathlib.Path('out.json').write_text(json.dumps([1]))\n"
+        "assert json.loads(open('out.json').read()) == [1]\n"
+        "try:\n    open('absent')\nexcept FileNotFoundError:\n    pass\n"
+    )
+    result = run_python(program, isolation="guard")
+    assert result.passed, result
+
+
 def test_the_guard_takes_plain_paths_only(user_files):
-    """os.open has converted a path object before the audit event: a second __fspath__ call, the guard's, could
-    answer differently. open() converts first, so pathlib keeps working there."""
+    """A path object whose __fspath__ answers differently per call reads nothing (the event carries the path the
+    call used), and pathlib keeps working through open()."""
     program = (
         "import os, pathlib\npathlib.Path('mine').write_text('x')\nassert open(pathlib.Path('mine')).read() == 'x'\n"
         f"class Flip:\n    calls = 0\n    def __fspath__(self):\n        Flip.calls += 1\n"

@@ -24,8 +24,11 @@ in a fresh working folder that is deleted afterwards, with:
   refuses sockets, starting processes, ctypes (each by the module's own name, however it is loaded), deleting or
   renaming files, writing outside the working folder, opening a directory (a descriptor for dir_fd paths, which
   the audit event does not show), and opening or listing anything outside the working folder, the Python
-  installation and a few /dev nodes.
-  An audit hook is a second line, not a boundary (os.stat, for one, is not audited); the namespaces are.
+  prefix's lib folders and a few /dev nodes; also subinterpreters (they have no hooks), trace and profile
+  functions (they could rewrite the hook's locals), native code from outside the lib folders and sqlite3. It keeps
+  what it uses in its own defaults, so a program rebinding os, posixpath or builtins names changes nothing.
+  An audit hook is a second line, not a boundary (os.stat, os.mknod and pidfd signals, for three, are not
+  audited, and an interpreter with _posixsubprocess built in starts processes unseen); the namespaces are.
 - `detail`, which goes into the records, never echoes the program's output: it is the name of a built-in
   exception class (from the last line of stderr), else the exit status, the signal or the timeout.
 The limits are set by the child itself before the guard and the program run (not in `preexec_fn`, which is
@@ -76,8 +79,8 @@ if guard == "1":
     libs = {os.path.realpath(os.path.join(p, lib)) + os.sep for p in prefixes for lib in ("lib", "lib64")}
 
     # The program can rebind any module's names (os.fsdecode, posixpath's realpath helpers, os.path.isdir, even
-    # builtins.type), so the hook uses only what it holds in its defaults: C functions and immutable values. The
-    # functions' own defaults and code cannot be replaced unaudited (object.__setattr__, refused below).
+    # builtins.type), so the hook uses only what it holds in its defaults: C functions and immutable values. Its own
+    # and _resolve's defaults and code cannot be replaced unaudited (object.__setattr__, refused for these two).
     def _resolve(path, _lstat=os.lstat, _readlink=os.readlink, _getcwd=os.getcwd, _islink=stat.S_ISLNK,
                  _reversed=reversed):
         # realpath: symlinks followed from the root, ".." applied to what they resolved to
@@ -94,8 +97,10 @@ if guard == "1":
             here = "/" + "/".join([*resolved, part])
             try:
                 link = _islink(_lstat(here).st_mode)
-            except OSError:
+            except (FileNotFoundError, NotADirectoryError):
                 link = False
+            except OSError:  # a path too long to check, say, which the kernel opens relative to the working folder
+                raise PermissionError(f"sandbox: cannot resolve {path}") from None
             if not link:
                 resolved = [*resolved, part]
                 continue
@@ -108,7 +113,8 @@ if guard == "1":
         return "/" + "/".join(resolved)
 
     def _hook(event, args, _resolve=_resolve, _isdir=stat.S_ISDIR, _stat=os.stat, _sep=os.sep,
-              _home=home, _readable=tuple({home, *libs}), _w=os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND,
+              _home=home, _readable=tuple({home, *libs}),
+              _w=os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC,
               _devices=("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"),
               _blocked_imports=frozenset({"socket", "_socket", "ssl", "_ssl", "subprocess", "_posixsubprocess",
                                           "multiprocessing", "_multiprocessing", "ctypes", "_ctypes", "pty"}),
@@ -117,14 +123,27 @@ if guard == "1":
                         "shutil.rmtree", "os.chmod", "os.chown", "os.truncate", "os.link", "os.symlink",
                         "os.putenv"),
               _writes_to=("os.mkdir", "os.utime", "os.setxattr", "os.removexattr"),  # first argument a path
-              _own=("__code__", "__defaults__", "__kwdefaults__"), _type=type, _int=int, _str=str, _bytes=bytes):
+              _own=("__code__", "__defaults__", "__kwdefaults__"), _type=type, _int=int, _str=str, _bytes=bytes,
+              _libs=tuple(libs), _creat=os.O_CREAT, _absent=FileNotFoundError, _guarded=(),
+              _refused=("cpython.PyInterpreterState_New", "sys.settrace", "sys.setprofile", "sqlite3.connect",
+                        "sqlite3.enable_load_extension")):
         # by the module's own name: an extension loaded from its file under another dotted name is the same module
-        if event == "import" and args[0].rpartition(".")[2] in _blocked_imports:
-            raise PermissionError(f"sandbox: import {args[0]} is not allowed")
-        if event.startswith(_blocked):
+        if event == "import":
+            # by the module's own name (an exact str: a subclass could answer rpartition its own way); an extension
+            # loaded from its file under another dotted name is the same module
+            if _type(args[0]) is not _str or _str.rpartition(args[0], ".")[2] in _blocked_imports:
+                raise PermissionError("sandbox: this import is not allowed")
+            # native code only from the Python installation (one the program wrote would run unaudited)
+            native = args[1]
+            if native is not None and (_type(native) is not _str or not (_resolve(native) + _sep).startswith(_libs)):
+                raise PermissionError("sandbox: an extension module from outside the Python installation")
+        # subinterpreters have no audit hooks; a trace function can rewrite this hook's locals; sqlite writes anywhere
+        if event.startswith(_blocked) or event in _refused:
             raise PermissionError(f"sandbox: {event} is not allowed")
-        if event == "object.__setattr__" and args[1] in _own:  # would rewrite this hook
-            raise PermissionError(f"sandbox: setting a function's {args[1]} is not allowed")
+        if event in ("object.__setattr__", "object.__delattr__") and args[1] in _own and (
+            args[0] is _guarded[0] or args[0] is _guarded[1]
+        ):  # would rewrite this hook (other functions' defaults are set by the standard library: namedtuple)
+            raise PermissionError(f"sandbox: changing the guard's {args[1]} is not allowed")
         if event in ("open", "os.listdir", "os.scandir", *_writes_to) and _type(args[0]) is not _int:
             path = args[0] if args[0] is not None else "."
             if _type(path) is _bytes:
@@ -136,8 +155,12 @@ if guard == "1":
             if event == "open":
                 try:
                     directory = _isdir(_stat(path).st_mode)
-                except OSError:
+                except _absent:
+                    if not args[2] & _creat:  # the kernel would say the same; a racing mkdir could make it a folder
+                        raise _absent(2, "No such file or directory", path) from None
                     directory = False
+                except OSError:  # too long to check, say: the kernel resolves it from the working folder
+                    raise PermissionError(f"sandbox: cannot check {path}") from None
                 if directory:
                     # a directory descriptor would make paths relative to it (dir_fd), which the event does not show
                     raise PermissionError(f"sandbox: opening the directory {path} is not allowed")
@@ -152,8 +175,13 @@ if guard == "1":
             if not (path + _sep).startswith(_readable) and path not in _devices:
                 raise PermissionError(f"sandbox: reading {path} is not allowed")
 
+    # the hook's own identity and _resolve's, for the check above: set before the hook is added (it would refuse it)
+    _defaults, _code = list(_hook.__defaults__), _hook.__code__
+    _names = _code.co_varnames[_code.co_argcount - len(_defaults) : _code.co_argcount]
+    _defaults[_names.index("_guarded")] = (_hook, _resolve)
+    _hook.__defaults__ = tuple(_defaults)
     sys.addaudithook(_hook)
-    del os, stat, home, prefixes, libs, _resolve, _hook
+    del os, stat, home, prefixes, libs, _resolve, _hook, _defaults, _code, _names
 del resource
 import runpy
 runpy.run_path(program, run_name="__main__")
