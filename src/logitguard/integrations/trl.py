@@ -164,15 +164,19 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
 
     def _check_response_labels(self, entry) -> None:
         """A term on the answer's tokens (PACT, constrained SFT, kl; positions "response", first_response_tokens) finds
-        them through the labels (-100 off the answer). Decided from the prepared rows, not the flags: TRL labels every
-        token of conversational data unless assistant_only_loss is set, and pre-tokenized data brings its own labels;
+        them through the labels (-100 off the answer). Decided from a batch of the first rows as the collator builds
+        it for training, not from the flags: TRL labels every token of conversational data unless assistant_only_loss
+        is set, pre-tokenized data brings its own labels, and vision or unprepared data is labelled by the collator;
         with none masked, the template's tokens would count as the answer's (constrained SFT's first-token betas
-        among them)."""
+        among them). Padding does not count."""
         on_answer = (entry.positions or self.args.positions) == "response" or self.args.first_response_tokens > 0
-        if not on_answer:
+        rows = list(itertools.islice(iter(self.train_dataset), 8)) if on_answer else []
+        if not rows:
             return
-        rows = list(itertools.islice(iter(self.train_dataset), 16))
-        if rows and not any("labels" in row and -100 in list(row["labels"]) for row in rows):
+        batch = self.data_collator(rows)
+        labels = batch["labels"]
+        real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(labels).bool()
+        if not ((labels == -100) & real).any():
             raise ConfigError(
                 f"regularizer {entry.name} scores the answer's tokens, but the first {len(rows)} training rows label "
                 "every token (prompt and chat template too): set assistant_only_loss=True for conversational data, "
