@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from logitguard.eval import sandbox
-from logitguard.eval.sandbox import mount_isolation, python_paths, run_python
+from logitguard.eval.sandbox import guard_problem, mount_isolation, python_paths, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hf_" + "Q7x" * 12  # the shape of a Hugging Face token
@@ -251,6 +251,30 @@ _ESCAPES = {  # each reads the token past a hook that only looked at names and p
         "os.chdir(home + '/a' * 24)\n"
         "print(os.read(os.open('../' * depth + TOKEN.lstrip('/'), os.O_RDONLY, dir_fd=folder), 100))\n"
     ),
+    # a relative path the hook checked against the box, opened by the kernel after another thread moved the working
+    # folder to the root: the decoy exists in the box, so the hook lets the open through
+    "working folder race": (
+        "import os, threading\nhome, relative = os.getcwd(), TOKEN.lstrip('/')\n"
+        "os.makedirs(os.path.dirname(relative), exist_ok=True)\nopen(relative, 'w').write('decoy')\n"
+        "refused, done = [], threading.Event()\n"
+        "def flip():\n    try:\n        while not done.is_set():\n"
+        "            os.chdir('/')\n            os.chdir(home)\n"
+        "    except PermissionError as e:\n        refused.append(e)\n"
+        "threading.Thread(target=flip).start()\n"
+        "for _ in range(20000):\n    try:\n        if open(relative).read() != 'decoy':\n            done.set()\n"
+        "            raise SystemExit(0)\n    except (OSError, ValueError):\n        pass\n"
+        "done.set()\nif refused:\n    raise refused[0]\nraise SystemExit(3)\n"
+    ),
+    # a signal handler is handed the frame it interrupts, the hook's at times; its f_locals writes reach the running
+    # function only from Python 3.13 (PEP 667), where the guard is refused for that reason (guard_problem)
+    "signal handler": (
+        "import signal\n"
+        "def widen(signum, frame):\n    while frame is not None:\n        if frame.f_code.co_name == '_hook':\n"
+        "            frame.f_locals['_readable'] = ('/',)\n        frame = frame.f_back\n"
+        "signal.signal(signal.SIGALRM, widen)\nsignal.setitimer(signal.ITIMER_REAL, 1e-4, 1e-4)\n"
+        "for _ in range(20000):\n    try:\n        print(open(TOKEN).read())\n        raise SystemExit(0)\n"
+        "    except PermissionError as e:\n        refused = e\nraise refused\n"
+    ),
     "native code": (
         "import importlib.machinery, importlib.util\nname = 'mine' + importlib.machinery.EXTENSION_SUFFIXES[0]\n"
         "open(name, 'wb').write(b'not an ELF')\n"
@@ -263,6 +287,8 @@ _ESCAPES = {  # each reads the token past a hook that only looked at names and p
 def test_the_guard_refuses_what_the_hook_cannot_see_past(user_files, escape):
     if escape == "subinterpreter" and sys.version_info >= (3, 13):
         pytest.skip("the module is _interpreters from 3.13")
+    if escape == "signal handler" and guard_problem():
+        pytest.skip("the hook cannot keep its locals here, so the guard is refused (test_the_guard_is_refused_...)")
     program = f"TOKEN = {user_files['token']!r}\n" + _ESCAPES[escape]
     result = run_python(program, isolation="guard")
     # the subinterpreter's creation fails as a RuntimeError when the hook refuses it
@@ -318,6 +344,30 @@ def test_a_missing_namespace_is_refused_unless_a_weaker_isolation_is_named(monke
     assert result.isolation == "guard" and result.detail == "PermissionError"  # the guard still refuses
     with pytest.raises(sandbox.SandboxUnavailable, match="no mount namespace"):
         run_python("pass", isolation="mountns")
+
+
+def test_the_guard_is_refused_where_it_cannot_protect_itself(monkeypatch):
+    """From Python 3.13 a signal handler can rewrite the hook's locals (PEP 667): the isolations that leave the user's
+    files to the hook alone are refused there, and the mount namespace still runs (with the hook inside it)."""
+    assert guard_problem((3, 11, 7)) == guard_problem((3, 12, 0)) == ""
+    assert "PEP 667" in guard_problem((3, 13, 0)) and "PEP 667" in guard_problem((3, 14, 1))
+    monkeypatch.setattr(sandbox, "guard_problem", lambda version=None: "simulated")
+    monkeypatch.setattr(sandbox, "network_isolation", lambda: ("simulated",))
+    for isolation in ("guard", "netns"):
+        with pytest.raises(sandbox.SandboxUnavailable, match=f"{isolation}.*audit hook.*simulated.*mountns"):
+            sandbox.resolve_isolation(isolation)
+    monkeypatch.setattr(sandbox, "mount_isolation_problem", lambda: "simulated")
+    monkeypatch.setenv(sandbox.OPT_IN, "guard")
+    with pytest.raises(sandbox.SandboxUnavailable, match="'guard'.*audit hook"):
+        sandbox.resolve_isolation("auto")
+
+
+def test_the_guard_answers_as_the_kernel_would_under_a_file():
+    program = (
+        "open('file.txt', 'w').write('x')\nfor mode in ('r', 'w'):\n    try:\n        open('file.txt/x', mode)\n"
+        "    except NotADirectoryError:\n        continue\n    raise SystemExit(1)\n"
+    )
+    assert run_python(program, isolation="guard").passed
 
 
 # A system Python (prefix /usr) is bound whole with the system folders: nothing of a user's is kept there

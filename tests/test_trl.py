@@ -265,15 +265,30 @@ def test_terms_on_the_answer_need_labels_that_find_it(model, tokenizer, tmp_path
     with pytest.raises(ConfigError, match="label every token"):
         SafetySFTTrainer(model=lora(model), args=config(tmp_path, positions="response", completion_only_loss=False),
                          train_dataset=pairs, processing_class=tokenizer)  # fmt: skip
-    tokenized = []
+    masked = Dataset.from_list(_masked(tokenizer))
+    trainer = SafetySFTTrainer(model=lora(model), args=config(tmp_path, positions="response"), train_dataset=masked,
+                               processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    assert [row["reg"] for row in trainer.state.log_history if "reg" in row][-1] > 0
+
+
+def _masked(tokenizer) -> list[dict]:
+    """Pre-tokenized rows with the prompt masked, and a column the model does not take (training drops it)."""
+    rows = []
     for r in CHAT:
         prompt = tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True, return_dict=False)
         ids = tokenizer.apply_chat_template(r["messages"], return_dict=False)
-        tokenized.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt) :]})
-    trainer = SafetySFTTrainer(model=lora(model), args=config(tmp_path, positions="response"),
-                               train_dataset=Dataset.from_list(tokenized), processing_class=tokenizer)  # fmt: skip
-    trainer.train()
-    assert [row["reg"] for row in trainer.state.log_history if "reg" in row][-1] > 0
+        rows.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt) :], "source": "fixture"})
+    return rows
+
+
+def test_a_collator_without_labels_is_refused_for_terms_on_the_answer(model, tokenizer, tmp_path):
+    def unlabelled(rows):
+        return {"input_ids": torch.tensor([row["input_ids"][:4] for row in rows])}
+
+    with pytest.raises(ConfigError, match="carry none"):
+        SafetySFTTrainer(model=lora(model), args=config(tmp_path, positions="response"), data_collator=unlabelled,
+                         train_dataset=Dataset.from_list(_masked(tokenizer)), processing_class=tokenizer)  # fmt: skip
 
 
 def test_reg_weight_must_be_finite(tmp_path):

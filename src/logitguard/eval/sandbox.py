@@ -124,9 +124,10 @@ if guard == "1":
                         "os.putenv"),
               _writes_to=("os.mkdir", "os.utime", "os.setxattr", "os.removexattr"),  # first argument a path
               _own=("__code__", "__defaults__", "__kwdefaults__"), _type=type, _int=int, _str=str, _bytes=bytes,
-              _libs=tuple(libs), _creat=os.O_CREAT, _absent=FileNotFoundError, _guarded=(),
+              _libs=tuple(libs), _creat=os.O_CREAT, _absent=FileNotFoundError, _notdir=NotADirectoryError,
+              _guarded=(),
               _refused=("cpython.PyInterpreterState_New", "sys.settrace", "sys.setprofile", "sqlite3.connect",
-                        "sqlite3.enable_load_extension")):
+                        "sqlite3.enable_load_extension", "os.chdir")):
         # by the module's own name: an extension loaded from its file under another dotted name is the same module
         if event == "import":
             # by the module's own name (an exact str: a subclass could answer rpartition its own way); an extension
@@ -137,12 +138,15 @@ if guard == "1":
             native = args[1]
             if native is not None and (_type(native) is not _str or not (_resolve(native) + _sep).startswith(_libs)):
                 raise PermissionError("sandbox: an extension module from outside the Python installation")
-        # subinterpreters have no audit hooks; a trace function can rewrite this hook's locals; sqlite writes anywhere
+        # subinterpreters have no audit hooks; a trace function can rewrite this hook's locals; sqlite writes anywhere;
+        # a relative path is checked against the working folder of the moment, which another thread could change
+        # (os.chdir, os.fchdir) before the kernel resolves it
         if event.startswith(_blocked) or event in _refused:
             raise PermissionError(f"sandbox: {event} is not allowed")
-        if event in ("object.__setattr__", "object.__delattr__") and args[1] in _own and (
+        if event in ("object.__setattr__", "object.__delattr__") and (
             args[0] is _guarded[0] or args[0] is _guarded[1]
-        ):  # would rewrite this hook (other functions' defaults are set by the standard library: namedtuple)
+        ) and args[1] in _own:  # would rewrite this hook (other functions' defaults are set by the standard library:
+            # namedtuple); identity first: a type's attribute name can be a str subclass whose __eq__ is the program's
             raise PermissionError(f"sandbox: changing the guard's {args[1]} is not allowed")
         if event in ("open", "os.listdir", "os.scandir", *_writes_to) and _type(args[0]) is not _int:
             path = args[0] if args[0] is not None else "."
@@ -159,6 +163,8 @@ if guard == "1":
                     if not args[2] & _creat:  # the kernel would say the same; a racing mkdir could make it a folder
                         raise _absent(2, "No such file or directory", path) from None
                     directory = False
+                except _notdir:  # under a file, as the kernel would say
+                    raise _notdir(20, "Not a directory", path) from None
                 except OSError:  # too long to check, say: the kernel resolves it from the working folder
                     raise PermissionError(f"sandbox: cannot check {path}") from None
                 if directory:
@@ -435,7 +441,21 @@ def resolve_isolation(isolation: str = "auto") -> str:
         raise SandboxUnavailable(f"no mount namespace on this machine: {mount_isolation_problem()}")
     if isolation == "netns" and not network_isolation():
         raise SandboxUnavailable("no network namespace on this machine (`unshare -rn true` fails)")
+    if isolation in ("netns", "guard") and guard_problem():  # both leave the user's files to the hook alone
+        raise SandboxUnavailable(
+            f"isolation {isolation!r} leaves the user's files to the audit hook, which cannot protect itself on "
+            f"this Python: {guard_problem()}; run on a machine with user namespaces (mountns) or under Python 3.12"
+        )
     return isolation
+
+
+def guard_problem(version: tuple = sys.version_info) -> str:
+    """Why the audit hook cannot keep its own checks on this interpreter ("" where it can). From 3.13 a frame's
+    f_locals writes through to the running function (PEP 667), and a signal handler is handed the frame it
+    interrupts, which can be the hook's: no audit event covers either."""
+    if version >= (3, 13):
+        return "a signal handler can rewrite the hook's locals through frame.f_locals (PEP 667, Python 3.13+)"
+    return ""
 
 
 @functools.cache

@@ -173,7 +173,14 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
         rows = list(itertools.islice(iter(self.train_dataset), 8)) if on_answer else []
         if not rows:
             return
-        batch = self.data_collator(rows)
+        # copies (a collator may pop keys from the rows it is given), through the same column filter as training
+        collate = self._get_collator_with_removed_columns(self.data_collator, description="training")
+        batch = collate([dict(row) for row in rows])
+        if "labels" not in batch:
+            raise ConfigError(
+                f"regularizer {entry.name} scores the answer's tokens, found through the labels, but the data "
+                "collator's batches carry none: use TRL's collator, or one that returns labels (-100 off the answer)"
+            )
         labels = batch["labels"]
         real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(labels).bool()
         if not ((labels == -100) & real).any():
