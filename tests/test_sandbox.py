@@ -244,7 +244,7 @@ _ESCAPES = {  # each reads the token past a hook that only looked at names and p
     ),
     "long path": (  # the hook's stat of a path past PATH_MAX failed, so it took a folder for a file: a folder
         # descriptor; from a short deep folder the hook then resolves a relative path inside the box, the kernel from
-        # the descriptor, to the token
+        # the descriptor, to the token (refused now at its first os.chdir, which no program may call)
         "import os\nhome = os.getcwd()\nos.makedirs('a/' * 24)\n"
         "while len(os.getcwd()) + 252 < 4096:\n    os.mkdir('L' * 250)\n    os.chdir('L' * 250)\n"
         "os.mkdir('D' * 250)\nfolder = os.open('D' * 250, os.O_RDONLY)\ndepth = os.getcwd().count('/') + 1\n"
@@ -418,3 +418,66 @@ def test_a_lib64_link_in_the_prefix_is_kept_as_a_link(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "base_exec_prefix", str(tmp_path))
     paths = python_paths()
     assert str(tmp_path / "lib") in paths and str(tmp_path / "lib64") in paths
+
+
+def _guard_functions(home: Path, lib: Path) -> tuple:
+    """The harness's _resolve and _hook, defined here with `home` as the program's folder and `lib` as the only lib
+    folder (not installed as an audit hook), so that exceptions can be raised inside them at chosen lines."""
+    import ast
+    import stat
+
+    tree = ast.parse(sandbox._HARNESS)
+    defs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name in ("_resolve", "_hook")]
+    scope = {"os": os, "stat": stat, "home": str(home) + os.sep, "libs": {str(lib) + os.sep}}
+    exec(compile(ast.Module(body=defs, type_ignores=[]), "harness", "exec"), scope)
+    return scope["_resolve"], scope["_hook"]
+
+
+def _traced(codes, on_line):
+    """Run with on_line(frame) called at each line of the given code objects (what it raises, the line raises)."""
+
+    def local(frame, what, arg):
+        if what == "line":
+            on_line(frame)
+        return local
+
+    sys.settrace(lambda frame, what, arg: local if frame.f_code in codes else None)
+
+
+@pytest.mark.parametrize("raised", [FileNotFoundError, NotADirectoryError, OSError])
+def test_an_exception_raised_inside_the_guard_never_lets_a_path_through(tmp_path, raised):
+    """A signal handler can raise at any line of the hook (3.11+). Raised at each run of each line of _resolve and
+    the hook in turn, while a lib folder's symbolic link leads out to a secret: every call refuses, none passes."""
+    (tmp_path / "box").mkdir()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "token").write_text(SECRET)
+    (tmp_path / "lib" / "out").symlink_to(tmp_path / "secret")
+    resolve, hook = _guard_functions(tmp_path / "box", tmp_path / "lib")
+    codes = (resolve.__code__, hook.__code__)
+    target = str(tmp_path / "lib" / "out" / "token")
+    for event, args in {"open": (target, "r", os.O_RDONLY), "os.listdir": (str(tmp_path / "lib" / "out"),)}.items():
+        runs = []  # (code, line) of every line run by a call that is refused
+        _traced(codes, lambda frame, runs=runs: runs.append((frame.f_code, frame.f_lineno)))
+        try:
+            with pytest.raises(PermissionError):
+                hook(event, args)
+        finally:
+            sys.settrace(None)
+        for at in range(len(runs)):
+            seen = []
+
+            def inject(frame, at=at, seen=seen):
+                seen.append(1)
+                if len(seen) == at + 1:
+                    raise raised(2, "injected")
+
+            _traced(codes, inject)
+            try:
+                hook(event, args)
+            except BaseException:
+                continue
+            finally:
+                sys.settrace(None)
+            code, line = runs[at]
+            pytest.fail(f"{event} let through after {raised.__name__} at {code.co_name} line {line}")

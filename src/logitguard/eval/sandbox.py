@@ -81,8 +81,11 @@ if guard == "1":
     # The program can rebind any module's names (os.fsdecode, posixpath's realpath helpers, os.path.isdir, even
     # builtins.type), so the hook uses only what it holds in its defaults: C functions and immutable values. Its own
     # and _resolve's defaults and code cannot be replaced unaudited (object.__setattr__, refused for these two).
-    def _resolve(path, _lstat=os.lstat, _readlink=os.readlink, _getcwd=os.getcwd, _islink=stat.S_ISLNK,
-                 _reversed=reversed):
+    # No except clause here lets anything through: a signal handler can raise inside the hook at any line, and an
+    # exception taken for "absent" would make a symbolic link look like a plain name that the kernel then follows.
+    def _resolve(path, _lstat=os.lstat, _exists=os.access, _readlink=os.readlink, _getcwd=os.getcwd,
+                 _islink=stat.S_ISLNK, _reversed=reversed, _any=any, _absent=FileNotFoundError,
+                 _denied=PermissionError):
         # realpath: symlinks followed from the root, ".." applied to what they resolved to
         parts = ([] if path.startswith("/") else _getcwd().split("/")) + path.split("/")
         parts.reverse()
@@ -95,18 +98,18 @@ if guard == "1":
                 resolved = resolved[:-1]
                 continue
             here = "/" + "/".join([*resolved, part])
-            try:
-                link = _islink(_lstat(here).st_mode)
-            except (FileNotFoundError, NotADirectoryError):
-                link = False
-            except OSError:  # a path too long to check, say, which the kernel opens relative to the working folder
-                raise PermissionError(f"sandbox: cannot resolve {path}") from None
-            if not link:
+            # os.access answers without raising: missing, or past what can be checked (too long, no search right)
+            if not _exists(here, 0, follow_symlinks=False):
+                if _any(rest not in ("", ".") for rest in parts):  # the kernel's lookup would stop here too
+                    raise _absent(2, "No such file or directory", path)
+                resolved = [*resolved, part]  # a last name that does not exist yet: open(..., "w"), mkdir
+                continue
+            if not _islink(_lstat(here).st_mode):
                 resolved = [*resolved, part]
                 continue
             hops += 1
             if hops > 40:
-                raise PermissionError(f"sandbox: too many symbolic links in {path}")
+                raise _denied(f"sandbox: too many symbolic links in {path}")
             target = _readlink(here)
             resolved = [] if target.startswith("/") else resolved
             parts.extend(_reversed(target.split("/")))
@@ -125,36 +128,37 @@ if guard == "1":
               _writes_to=("os.mkdir", "os.utime", "os.setxattr", "os.removexattr"),  # first argument a path
               _own=("__code__", "__defaults__", "__kwdefaults__"), _type=type, _int=int, _str=str, _bytes=bytes,
               _libs=tuple(libs), _creat=os.O_CREAT, _absent=FileNotFoundError, _notdir=NotADirectoryError,
-              _guarded=(),
+              _oserror=OSError, _denied=PermissionError, _guarded=(),
               _refused=("cpython.PyInterpreterState_New", "sys.settrace", "sys.setprofile", "sqlite3.connect",
-                        "sqlite3.enable_load_extension", "os.chdir")):
+                        "sqlite3.enable_load_extension", "os.chdir", "sys.monitoring.register_callback")):
         # by the module's own name: an extension loaded from its file under another dotted name is the same module
         if event == "import":
             # by the module's own name (an exact str: a subclass could answer rpartition its own way); an extension
             # loaded from its file under another dotted name is the same module
             if _type(args[0]) is not _str or _str.rpartition(args[0], ".")[2] in _blocked_imports:
-                raise PermissionError("sandbox: this import is not allowed")
+                raise _denied("sandbox: this import is not allowed")
             # native code only from the Python installation (one the program wrote would run unaudited)
             native = args[1]
             if native is not None and (_type(native) is not _str or not (_resolve(native) + _sep).startswith(_libs)):
-                raise PermissionError("sandbox: an extension module from outside the Python installation")
-        # subinterpreters have no audit hooks; a trace function can rewrite this hook's locals; sqlite writes anywhere;
+                raise _denied("sandbox: an extension module from outside the Python installation")
+        # subinterpreters have no audit hooks; a trace function or a sys.monitoring callback (3.12+) can run inside the
+        # hook (to rewrite its locals, or raise where an exception would read as "absent"); sqlite writes anywhere;
         # a relative path is checked against the working folder of the moment, which another thread could change
         # (os.chdir, os.fchdir) before the kernel resolves it
         if event.startswith(_blocked) or event in _refused:
-            raise PermissionError(f"sandbox: {event} is not allowed")
+            raise _denied(f"sandbox: {event} is not allowed")
         if event in ("object.__setattr__", "object.__delattr__") and (
             args[0] is _guarded[0] or args[0] is _guarded[1]
         ) and args[1] in _own:  # would rewrite this hook (other functions' defaults are set by the standard library:
             # namedtuple); identity first: a type's attribute name can be a str subclass whose __eq__ is the program's
-            raise PermissionError(f"sandbox: changing the guard's {args[1]} is not allowed")
+            raise _denied(f"sandbox: changing the guard's {args[1]} is not allowed")
         if event in ("open", "os.listdir", "os.scandir", *_writes_to) and _type(args[0]) is not _int:
             path = args[0] if args[0] is not None else "."
             if _type(path) is _bytes:
                 path = path.decode("utf-8", "surrogateescape")
             if _type(path) is not _str:
                 # os.open converted it already; a second __fspath__ call could answer differently (open() passes str)
-                raise PermissionError(f"sandbox: {event} takes a str or bytes path here, got {_type(path).__name__}")
+                raise _denied(f"sandbox: {event} takes a str or bytes path here, got {_type(path).__name__}")
             path = _resolve(path)
             if event == "open":
                 try:
@@ -165,11 +169,11 @@ if guard == "1":
                     directory = False
                 except _notdir:  # under a file, as the kernel would say
                     raise _notdir(20, "Not a directory", path) from None
-                except OSError:  # too long to check, say: the kernel resolves it from the working folder
-                    raise PermissionError(f"sandbox: cannot check {path}") from None
+                except _oserror:  # too long to check, say: the kernel resolves it from the working folder
+                    raise _denied(f"sandbox: cannot check {path}") from None
                 if directory:
                     # a directory descriptor would make paths relative to it (dir_fd), which the event does not show
-                    raise PermissionError(f"sandbox: opening the directory {path} is not allowed")
+                    raise _denied(f"sandbox: opening the directory {path} is not allowed")
                 mode, flags = args[1], args[2]
                 writes = (_type(mode) is _str and ("w" in mode or "a" in mode or "x" in mode or "+" in mode)) or (
                     mode is None and flags & _w
@@ -177,9 +181,9 @@ if guard == "1":
             else:
                 writes = event in _writes_to
             if writes and not (path + _sep).startswith(_home):
-                raise PermissionError(f"sandbox: writing {path} is not allowed")
+                raise _denied(f"sandbox: writing {path} is not allowed")
             if not (path + _sep).startswith(_readable) and path not in _devices:
-                raise PermissionError(f"sandbox: reading {path} is not allowed")
+                raise _denied(f"sandbox: reading {path} is not allowed")
 
     # the hook's own identity and _resolve's, for the check above: set before the hook is added (it would refuse it)
     _defaults, _code = list(_hook.__defaults__), _hook.__code__

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import inspect
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,7 +176,7 @@ class SafetySFTTrainer(SafetyRegularization, SFTTrainer):
             return
         # copies (a collator may pop keys from the rows it is given), through the same column filter as training
         collate = self._get_collator_with_removed_columns(self.data_collator, description="training")
-        batch = collate([dict(row) for row in rows])
+        batch = collate([dict(row) if isinstance(row, Mapping) else row for row in rows])
         if "labels" not in batch:
             raise ConfigError(
                 f"regularizer {entry.name} scores the answer's tokens, found through the labels, but the data "
