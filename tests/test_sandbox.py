@@ -481,3 +481,21 @@ def test_an_exception_raised_inside_the_guard_never_lets_a_path_through(tmp_path
                 sys.settrace(None)
             code, line = runs[at]
             pytest.fail(f"{event} let through after {raised.__name__} at {code.co_name} line {line}")
+
+
+_NETNS = [pytest.param("netns", marks=pytest.mark.skipif(not sandbox.network_isolation(), reason="no netns"))]
+
+
+@pytest.mark.parametrize("isolation", ["guard", *_NETNS])
+def test_programs_outside_the_mount_namespace_hold_no_capability(isolation):
+    """os.chroot shows no audit event: with CAP_SYS_CHROOT (root, or root of the user namespace netns makes) a thread
+    could swap the root under the hook's checks. The program holds no capability, so the kernel refuses it."""
+    assert run_python("import os\nos.chroot('.')\n", isolation=isolation).detail == "PermissionError"
+    if isolation == "netns":  # without the guard, the program can read its own capability sets
+        program = (
+            "status = open('/proc/self/status').read().splitlines()\n"
+            "sets = ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb')\n"
+            "caps = [int(line.split()[1], 16) for line in status if line[:6] in sets]\n"
+            "raise SystemExit(0 if len(caps) == 5 and not any(caps) else 1)\n"
+        )
+        assert run_python(program, isolation=isolation, guard=False).passed

@@ -200,15 +200,13 @@ runpy.run_path(program, run_name="__main__")
 # Runs first under "mountns": new namespaces, the filesystem view, then exec of the harness (a fresh interpreter:
 # no ctypes and no capabilities survive). It writes "ok" to its status descriptor (closed before the exec: the
 # program never sees it) only once everything is in place.
-_LAUNCHER = r"""
+# What the launcher and the dropper share: libc's prctl, a setup failure (exit 125, a line on stderr; the parent
+# knows it from the missing "ok" on the status descriptor, not from anything the program could print) and dropping
+# every capability for good (uid 0 keeps none, after the exec too).
+_PRIVILEGES = r"""
 import ctypes, json, os, sys
-spec, command = json.loads(sys.argv[1]), sys.argv[2:]
 libc = ctypes.CDLL(None, use_errno=True)
-libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
-NEWNS, NEWUSER, NEWNET = 0x20000, 0x10000000, 0x40000000
-RDONLY, BIND, REMOUNT, REC, PRIVATE = 1, 4096, 32, 16384, 1 << 18
-KEEP = os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC | os.ST_NOATIME | os.ST_NODIRATIME | os.ST_RELATIME
 
 def check(result, what):
     if result != 0:
@@ -217,6 +215,38 @@ def check(result, what):
 def fail(why):
     sys.stderr.write(f"sandbox setup: {why}\n")
     os._exit(125)
+
+def drop_capabilities():
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last_cap = int(f.read())
+    for cap in range(last_cap + 1):
+        check(libc.prctl(24, cap, 0, 0, 0), "drop capability")  # PR_CAPBSET_DROP
+    check(libc.prctl(47, 4, 0, 0, 0), "clear ambient capabilities")  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    check(libc.prctl(28, 0xC3, 0, 0, 0), "securebits")  # NOROOT and NO_CAP_AMBIENT_RAISE, both locked
+
+def ready(status, command):  # no new privileges (setuid files), "ok" to the parent, then the next program
+    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
+    os.write(status, b"ok")
+    os.close(status)
+    os.execv(command[0], command)
+"""
+
+# Runs first under "netns" and under "guard" when this process could hand capabilities on (root, or ambient ones):
+# the program would otherwise hold them (unshare -r makes it root in its user namespace), and os.chroot, which no
+# audit event shows, could then move the root under the hook's checks (a thread swapping it between the hook's
+# lstat and the kernel's open).
+_DROPPER = _PRIVILEGES + r"""
+status, command = int(sys.argv[1]), sys.argv[2:]
+drop_capabilities()
+ready(status, command)
+"""
+
+_LAUNCHER = _PRIVILEGES + r"""
+spec, command = json.loads(sys.argv[1]), sys.argv[2:]
+libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+NEWNS, NEWUSER, NEWNET = 0x20000, 0x10000000, 0x40000000
+RDONLY, BIND, REMOUNT, REC, PRIVATE = 1, 4096, 32, 16384, 1 << 18
+KEEP = os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC | os.ST_NOATIME | os.ST_NODIRATIME | os.ST_RELATIME
 
 def mount(source, target, fstype, flags, data=None):
     enc = lambda s: None if s is None else os.fsencode(s)
@@ -246,15 +276,7 @@ def mapped_by_helper(maps):  # root without CAP_SYS_ADMIN: a map of two users mu
         fail("the helper could not write uid_map")
     os.wait()
 
-def drop_capabilities():  # root with no other user to run as: it keeps uid 0 but no capability, after the exec too
-    for cap in range(last_cap + 1):
-        check(libc.prctl(24, cap, 0, 0, 0), "drop capability")  # PR_CAPBSET_DROP
-    check(libc.prctl(47, 4, 0, 0, 0), "clear ambient capabilities")  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
-    check(libc.prctl(28, 0xC3, 0, 0, 0), "securebits")  # NOROOT and NO_CAP_AMBIENT_RAISE, both locked
-
 uid, gid, root, nobody = os.getuid(), os.getgid(), spec["root"], spec["nobody"]
-with open("/proc/sys/kernel/cap_last_cap") as f:
-    last_cap = int(f.read())
 if uid == 0 and libc.unshare(NEWNS | NEWNET) == 0:
     pass  # root with CAP_SYS_ADMIN needs no user namespace
 elif uid == 0 and nobody is not None:
@@ -306,12 +328,9 @@ if uid == 0 and nobody is not None:
     os.setgroups([])
     os.setgid(nobody)
     os.setuid(nobody)
-elif uid == 0:
+elif uid == 0:  # root with no other user to run as
     drop_capabilities()
-check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
-os.write(spec["status"], b"ok")
-os.close(spec["status"])
-os.execv(command[0], command)
+ready(spec["status"], command)
 """
 
 
@@ -482,17 +501,20 @@ def _run(source: str, timeout: float, memory_mb: int, kind: str, guard: bool, ma
         limits = [str(memory_mb << 20), str(int(timeout) + 1), str(max_file_mb << 20), "1" if guard else "0"]
         cmd = [exe, "-I", "-S", "-c", _HARNESS, *limits, str(program)]
         status_fd = None
+        if kind == "mountns" or kind == "netns" or _hands_on_capabilities():  # set-up that reports "ok" when done
+            status_fd = os.open(folder / "status", os.O_WRONLY | os.O_CREAT, 0o600)
         if kind == "mountns":
             (folder / "root").mkdir()
             nobody = NOBODY if os.geteuid() == 0 and _mapped(NOBODY) else None
             if nobody is not None:  # the program runs as nobody
                 for p in (box, program):
                     os.chown(p, nobody, nobody)
-            status_fd = os.open(folder / "status", os.O_WRONLY | os.O_CREAT, 0o600)
             spec = {"root": str(folder / "root"), "box": str(box), "system": SYSTEM_PATHS, "devices": DEVICES}
             spec |= {"python": python_paths(), "nobody": nobody, "status": status_fd, "box_mb": 4 * max_file_mb}
             cmd = [exe, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec), *cmd]
-        elif kind == "netns":
+        elif status_fd is not None:
+            cmd = [exe, "-I", "-S", "-c", _DROPPER, str(status_fd), *cmd]
+        if kind == "netns":
             cmd = [*network_isolation(), *cmd]
         env = {"PATH": "/usr/bin:/bin", "HOME": str(box), "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
         start = time.monotonic()
@@ -519,7 +541,7 @@ def _run(source: str, timeout: float, memory_mb: int, kind: str, guard: bool, ma
                 _kill_group(proc)  # after an exit too: what the program left running in the background dies with it
         seconds = time.monotonic() - start
         stderr = (folder / "stderr").read_bytes()[-4000:].decode("utf-8", "replace")
-        if kind == "mountns" and code is not None and (folder / "status").read_bytes() != b"ok":
+        if status_fd is not None and code is not None and (folder / "status").read_bytes() != b"ok":
             raise _SetupError(stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {code}")
         if code is None:
             return ExecResult("timeout", None, f"timed out after {timeout:g} s", seconds, kind)
@@ -527,6 +549,18 @@ def _run(source: str, timeout: float, memory_mb: int, kind: str, guard: bool, ma
         return ExecResult("passed" if code == 0 else "failed", code, detail, seconds, kind)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _hands_on_capabilities() -> bool:
+    """Whether a program this process starts could hold capabilities: as root (uid 0 gains them at exec) or with
+    ambient ones. Unknown (no /proc) counts as yes: the dropper then fails loudly where it cannot drop."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return True
+    return any(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapAmb:"))
 
 
 def _mapped(user: int) -> bool:
