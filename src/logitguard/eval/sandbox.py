@@ -84,8 +84,7 @@ if guard == "1":
     # No except clause here lets anything through: a signal handler can raise inside the hook at any line, and an
     # exception taken for "absent" would make a symbolic link look like a plain name that the kernel then follows.
     def _resolve(path, _lstat=os.lstat, _exists=os.access, _readlink=os.readlink, _getcwd=os.getcwd,
-                 _islink=stat.S_ISLNK, _reversed=reversed, _any=any, _absent=FileNotFoundError,
-                 _denied=PermissionError):
+                 _islink=stat.S_ISLNK, _reversed=reversed, _denied=PermissionError):
         # realpath: symlinks followed from the root, ".." applied to what they resolved to
         parts = ([] if path.startswith("/") else _getcwd().split("/")) + path.split("/")
         parts.reverse()
@@ -98,13 +97,9 @@ if guard == "1":
                 resolved = resolved[:-1]
                 continue
             here = "/" + "/".join([*resolved, part])
-            # os.access answers without raising: missing, or past what can be checked (too long, no search right)
-            if not _exists(here, 0, follow_symlinks=False):
-                if _any(rest not in ("", ".") for rest in parts):  # the kernel's lookup would stop here too
-                    raise _absent(2, "No such file or directory", path)
-                resolved = [*resolved, part]  # a last name that does not exist yet: open(..., "w"), mkdir
-                continue
-            if not _islink(_lstat(here).st_mode):
+            # os.access answers without raising: a name missing (the kernel stops there, or creates it) or past what
+            # can be checked (too long, no search right) is taken as it is written
+            if not _exists(here, 0, follow_symlinks=False) or not _islink(_lstat(here).st_mode):
                 resolved = [*resolved, part]
                 continue
             hops += 1
@@ -216,9 +211,10 @@ def fail(why):
     sys.stderr.write(f"sandbox setup: {why}\n")
     os._exit(125)
 
+with open("/proc/sys/kernel/cap_last_cap") as f:  # read now: the launcher drops after its chroot (no /proc)
+    last_cap = int(f.read())
+
 def drop_capabilities():
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last_cap = int(f.read())
     for cap in range(last_cap + 1):
         check(libc.prctl(24, cap, 0, 0, 0), "drop capability")  # PR_CAPBSET_DROP
     check(libc.prctl(47, 4, 0, 0, 0), "clear ambient capabilities")  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
