@@ -273,7 +273,9 @@ _ESCAPES = {  # each reads the token past a hook that only looked at names and p
         "            frame.f_locals['_readable'] = ('/',)\n        frame = frame.f_back\n"
         "signal.signal(signal.SIGALRM, widen)\nsignal.setitimer(signal.ITIMER_REAL, 1e-4, 1e-4)\n"
         "for _ in range(20000):\n    try:\n        print(open(TOKEN).read())\n        raise SystemExit(0)\n"
-        "    except PermissionError as e:\n        refused = e\nraise refused\n"
+        "    except PermissionError as e:\n        refused = e\n    except RecursionError:\n        pass\n"
+        # the timer stopped first: an alarm during the interpreter's exit (default action) would kill it
+        "signal.setitimer(signal.ITIMER_REAL, 0, 0)\nraise refused\n"
     ),
     "native code": (
         "import importlib.machinery, importlib.util\nname = 'mine' + importlib.machinery.EXTENSION_SUFFIXES[0]\n"

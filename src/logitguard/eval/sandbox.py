@@ -443,6 +443,7 @@ def resolve_isolation(isolation: str = "auto") -> str:
     LOGITGUARD_SANDBOX."""
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, got {isolation!r}")
+    fallback = isolation == "auto" and not mount_isolation()
     if isolation == "auto":
         if mount_isolation():
             return "mountns"
@@ -454,7 +455,6 @@ def resolve_isolation(isolation: str = "auto") -> str:
                 f"kernel.apparmor_restrict_unprivileged_userns=0), or accept a weaker isolation with {OPT_IN}=netns "
                 f"(no network) or {OPT_IN}=guard"
             )
-        _warn_once(chosen, mount_isolation_problem())
         isolation = chosen
     if isolation == "mountns" and not mount_isolation():
         raise SandboxUnavailable(f"no mount namespace on this machine: {mount_isolation_problem()}")
@@ -465,6 +465,8 @@ def resolve_isolation(isolation: str = "auto") -> str:
             f"isolation {isolation!r} leaves the user's files to the audit hook, which cannot protect itself on "
             f"this Python: {guard_problem()}; run on a machine with user namespaces (mountns) or under Python 3.12"
         )
+    if fallback:  # warned only once the weaker isolation is known to be usable here
+        _warn_once(isolation, mount_isolation_problem())
     return isolation
 
 
