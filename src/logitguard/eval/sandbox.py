@@ -231,13 +231,18 @@ def ready(status, command):  # no new privileges (setuid files), "ok" to the par
 # the program would otherwise hold them (unshare -r makes it root in its user namespace), and os.chroot, which no
 # audit event shows, could then move the root under the hook's checks (a thread swapping it between the hook's
 # lstat and the kernel's open).
-_DROPPER = _PRIVILEGES + r"""
+_DROPPER = (
+    _PRIVILEGES
+    + r"""
 status, command = int(sys.argv[1]), sys.argv[2:]
 drop_capabilities()
 ready(status, command)
 """
+)
 
-_LAUNCHER = _PRIVILEGES + r"""
+_LAUNCHER = (
+    _PRIVILEGES
+    + r"""
 spec, command = json.loads(sys.argv[1]), sys.argv[2:]
 libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 NEWNS, NEWUSER, NEWNET = 0x20000, 0x10000000, 0x40000000
@@ -328,6 +333,7 @@ elif uid == 0:  # root with no other user to run as
     drop_capabilities()
 ready(spec["status"], command)
 """
+)
 
 
 @dataclass(frozen=True)
