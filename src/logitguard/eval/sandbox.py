@@ -72,6 +72,15 @@ resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+if len(sys.argv) > 6:  # after the dropper (netns, guard): "ok" to the parent only holding no capability
+    import os
+    with open("/proc/self/status") as f:
+        held = [int(line.split()[1], 16) for line in f if line.startswith(("CapPrm:", "CapEff:", "CapAmb:"))]
+    if len(held) != 3 or any(held):
+        sys.stderr.write("sandbox setup: the program would hold capabilities\n")
+        os._exit(125)
+    os.write(int(sys.argv[6]), b"ok")
+    os.close(int(sys.argv[6]))
 if guard == "1":
     import os, stat
     home = os.path.realpath(os.getcwd()) + os.sep
@@ -227,16 +236,23 @@ def ready(status, command):  # no new privileges (setuid files), "ok" to the par
     os.execv(command[0], command)
 """
 
-# Runs first under "netns" and under "guard" when this process could hand capabilities on (root, or ambient ones):
-# the program would otherwise hold them (unshare -r makes it root in its user namespace), and os.chroot, which no
-# audit event shows, could then move the root under the hook's checks (a thread swapping it between the hook's
-# lstat and the kernel's open).
+# Runs first under "netns" and "guard": the program would otherwise hold what this process can hand on (unshare -r
+# makes it root of its user namespace; root, ambient capabilities), and os.chroot, which no audit event shows, could
+# then move the root under the hook's checks (a thread swapping it between the hook's lstat and the kernel's open).
+# The harness reports "ok" itself, once it has read that it holds no capability.
 _DROPPER = (
     _PRIVILEGES
     + r"""
 status, command = int(sys.argv[1]), sys.argv[2:]
-drop_capabilities()
-ready(status, command)
+with open("/proc/self/status") as f:
+    effective = [int(line.split()[1], 16) for line in f if line.startswith("CapEff:")][0]
+if os.geteuid() == 0 or effective & (1 << 8):  # CAP_SETPCAP: the bounding set and securebits can be locked
+    drop_capabilities()
+else:
+    check(libc.prctl(47, 4, 0, 0, 0), "clear ambient capabilities")
+check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: no setuid or file capabilities at exec
+os.set_inheritable(status, True)
+os.execv(command[0], [*command, str(status)])
 """
 )
 
@@ -469,7 +485,7 @@ def resolve_isolation(isolation: str = "auto") -> str:
     if isolation in ("netns", "guard") and guard_problem():  # both leave the user's files to the hook alone
         raise SandboxUnavailable(
             f"isolation {isolation!r} leaves the user's files to the audit hook, which cannot protect itself on "
-            f"this Python: {guard_problem()}; run on a machine with user namespaces (mountns) or under Python 3.12"
+            f"this machine: {guard_problem()}; allow user namespaces here (mountns, which does not rest on the hook)"
         )
     if fallback:  # warned only once the weaker isolation is known to be usable here
         _warn_once(isolation, mount_isolation_problem())
@@ -477,12 +493,24 @@ def resolve_isolation(isolation: str = "auto") -> str:
 
 
 def guard_problem(version: tuple = sys.version_info) -> str:
-    """Why the audit hook cannot keep its own checks on this interpreter ("" where it can). From 3.13 a frame's
-    f_locals writes through to the running function (PEP 667), and a signal handler is handed the frame it
-    interrupts, which can be the hook's: no audit event covers either."""
+    """Why the audit hook cannot keep its own checks here ("" where it can). From 3.12 os.unshare raises no audit
+    event: a program takes a user namespace of its own, and with it the capabilities to chroot into a tree it wrote
+    (its own "Python installation", native code included). From 3.13 a frame's f_locals writes through to the
+    running function (PEP 667), and a signal handler is handed the frame it interrupts, the hook's at times. And the
+    hook tells a symbolic link from a name with os.access, which some container profiles make fail on every call
+    (faccessat2 refused): every link would then read as a plain name."""
+    problems = []
+    if version >= (3, 12):
+        problems.append(
+            "os.unshare raises no audit event (Python 3.12+), so a program can take a user namespace and chroot"
+        )
     if version >= (3, 13):
-        return "a signal handler can rewrite the hook's locals through frame.f_locals (PEP 667, Python 3.13+)"
-    return ""
+        problems.append(
+            "a signal handler can rewrite the hook's locals through frame.f_locals (PEP 667, Python 3.13+)"
+        )
+    if not os.access(sys.executable or "/", os.F_OK, follow_symlinks=False):
+        problems.append("os.access(..., follow_symlinks=False) fails here (a seccomp profile refusing faccessat2?)")
+    return "; ".join(problems)
 
 
 @functools.cache
@@ -505,8 +533,7 @@ def _run(source: str, timeout: float, memory_mb: int, kind: str, guard: bool, ma
         limits = [str(memory_mb << 20), str(int(timeout) + 1), str(max_file_mb << 20), "1" if guard else "0"]
         cmd = [exe, "-I", "-S", "-c", _HARNESS, *limits, str(program)]
         status_fd = None
-        if kind == "mountns" or kind == "netns" or _hands_on_capabilities():  # set-up that reports "ok" when done
-            status_fd = os.open(folder / "status", os.O_WRONLY | os.O_CREAT, 0o600)
+        status_fd = os.open(folder / "status", os.O_WRONLY | os.O_CREAT, 0o600)  # "ok" once set up
         if kind == "mountns":
             (folder / "root").mkdir()
             nobody = NOBODY if os.geteuid() == 0 and _mapped(NOBODY) else None
@@ -516,7 +543,7 @@ def _run(source: str, timeout: float, memory_mb: int, kind: str, guard: bool, ma
             spec = {"root": str(folder / "root"), "box": str(box), "system": SYSTEM_PATHS, "devices": DEVICES}
             spec |= {"python": python_paths(), "nobody": nobody, "status": status_fd, "box_mb": 4 * max_file_mb}
             cmd = [exe, "-I", "-S", "-c", _LAUNCHER, json.dumps(spec), *cmd]
-        elif status_fd is not None:
+        else:
             cmd = [exe, "-I", "-S", "-c", _DROPPER, str(status_fd), *cmd]
         if kind == "netns":
             cmd = [*network_isolation(), *cmd]
@@ -553,18 +580,6 @@ def _run(source: str, timeout: float, memory_mb: int, kind: str, guard: bool, ma
         return ExecResult("passed" if code == 0 else "failed", code, detail, seconds, kind)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _hands_on_capabilities() -> bool:
-    """Whether a program this process starts could hold capabilities: as root (uid 0 gains them at exec) or with
-    ambient ones. Unknown (no /proc) counts as yes: the dropper then fails loudly where it cannot drop."""
-    if os.geteuid() == 0:
-        return True
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return True
-    return any(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapAmb:"))
 
 
 def _mapped(user: int) -> bool:
