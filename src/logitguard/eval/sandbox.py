@@ -201,9 +201,6 @@ import runpy
 runpy.run_path(program, run_name="__main__")
 """
 
-# Runs first under "mountns": new namespaces, the filesystem view, then exec of the harness (a fresh interpreter:
-# no ctypes and no capabilities survive). It writes "ok" to its status descriptor (closed before the exec: the
-# program never sees it) only once everything is in place.
 # What the launcher and the dropper share: libc's prctl, a setup failure (exit 125, a line on stderr; the parent
 # knows it from the missing "ok" on the status descriptor, not from anything the program could print) and dropping
 # every capability for good (uid 0 keeps none, after the exec too).
@@ -223,14 +220,20 @@ def fail(why):
 with open("/proc/sys/kernel/cap_last_cap") as f:  # read now: the launcher drops after its chroot (no /proc)
     last_cap = int(f.read())
 
+def clear_ambient():
+    check(libc.prctl(47, 4, 0, 0, 0), "clear ambient capabilities")  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+
+def no_new_privs():  # no setuid or file capabilities at the next exec
+    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
+
 def drop_capabilities():
     for cap in range(last_cap + 1):
         check(libc.prctl(24, cap, 0, 0, 0), "drop capability")  # PR_CAPBSET_DROP
-    check(libc.prctl(47, 4, 0, 0, 0), "clear ambient capabilities")  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    clear_ambient()
     check(libc.prctl(28, 0xC3, 0, 0, 0), "securebits")  # NOROOT and NO_CAP_AMBIENT_RAISE, both locked
 
-def ready(status, command):  # no new privileges (setuid files), "ok" to the parent, then the next program
-    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
+def ready(status, command):  # "ok" to the parent, then the next program
+    no_new_privs()
     os.write(status, b"ok")
     os.close(status)
     os.execv(command[0], command)
@@ -249,13 +252,16 @@ with open("/proc/self/status") as f:
 if os.geteuid() == 0 or effective & (1 << 8):  # CAP_SETPCAP: the bounding set and securebits can be locked
     drop_capabilities()
 else:
-    check(libc.prctl(47, 4, 0, 0, 0), "clear ambient capabilities")
-check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: no setuid or file capabilities at exec
+    clear_ambient()
+no_new_privs()
 os.set_inheritable(status, True)
 os.execv(command[0], [*command, str(status)])
 """
 )
 
+# Runs first under "mountns": new namespaces, the filesystem view, then exec of the harness (a fresh interpreter:
+# no ctypes and no capabilities survive). It writes "ok" to its status descriptor (closed before the exec: the
+# program never sees it) only once everything is in place.
 _LAUNCHER = (
     _PRIVILEGES
     + r"""
@@ -482,10 +488,11 @@ def resolve_isolation(isolation: str = "auto") -> str:
         raise SandboxUnavailable(f"no mount namespace on this machine: {mount_isolation_problem()}")
     if isolation == "netns" and not network_isolation():
         raise SandboxUnavailable("no network namespace on this machine (`unshare -rn true` fails)")
-    if isolation in ("netns", "guard") and guard_problem():  # both leave the user's files to the hook alone
+    problem = guard_problem() if isolation in ("netns", "guard") else ""  # both leave the user's files to the hook
+    if problem:
         raise SandboxUnavailable(
             f"isolation {isolation!r} leaves the user's files to the audit hook, which cannot protect itself on "
-            f"this machine: {guard_problem()}; allow user namespaces here (mountns, which does not rest on the hook)"
+            f"this machine: {problem}; allow user namespaces here (mountns, which does not rest on the hook)"
         )
     if fallback:  # warned only once the weaker isolation is known to be usable here
         _warn_once(isolation, mount_isolation_problem())
@@ -532,7 +539,6 @@ def _run(source: str, timeout: float, memory_mb: int, kind: str, guard: bool, ma
         exe = python_executable()
         limits = [str(memory_mb << 20), str(int(timeout) + 1), str(max_file_mb << 20), "1" if guard else "0"]
         cmd = [exe, "-I", "-S", "-c", _HARNESS, *limits, str(program)]
-        status_fd = None
         status_fd = os.open(folder / "status", os.O_WRONLY | os.O_CREAT, 0o600)  # "ok" once set up
         if kind == "mountns":
             (folder / "root").mkdir()
@@ -559,11 +565,10 @@ def _run(source: str, timeout: float, memory_mb: int, kind: str, guard: bool, ma
                     stdout=out,
                     stderr=err,
                     start_new_session=True,
-                    pass_fds=() if status_fd is None else (status_fd,),
+                    pass_fds=(status_fd,),
                 )
             finally:
-                if status_fd is not None:
-                    os.close(status_fd)
+                os.close(status_fd)
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -572,7 +577,7 @@ def _run(source: str, timeout: float, memory_mb: int, kind: str, guard: bool, ma
                 _kill_group(proc)  # after an exit too: what the program left running in the background dies with it
         seconds = time.monotonic() - start
         stderr = (folder / "stderr").read_bytes()[-4000:].decode("utf-8", "replace")
-        if status_fd is not None and code is not None and (folder / "status").read_bytes() != b"ok":
+        if code is not None and (folder / "status").read_bytes() != b"ok":
             raise _SetupError(stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {code}")
         if code is None:
             return ExecResult("timeout", None, f"timed out after {timeout:g} s", seconds, kind)
