@@ -66,8 +66,9 @@ def _private_cache(tmp_path_factory):
 def _sandbox_where_namespaces_are_missing(monkeypatch):
     """A machine without user namespaces (many containers) has no mount namespace, and the sandbox's "auto" refuses
     to run model-written programs there unless the user names a weaker isolation: the tests name the guard, as such
-    a user would. On Python 3.13+ the guard is refused for model output (guard_problem); the tests' programs are
-    their own, so the hook's checks are still run there. Both refusals are tested in test_sandbox."""
+    a user would. Where the guard cannot protect itself (Python 3.12+, os.access unable to look at links) it is
+    refused for model output (guard_problem); the tests' programs are their own, so the hook's checks still run
+    there. Both refusals are tested in test_sandbox."""
     from logitguard.eval import sandbox
 
     if not sandbox.mount_isolation():
