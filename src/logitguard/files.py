@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import ConfigError
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to a temp file in the same folder, then os.replace it onto `path`."""
@@ -126,3 +128,18 @@ class ContentHashes:
 def _visible_files(folder: Path) -> list[Path]:
     found = (p for p in folder.rglob("*") if p.is_file())
     return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def read_results(path: Path) -> dict:
+    """The results file's rows so far (none if it is not there); a damaged file is refused, never overwritten."""
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"results file {path} is damaged ({e}); move it aside (it is not overwritten) and run again"
+        ) from None
+    if not isinstance(old, dict):
+        raise ConfigError(f"results file {path} does not hold a results object; move it aside and run again")
+    return old

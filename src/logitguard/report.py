@@ -91,7 +91,7 @@ def _has(groups: list[dict], key: str) -> bool:
     return any(r["metrics"].get(key) is not None for g in groups for r in g["rows"])
 
 
-def _cell(rows: list[dict], key: str, kind: str) -> str:
+def cell(rows: list[dict], key: str, kind: str) -> str:
     values = [r["metrics"].get(key) for r in rows if r["metrics"].get(key) is not None]
     if not values:
         return "–"
@@ -100,7 +100,7 @@ def _cell(rows: list[dict], key: str, kind: str) -> str:
     return f"{_fmt(mean(values), kind)} ({_fmt(min(values), kind)}–{_fmt(max(values), kind)})"
 
 
-def _signed(value: float, kind: str) -> str:
+def signed(value: float, kind: str) -> str:
     if kind == "pct":
         return f"{100 * value:+.1f}"
     return f"{value:+.3f}"
@@ -111,8 +111,8 @@ def _versus(interval: Interval | None, kind: str) -> str:
     if interval is None:
         return ""
     p = "" if interval.p is None else f", p={interval.p:.2g}"
-    lo, hi = _signed(interval.lo, kind), _signed(interval.hi, kind)
-    return f" ({_signed(interval.estimate, kind)} [{lo}, {hi}]{p})"
+    lo, hi = signed(interval.lo, kind), signed(interval.hi, kind)
+    return f" ({signed(interval.estimate, kind)} [{lo}, {hi}]{p})"
 
 
 def _share(interval: Interval, of: str) -> str:
@@ -164,10 +164,10 @@ def experiment_table(results: dict) -> str:
         train = [r["train_seconds"] for r in rows if r.get("train_seconds")]
         cells = [g["name"], str(len(rows))]
         for key, _, kind in metrics:
-            cell = _cell(rows, key, kind)
-            if by_name and cell != "–":
-                cell += _compared(g["name"], rows, by_name, key, kind, run_target(results, g["name"]))
-            cells.append(cell)
+            text = cell(rows, key, kind)
+            if by_name and text != "–":
+                text += _compared(g["name"], rows, by_name, key, kind, run_target(results, g["name"]))
+            cells.append(text)
         cells += [f"{mean(steps):.2f}" if steps else "–", f"{mean(train):.0f}" if train else "–"]
         if paper_rows:
             value = paper_rows.get(g["name"])

@@ -20,7 +20,7 @@ from . import adapters
 from .config import TrainConfig, build_config
 from .errors import ConfigError, suggest
 from .experiment import EvalSpec, Experiment, Placeholders, RunSpec, packaged_name
-from .files import ContentHashes, write_json_atomic
+from .files import ContentHashes, read_results, write_json_atomic
 from .result_keys import (
     TOY_MODELS,
     holdout_identity,
@@ -115,7 +115,7 @@ class Runner:
         self._model: str | None = None
         self._spec: EvalSpec | None = None
         self._identities: dict[str, str | None] = {}
-        old = _read_results(self.results_path)
+        old = read_results(self.results_path)
         # rows by their settings without inputs (recomputed from the stored settings, so rows survive a change of
         # the key's normalization); the inputs are then checked against this machine's files
         self.done: dict[str, list[dict]] = {}
@@ -447,21 +447,6 @@ def _relative(path: Path) -> str:
         return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
         return Path(path).name
-
-
-def _read_results(path: Path) -> dict:
-    """The results file's rows so far (none if it is not there); a damaged file is refused, never overwritten."""
-    if not path.is_file():
-        return {}
-    try:
-        old = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(
-            f"results file {path} is damaged ({e}); move it aside (it is not overwritten) and run again"
-        ) from None
-    if not isinstance(old, dict):
-        raise ConfigError(f"results file {path} does not hold a results object; move it aside and run again")
-    return old
 
 
 def _sibling_bases(folder: Path, own: Path) -> dict[str, list[tuple[str, dict]]]:

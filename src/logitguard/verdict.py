@@ -41,7 +41,8 @@ TARGET_KEYS = {"refusal", "refusal_drop", "utility", "utility_of", "utility_gap"
                "task_gain_share", "over_refusal_rise"}  # fmt: skip
 ALIGNED = "aligned base"
 # metric key -> key of its per-item outcomes in metrics["items"] (refusal_<set> and eval_loss_<stem> by rule).
-# NOTE: the evaluation records hellaswag's per-item acc, so the acc_norm column gets no interval.
+# Rows evaluated before hellaswag_norm / truthfulqa_norm were recorded have per-item acc only: their acc_norm
+# columns get no interval.
 ITEM_KEYS = {
     "over_refusal_benign": "over_refusal_benign",
     "over_refusal_borderline": "over_refusal_borderline",
@@ -144,7 +145,7 @@ def _items(row: dict, metric: str):
     return stats.bits(items[key]) if key in items else None
 
 
-def _group_items(rows: list[dict], metric: str):
+def group_items(rows: list[dict], metric: str):
     """One run's items over its seeds: a single row's own; several seeds: the per-item mean (outcomes) or the
     per-conversation sums (loss pairs). None unless every row has them, all of one length."""
     per_row = [_items(r, metric) for r in rows]
@@ -160,7 +161,7 @@ def _group_items(rows: list[dict], metric: str):
 def compare(rows: list[dict], ref_rows: list[dict], metric: str) -> stats.Interval | None:
     """The run's metric minus the reference run's, paired on the same items, with its 95% interval; None when
     either lacks per-item data or they were not evaluated on the same items (different lengths)."""
-    x, y = _group_items(rows, metric), _group_items(ref_rows, metric)
+    x, y = group_items(rows, metric), group_items(ref_rows, metric)
     if x is None or y is None or len(x) != len(y) or not x:
         return None
     if is_loss(metric):
@@ -173,9 +174,9 @@ def compare(rows: list[dict], ref_rows: list[dict], metric: str) -> stats.Interv
 def task_share(rows: list[dict], by_name: dict, target: Target) -> stats.Interval | None:
     """The share of the yardstick run's held-out task gain (over the aligned base) that a run keeps."""
     metric = f"eval_loss_{target.task_loss}"
-    row = _group_items(rows, metric)
-    lora = _group_items(by_name.get(target.task_gain_of, []), metric)
-    aligned = _group_items(by_name.get(ALIGNED, []), metric)
+    row = group_items(rows, metric)
+    lora = group_items(by_name.get(target.task_gain_of, []), metric)
+    aligned = group_items(by_name.get(ALIGNED, []), metric)
     if row is None or lora is None or aligned is None or len({len(row), len(lora), len(aligned)}) != 1:
         return None
     return stats.gain_share(row, lora, aligned)

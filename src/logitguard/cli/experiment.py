@@ -1,6 +1,6 @@
-"""`logitguard experiment run EXP [--variant toy]`, `experiment report` and `experiment list`: the runner of experiment
-files (the paper's tables, the real-model studies). The speed and memory benchmarks are the scripts under bench/;
-`logitguard bench`, this command's old name, still works for one release."""
+"""`logitguard experiment run EXP [--variant toy]`, `experiment report`, `experiment compare` and `experiment list`:
+the runner of experiment files (the paper's tables, the real-model studies). The speed and memory benchmarks are the
+scripts under bench/; `logitguard bench`, this command's old name, still works for one release."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ def register(subparsers) -> None:
     _common(report)
     report.add_argument("--out", help="markdown file (default: <results>/REPORT.md)")
     report.set_defaults(func=_report)
+    versus = sub.add_parser("compare", help="one run against another of a results file, paired item by item (95%)")
+    versus.add_argument("experiment", help="an experiment name (its results/EXP[--VARIANT].json) or a results JSON")
+    versus.add_argument("run_a", help='a run name, e.g. "STR(I) lambda 0.1 + safety mix" (or "aligned base")')
+    versus.add_argument("run_b", help="the run it is compared with: the table gives run_a minus run_b")
+    versus.add_argument("--variant", help="e.g. large: results/EXP--large.json")
+    _common(versus)
+    versus.set_defaults(func=_compare)
     migrate = sub.add_parser("migrate", help="once: results files with absolute paths -> paths as written + hashes")
     _common(migrate)
     migrate.add_argument("--checkout", default=".", help="the folder the rows were run from (its experiments/)")
@@ -63,6 +70,15 @@ def _report(args) -> int:
 
     path = write_report(args.results, args.out)
     print(f"report in {path}")
+    return 0
+
+
+def _compare(args) -> int:
+    from ..compare import compare_file, results_file
+
+    path = results_file(args.experiment, args.variant, args.results)
+    print(f"{path}:")
+    print(compare_file(path, args.run_a, args.run_b))
     return 0
 
 
