@@ -163,3 +163,31 @@ def test_self_mode_says_how_many_were_dropped(tmp_path, model_dir):
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     with pytest.raises(DataError, match="only 0 are available.*3 generated responses were not refusals"):
         mixing.apply(cfg, model, tokenizer, load_rows(ASSETS / "chat.jsonl"), progress=False)
+
+
+def test_self_refusal_rows_are_the_rows_safety_mix_self_mixes(quick_toy, tmp_path):
+    """The public helper for scripts that build their own dataset (TRL): the same rows, chosen the same way, as
+    plain {"messages"} rows a datasets.Dataset takes; too many asked is a one-line error that counts."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import logitguard
+
+    corpus = quick_toy / "corpus"
+    harmful = [r["messages"][0]["content"] for r in load_rows(corpus / "harmful_test.jsonl")][:8]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(harmful) + "\n")
+    cfg = load_config(None, {"model": str(quick_toy), "data": str(corpus / "benign_train.jsonl"),
+                             "safety_mix": "self", "safety_mix_prompts": str(prompts), "safety_mix_count": 3,
+                             "safety_mix_max_new_tokens": 24, "cache_dir": str(tmp_path / "cache")})  # fmt: skip
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(quick_toy), AutoTokenizer.from_pretrained(quick_toy)
+    data = load_rows(corpus / "benign_train.jsonl")[:4]
+    mixed, report = mixing.apply(cfg, model, tokenizer, data, progress=False)
+    rows = logitguard.self_refusal_rows(model, tokenizer, str(prompts), count=3, max_new_tokens=24,
+                                        cache_dir=tmp_path / "cache", progress=False)  # fmt: skip
+    assert rows == [{"messages": r["messages"]} for r in mixed[4:]]
+    assert all(is_refusal(r["messages"][1]["content"]) for r in rows)
+    assert Dataset.from_list(rows).column_names == ["messages"]
+    with pytest.raises(DataError, match=f"asks for 99 safety rows, but only {report['available']} are available"):
+        logitguard.self_refusal_rows(model, tokenizer, str(prompts), count=99, max_new_tokens=24,
+                                     cache_dir=tmp_path / "cache", progress=False)  # fmt: skip

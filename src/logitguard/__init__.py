@@ -15,6 +15,7 @@ _WHERE = {
     "tokenize_rows": ".data",
     "KeyedReference": ".keyed",
     "REGULARIZERS": ".losses",
+    "self_refusal_rows": ".methods.mixing",
     "position_weights": ".losses",
     "str_loss": ".losses",
     "str_per_sequence": ".losses",

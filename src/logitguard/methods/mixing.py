@@ -138,6 +138,34 @@ def self_refusals(
     return rows, info
 
 
+def self_refusal_rows(
+    model,
+    tokenizer,
+    prompts_file: str,
+    count: int = 0,
+    max_new_tokens: int = 128,
+    keywords: str = "qi2023",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """`count` of the model's own refusals to the prompts in `prompts_file` (all of them when 0), as chat rows
+    {"messages": [user, assistant]}: the rows `safety_mix: self` mixes in, chosen the same way, for a script that
+    builds its own dataset (TRL's SFTTrainer: `concatenate_datasets([train, Dataset.from_list(rows)])`). Call it
+    with the aligned model, before the adapter is trained; generated once and cached like `safety_mix: self`."""
+    from ..config import default_cache_dir
+
+    pool, info = self_refusals(model, tokenizer, prompts_file, cache_dir or default_cache_dir(), max_new_tokens,
+                               keywords, progress)  # fmt: skip
+    why = f" ({info['dropped_not_refusal']} of {info['generated']} generated responses were not refusals)"
+    if not pool:
+        raise DataError(f"self refusals from {prompts_file}: the model refused none of the prompts{why}")
+    try:
+        n = mix_count(0, len(pool), count)
+    except DataError as e:
+        raise DataError(f"self refusals from {prompts_file}: {e}{why}") from None
+    return [{"messages": pool[i]["messages"]} for i in choose(len(pool), n)]
+
+
 def apply(cfg, model, tokenizer, rows: list[dict], progress: bool = True) -> tuple[list[dict], dict | None]:
     """(data rows followed by the chosen safety rows, report); (rows, None) when `cfg.safety_mix` is unset."""
     if not cfg.safety_mix:
