@@ -15,7 +15,7 @@ from . import stats
 from .errors import ConfigError, suggest
 from .files import read_results
 from .report import cell, columns, group_rows, signed
-from .verdict import RATES, compare, group_items, is_loss
+from .verdict import RATES, compare, group_items
 
 
 def results_file(experiment: str, variant: str | None, results_dir: str | Path) -> Path:
@@ -49,7 +49,7 @@ def compare_runs(results: dict, a: str, b: str) -> list[dict]:
             continue
         entry = {"metric": key, "title": title, "kind": kind, "a": cell(groups[a], key, kind),
                  "b": cell(groups[b], key, kind), "difference": interval, "discordant": None}  # fmt: skip
-        if key.startswith(RATES) and not is_loss(key) and len(groups[a]) == len(groups[b]) == 1:
+        if key.startswith(RATES) and len(groups[a]) == len(groups[b]) == 1:
             entry["discordant"] = stats.discordant(group_items(groups[a], key), group_items(groups[b], key))
         out.append(entry)
     if not out:
