@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 from test_verdict import _item_results
 
 from logitguard import stats
 from logitguard.cli import main
 from logitguard.compare import compare_runs, compare_table
+from logitguard.errors import ConfigError
 from logitguard.verdict import _items
 
 
@@ -39,7 +41,7 @@ def test_the_table_reads_a_minus_b_and_the_aligned_base_is_a_run():
     table = compare_table(results, "LoRA", "aligned base")
     refusal = next(line for line in table.splitlines() if line.startswith("| refusal |"))
     # LoRA stops refusing on 40 of 200 pooled items: -20 points, 0 items the other way
-    assert refusal.split(" | ")[1:4][:2] == ["55.0%", "75.0%"] and refusal.split(" | ")[3].startswith("-20.0 [")
+    assert refusal.split(" | ")[1:3] == ["55.0%", "75.0%"] and refusal.split(" | ")[3].startswith("-20.0 [")
     assert refusal.endswith("| 0 / 40 |")
     # a run without a measure (no HumanEval items) leaves that line out rather than inventing one
     assert "HumanEval" not in compare_table(results, "unmeasured", "LoRA")
@@ -64,9 +66,5 @@ def test_rows_without_shared_items_are_refused():
     results = _item_results()
     for row in results["rows"]:
         row["metrics"].pop("items")
-    try:
+    with pytest.raises(ConfigError, match="share no per-item data"):
         compare_runs(results, "unclear", "LoRA")
-    except ValueError as e:
-        assert "share no per-item data" in str(e)
-    else:
-        raise AssertionError("compared rows without per-item data")

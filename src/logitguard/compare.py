@@ -13,7 +13,6 @@ from pathlib import Path
 
 from . import stats
 from .errors import ConfigError, suggest
-from .files import read_results
 from .report import cell, columns, group_rows, signed
 from .verdict import RATES, compare, group_items
 
@@ -72,7 +71,3 @@ def compare_table(results: dict, a: str, b: str) -> str:
         counts = "–" if e["discordant"] is None else "{} / {}".format(*e["discordant"])
         lines.append(f"| {e['title']} | {e['a']} | {e['b']} | {diff} | {p} | {counts} |")
     return "\n".join(lines)
-
-
-def compare_file(path: Path, a: str, b: str) -> str:
-    return compare_table(read_results(path), a, b)

@@ -74,11 +74,12 @@ def _report(args) -> int:
 
 
 def _compare(args) -> int:
-    from ..compare import compare_file, results_file
+    from ..compare import compare_table, results_file
+    from ..files import read_results
 
     path = results_file(args.experiment, args.variant, args.results)
     print(f"{path}:")
-    print(compare_file(path, args.run_a, args.run_b))
+    print(compare_table(read_results(path), args.run_a, args.run_b))
     return 0
 
 

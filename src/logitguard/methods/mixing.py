@@ -156,14 +156,24 @@ def self_refusal_rows(
 
     pool, info = self_refusals(model, tokenizer, prompts_file, cache_dir or default_cache_dir(), max_new_tokens,
                                keywords, progress)  # fmt: skip
-    why = f" ({info['dropped_not_refusal']} of {info['generated']} generated responses were not refusals)"
     if not pool:
-        raise DataError(f"self refusals from {prompts_file}: the model refused none of the prompts{why}")
+        raise DataError(
+            f"self refusals from {prompts_file}: the model refused none of the prompts "
+            f"({info['dropped_not_refusal']} of {info['generated']} generated responses were not refusals)"
+        )
+    chosen = _chosen(len(pool), 0, count, 0.0, f"self refusals from {prompts_file}", info["dropped_not_refusal"])
+    return [{"messages": pool[i]["messages"]} for i in chosen]
+
+
+def _chosen(available: int, n_data: int, count: int, fraction: float, source: str, dropped: int | None) -> list[int]:
+    """Which of the `available` safety rows to mix (mix_count, then choose); a shortfall is an error that names
+    `source` and how many generated responses were dropped as not refusals."""
     try:
-        n = mix_count(0, len(pool), count)
+        n = mix_count(n_data, available, count, fraction)
     except DataError as e:
-        raise DataError(f"self refusals from {prompts_file}: {e}{why}") from None
-    return [{"messages": pool[i]["messages"]} for i in choose(len(pool), n)]
+        why = f" ({dropped} generated responses were not refusals and were dropped)" if dropped else ""
+        raise DataError(f"{source}: {e}{why}") from None
+    return choose(available, n)
 
 
 def apply(cfg, model, tokenizer, rows: list[dict], progress: bool = True) -> tuple[list[dict], dict | None]:
@@ -182,13 +192,9 @@ def apply(cfg, model, tokenizer, rows: list[dict], progress: bool = True) -> tup
                   f"that the {cfg.safety_mix_keywords} keywords do not call refusals", flush=True)  # fmt: skip
     else:
         pool = _file_rows(cfg.safety_mix)
-    try:
-        n = mix_count(len(rows), len(pool), cfg.safety_mix_count, cfg.safety_mix_fraction)
-    except DataError as e:
-        dropped = report.get("dropped_not_refusal")
-        why = f" ({dropped} generated responses were not refusals and were dropped)" if dropped else ""
-        raise DataError(f"safety_mix {cfg.safety_mix}: {e}{why}") from None
-    chosen = choose(len(pool), n)
+    chosen = _chosen(len(pool), len(rows), cfg.safety_mix_count, cfg.safety_mix_fraction,
+                     f"safety_mix {cfg.safety_mix}", report.get("dropped_not_refusal"))  # fmt: skip
+    n = len(chosen)
     report.update(available=len(pool), mixed=n, indices=chosen, seed=MIX_SEED)
     report["share"] = n / (len(rows) + n) if rows or n else 0.0
     if progress:
