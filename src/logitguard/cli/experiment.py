@@ -24,7 +24,9 @@ def register(subparsers) -> None:
     _common(report)
     report.add_argument("--out", help="markdown file (default: <results>/REPORT.md)")
     report.set_defaults(func=_report)
-    versus = sub.add_parser("compare", help="one run against another of a results file, paired item by item (95%)")
+    versus = sub.add_parser(
+        "compare", help="one run against another of a results file, paired item by item (95%% intervals)"
+    )
     versus.add_argument("experiment", help="an experiment name (its results/EXP[--VARIANT].json) or a results JSON")
     versus.add_argument("run_a", help='a run name, e.g. "STR(I) lambda 0.1 + safety mix" (or "aligned base")')
     versus.add_argument("run_b", help="the run it is compared with: the table gives run_a minus run_b")
