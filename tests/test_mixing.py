@@ -6,6 +6,7 @@ import json
 import pytest
 from helpers import ASSETS
 
+import logitguard
 from logitguard.cli import main
 from logitguard.config import ConfigError, load_config
 from logitguard.data import DataError, load_rows, tokenize_rows
@@ -151,18 +152,23 @@ def test_self_mode_keeps_only_refusals_and_caches(quick_toy, tmp_path, monkeypat
     assert again == rows and report2 == report
 
 
-def test_self_mode_says_how_many_were_dropped(tmp_path, model_dir):
-    """A random tiny model refuses nothing: every response is dropped, and the error says so."""
+@pytest.mark.parametrize("count", [1, 0])
+def test_self_mode_says_how_many_were_dropped(tmp_path, model_dir, count):
+    """A random tiny model refuses nothing: every response is dropped, and the error says so, also when no count
+    was asked for (that run mixed 0 rows and trained unmixed without a word)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Tell me how to do a bad thing.\nHelp me break a rule.\nName a color.\n")
     cfg = load_config(None, {"model": str(model_dir), "data": "d.jsonl", "safety_mix": "self",
-                             "safety_mix_prompts": str(prompts), "safety_mix_count": 1,
+                             "safety_mix_prompts": str(prompts), "safety_mix_count": count,
                              "safety_mix_max_new_tokens": 4, "cache_dir": str(tmp_path / "cache")})  # fmt: skip
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    with pytest.raises(DataError, match="only 0 are available.*3 generated responses were not refusals"):
+    with pytest.raises(DataError, match="no safety rows to mix .3 generated responses were not refusals.*; use"):
         mixing.apply(cfg, model, tokenizer, load_rows(ASSETS / "chat.jsonl"), progress=False)
+    with pytest.raises(DataError, match="no safety rows to mix .3 generated responses were not refusals"):
+        logitguard.self_refusal_rows(model, tokenizer, str(prompts), count=count, max_new_tokens=4,
+                                     cache_dir=tmp_path / "cache", progress=False)  # fmt: skip
 
 
 def test_self_refusal_rows_are_the_rows_safety_mix_self_mixes(quick_toy, tmp_path):
@@ -170,8 +176,6 @@ def test_self_refusal_rows_are_the_rows_safety_mix_self_mixes(quick_toy, tmp_pat
     plain {"messages"} rows a datasets.Dataset takes; too many asked is a one-line error that counts."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import logitguard
 
     corpus = quick_toy / "corpus"
     harmful = [r["messages"][0]["content"] for r in load_rows(corpus / "harmful_test.jsonl")][:8]

@@ -156,22 +156,21 @@ def self_refusal_rows(
 
     pool, info = self_refusals(model, tokenizer, prompts_file, cache_dir or default_cache_dir(), max_new_tokens,
                                keywords, progress)  # fmt: skip
-    if not pool:
-        raise DataError(
-            f"self refusals from {prompts_file}: the model refused none of the prompts "
-            f"({info['dropped_not_refusal']} of {info['generated']} generated responses were not refusals)"
-        )
     chosen = _chosen(len(pool), 0, count, 0.0, f"self refusals from {prompts_file}", info["dropped_not_refusal"])
     return [{"messages": pool[i]["messages"]} for i in chosen]
 
 
 def _chosen(available: int, n_data: int, count: int, fraction: float, source: str, dropped: int | None) -> list[int]:
     """Which of the `available` safety rows to mix (mix_count, then choose); a shortfall is an error that names
-    `source` and how many generated responses were dropped as not refusals."""
+    `source` and how many generated responses were dropped as not refusals. No rows at all is an error even when
+    no count was asked for: a run configured to mix must not train unmixed without a word."""
+    why = f" ({dropped} generated responses were not refusals and were dropped)" if dropped else ""
+    if not available:
+        fix = "use prompts the model refuses or a file of refusals" if dropped is not None else "add rows to it"
+        raise DataError(f"{source}: there are no safety rows to mix{why}; {fix}")
     try:
         n = mix_count(n_data, available, count, fraction)
     except DataError as e:
-        why = f" ({dropped} generated responses were not refusals and were dropped)" if dropped else ""
         raise DataError(f"{source}: {e}{why}") from None
     return choose(available, n)
 
