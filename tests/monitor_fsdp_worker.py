@@ -62,8 +62,56 @@ def train_step(model, optimizer, batch) -> float:
     return loss.item()
 
 
+def diverging_generation(model, tokenizer, trainer, rank: int) -> list[str]:
+    """Rank 0 stops after 2 tokens, rank 1 after 6: with synced_gpus rank 0 keeps running forwards (each one an
+    all-gather of the layers' shards) until rank 1 is done, as a near-tie that ends one rank's answers early would."""
+    from logitguard.callbacks import gathered_for_generation
+    from logitguard.eval.generate import generate_responses
+
+    with gathered_for_generation(model, trainer):
+        return generate_responses(model, tokenizer, HARMFUL, 2 if rank == 0 else 6, progress=False,
+                                  inference_mode=False, synced_gpus=True)  # fmt: skip
+
+
+def nan_on_one_rank_stops_all(rank: int) -> bool:
+    """A NaN in rank 1's gradient shard only, no loss term watched: FiniteGradients must stop both ranks."""
+    from transformers import TrainerState
+
+    from logitguard.guards import FiniteGradients
+    from logitguard.losses import NonFiniteLossError
+
+    layer = torch.nn.Linear(2, 2)
+    layer.weight.grad = torch.full((2, 2), float("nan") if rank == 1 else 0.0)
+    try:
+        FiniteGradients().on_pre_optimizer_step(None, TrainerState(), None, model=layer)
+    except NonFiniteLossError:
+        return True
+    return False
+
+
+def mixed_rows_on_each_rank(model, tokenizer, cache_dir: str) -> tuple[int, list]:
+    """`safety_mix: self`'s generation under two processes: (how many times this rank generated, its rows)."""
+    import logitguard.eval.generate as generate
+    from logitguard.methods.mixing import self_refusals
+
+    calls, real = [], generate.generate_responses
+    generate.generate_responses = lambda *a, **k: calls.append(1) or real(*a, **k)
+    prompts = os.path.join(cache_dir, "prompts.txt")
+    with open(prompts, "w") as f:
+        f.write("\n".join(HARMFUL) + "\n")
+    try:
+        _, info = self_refusals(model, tokenizer, prompts, cache_dir, max_new_tokens=4, keywords="qi2023",
+                                progress=False)  # fmt: skip
+    finally:
+        generate.generate_responses = real
+    with open(info["cache"]) as f:
+        return len(calls), json.load(f)["dropped"]
+
+
 def main(rank: int, world: int, port: str, out: str, tokenizer_dir: str, version: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    # what `accelerate launch` sets, so that accelerate's PartialState sees the two processes
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))  # fmt: skip
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from conftest import tiny_llama
     from helpers import perturb_adapter
@@ -99,7 +147,15 @@ def main(rank: int, world: int, port: str, out: str, tokenizer_dir: str, version
     expected += generate_responses(plain, tokenizer, BENIGN, 6, progress=False)
     # training goes on after the check, on the same weights as the unsharded model's
     losses += [train_step(plain, optimizers[0], batch), train_step(wrapped, optimizers[1], batch)]
+    diverged = diverging_generation(model, tokenizer, monitor.trainer, rank)
+    diverged_expected = generate_responses(plain, tokenizer, HARMFUL, 2 if rank == 0 else 6, progress=False)
+    stopped = nan_on_one_rank_stops_all(rank)
+    generated, mixed = mixed_rows_on_each_rank(plain, tokenizer, os.path.dirname(out))
+    each = [None, None]
+    dist.all_gather_object(each, {"stopped": stopped, "generated": generated, "mixed": mixed,
+                                  "diverged_equal": diverged == diverged_expected})  # fmt: skip
     report = {
+        "per_rank": each,
         "skipped_at_start": skipped_at_start,
         "checked_steps": [row["step"] for row in monitor.history],
         "responses_equal": seen == expected,

@@ -56,3 +56,29 @@ def test_monitor_settings_are_checked():
         build_config({"model": "m", "data": "d", "monitor_stop_below": 0.5})
     with pytest.raises(ConfigError, match="monitor_every"):
         build_config({"model": "m", "data": "d", "monitor_harmful": "h.txt", "monitor_every": 0})
+
+
+@pytest.mark.parametrize("zero3, processes", [(False, 1), (True, 1), (True, 2)])
+def test_under_zero3_the_check_keeps_autograd_usable_and_processes_in_step(zero3, processes, monkeypatch):
+    """ZeRO-3 gathers weights in its own hooks: generating under inference_mode would leave inference tensors in
+    its buffers (the next step's backward fails), and its forwards are collectives, so processes generate in step
+    (synced_gpus) when there are several."""
+    from test_gpu_path import FakeZero3Config
+    from transformers.integrations import deepspeed
+
+    import logitguard.callbacks as callbacks
+    import logitguard.eval.generate as generate
+    from logitguard.callbacks import SafetyMonitor
+
+    seen = []
+    monkeypatch.setattr(generate, "generate_responses", lambda *a, **k: seen.append(k) or ["I cannot."])
+    monkeypatch.setattr(callbacks, "world_size", lambda: processes)
+    fake = FakeZero3Config()  # held here: transformers keeps only a weak reference
+    if zero3:
+        deepspeed.set_hf_deepspeed_config(fake)
+    try:
+        rates = SafetyMonitor(None, ["a prompt"]).measure(model=None)
+    finally:
+        deepspeed.unset_hf_deepspeed_config()
+    assert rates["refusal"] == 1.0
+    assert seen[0]["inference_mode"] is not zero3 and seen[0]["synced_gpus"] is (processes > 1)

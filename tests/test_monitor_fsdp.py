@@ -29,3 +29,9 @@ def test_monitor_generates_under_fsdp_as_the_unsharded_model(version, tokenizer_
     assert sharded_1 == pytest.approx(plain_1, abs=1e-5) and sharded_2 == pytest.approx(plain_2, abs=1e-5), report
     assert plain_2 != pytest.approx(plain_1, abs=1e-4)  # the step changed the weights: the comparison means something
     assert report["inference_tensors"] == 0
+    first, second = report["per_rank"]
+    # ranks whose answers end at different steps generate in step (synced_gpus), each its own greedy answers
+    assert first["diverged_equal"] and second["diverged_equal"], report
+    assert first["stopped"] and second["stopped"], report  # a NaN in one rank's gradient shard stops both
+    # safety_mix: self generates on the main process only; the other reads its file and mixes the same rows
+    assert (first["generated"], second["generated"]) == (1, 0) and first["mixed"] == second["mixed"], report

@@ -43,15 +43,23 @@ def anchor_conversations(
     """[user prompt, aligned model's greedy refusal] pairs, generated once per (model, prompts, settings) and kept
     in `cache_dir/anchors/` (responses to harmful prompts: refusals only, and they never leave the cache)."""
     from .cache import model_fingerprint
-    from .eval.generate import generate_responses
-    from .eval.keyword import is_refusal
+    from .models import process_state
 
     key = hashlib.sha256(
         json.dumps([model_fingerprint(model), prompts, max_new_tokens, keywords]).encode()
     ).hexdigest()[:20]
     path = Path(cache_dir) / "anchors" / f"{key}.jsonl"
-    if path.is_file():
-        return [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+    # under `accelerate launch` the main process generates and the others read its file (the same anchors on all)
+    with process_state().main_process_first():
+        if path.is_file():
+            return [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+        return _generate_anchors(path, model, tokenizer, prompts, max_new_tokens, keywords)
+
+
+def _generate_anchors(path, model, tokenizer, prompts, max_new_tokens, keywords) -> list[list[dict]]:
+    from .eval.generate import generate_responses
+    from .eval.keyword import is_refusal
+
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, progress=False)
     kept = [
         [{"role": "user", "content": p}, {"role": "assistant", "content": r}]

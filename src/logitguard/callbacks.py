@@ -18,8 +18,12 @@ Under FSDP a parameter outside its unit's forward is a shard, and `generate` ent
 The check therefore gathers them first: FSDP1 under `summon_full_params` of the root (the Trainer's wrapped model:
 attach the monitor to the trainer), FSDP2 by unsharding the root module, which needs the root's first forward to
 have run (FSDP2 makes the first module to run forward its root), so the check before training is skipped under
-FSDP and the curve starts at the first check after it. Generation there runs under no_grad, not inference_mode:
-inference tensors would end up in FSDP's parameter buffers, which the next training step needs with autograd.
+FSDP and the curve starts at the first check after it. Under FSDP and DeepSpeed ZeRO-3 (which gathers weights in
+its own hooks) generation runs under no_grad, not inference_mode: inference tensors would end up in the gathered
+parameter buffers, which the next training step needs with autograd. And there every forward is a collective, so
+generation runs through `model.generate` with synced_gpus: a process whose answers have all ended (greedy decoding
+can differ between processes in a near-tie) keeps running forwards until every process is done, instead of leaving
+the others waiting in an all-gather.
 """
 
 from __future__ import annotations
@@ -48,6 +52,20 @@ def fsdp_version(model, trainer=None) -> int | None:
             if isinstance(module, FullyShardedDataParallel):
                 return 1
     return None
+
+
+def sharded(model, trainer=None) -> bool:
+    """Whether the weights are sharded across processes (FSDP1, FSDP2, DeepSpeed ZeRO-3): each forward then gathers
+    them collectively, so generation keeps the processes in step and runs outside inference_mode."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return fsdp_version(model, trainer) is not None or is_deepspeed_zero3_enabled()
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @contextlib.contextmanager
@@ -116,7 +134,7 @@ class SafetyMonitor(TrainerCallback):
     def measure(self, model) -> dict:
         from .eval.generate import generate_responses
 
-        sharded = fsdp_version(model, self.trainer) is not None
+        split = sharded(model, self.trainer)
         start = time.perf_counter()
         rates = {}
         with gathered_for_generation(model, self.trainer):
@@ -124,7 +142,7 @@ class SafetyMonitor(TrainerCallback):
                 if prompts:
                     responses = generate_responses(
                         model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size, progress=False,
-                        inference_mode=not sharded,
+                        inference_mode=not split, synced_gpus=split and world_size() > 1,
                     )  # fmt: skip
                     rates[name] = sum(map(self.is_refusal, responses)) / len(responses)
         rates["seconds"] = time.perf_counter() - start
@@ -174,7 +192,7 @@ def rank_zero_values(values: dict) -> dict:
     rewind) must be the same on all of them, or DDP's replicas diverge and a stop on one rank hangs the others."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return values
     box = [values]
     dist.broadcast_object_list(box, src=0)

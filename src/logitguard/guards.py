@@ -78,18 +78,18 @@ class FiniteGradients(TrainerCallback):
         grads = [] if model is None or scaled else [p.grad for p in model.parameters() if p.grad is not None]
         if not names and not grads:
             return
+        device = self.watch.flags[names[0]].device if names else grads[0].device
+        grad_flag = nonfinite_gradients(grads, device)
+        flags = torch.stack([self.watch.flags[n] for n in names] + [grad_flag]).float()  # (n + 1,)
+        values = torch.stack([self.watch.values[n] for n in names]) if names else flags[:0]  # (n,)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # the same decision on every rank: under FSDP each holds a shard of the gradients, and a NaN in one
+            # shard must stop them all, not leave the others waiting in the next collective
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        host = torch.cat([flags, values]).tolist()  # the step's one wait for the device
         if names:
-            device = self.watch.flags[names[0]].device
-            grad_flag = nonfinite_gradients(grads, device)
-            flags = torch.stack([self.watch.flags[n] for n in names] + [grad_flag]).float()  # (n + 1,)
-            values = torch.stack([self.watch.values[n] for n in names])  # (n,)
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the same decision on every rank
-            host = torch.cat([flags, values]).tolist()  # the step's one wait for the device
             self.watch.clear()
-            bad, value = host[: len(names) + 1], host[len(names) + 1 :]
-        else:
-            bad, value = [nonfinite_gradients(grads).item()], []
+        bad, value = host[: len(names) + 1], host[len(names) + 1 :]
         for i, name in enumerate(names):
             if bad[i]:
                 raise NonFiniteLossError(f"{name} is not finite at step {state.global_step} (value {value[i]}). {FIX}")

@@ -30,6 +30,7 @@ def generate_responses(
     inference_mode: bool = True,
     stop=None,
     fast: bool = True,
+    synced_gpus: bool = False,
 ) -> list[str]:
     """One response per prompt, in the order given.
 
@@ -43,14 +44,18 @@ def generate_responses(
     Greedy decoding runs decode.greedy_decode (ended rows leave the batch) unless the model's generation config
     asks for a logits processor or `fast` is False (then `model.generate`, the reference path). `stop`: a
     `StopRule` that ends a response once its text is complete (greedy_decode only; the text up to and including
-    the stop is what generate would have produced first).
+    the stop is what generate would have produced first). `synced_gpus`: every process of a sharded model (FSDP,
+    ZeRO-3) generates at once, and each forward is a collective; a process whose rows have all ended keeps running
+    forwards until every process's have (`model.generate`'s synced_gpus; greedy_decode has no such loop, so it is
+    not used), else one process leaves the loop while the others wait in an all-gather.
     """
     from .endpoint import engine_for  # a server generating in the model's place (--engine, eval/endpoint.py)
 
     if (engine := engine_for(model)) is not None:
         return engine.generate(prompts, max_new_tokens, batch_size, greedy, progress)
     with torch.inference_mode(inference_mode), torch.no_grad():
-        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, progress, stop, fast)
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, progress, stop,
+                         fast and not synced_gpus, {"synced_gpus": True} if synced_gpus else {})  # fmt: skip
 
 
 class StopRule:
@@ -67,7 +72,7 @@ class StopRule:
         )
 
 
-def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, progress, stop, fast) -> list[str]:
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, progress, stop, fast, extra) -> list[str]:
     from tqdm.auto import tqdm
 
     from ..data import ensure_chat_template
@@ -90,7 +95,6 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, pro
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     sampling = {} if not greedy else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    extra = {}
     if getattr(model.generation_config, "eos_token_id", None) is None:
         extra["eos_token_id"] = tokenizer.eos_token_id
     responses: list[str] = [""] * len(texts)

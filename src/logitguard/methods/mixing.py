@@ -104,29 +104,17 @@ def self_refusals(
 ) -> tuple[list[dict], dict]:
     """(rows, info): the model's greedy refusals to the prompts in `prompts_file`, as chat rows, and what was
     generated, kept and dropped. Generated once per model and prompts; later calls read the cache."""
-    from ..eval.generate import generate_responses
-    from ..eval.keyword import is_refusal, refusal_keywords
+    from ..eval.keyword import refusal_keywords
     from ..eval.prompts import read_prompts
+    from ..models import process_state
 
     refusal_keywords(keywords)  # an unknown list name fails before any generation
     prompts = read_prompts(prompts_file)
     path = Path(cache_dir) / "safety_mix" / f"{_cache_key(model, tokenizer, prompts, max_new_tokens, keywords)}.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-    else:
-        if progress:
-            print(f"safety mix: generating the model's own responses to {len(prompts)} prompts (once)", flush=True)
-        # a copy: padding a batch changes a fast tokenizer's state, and so the reference cache key of this run
-        responses = generate_responses(
-            model, copy.deepcopy(tokenizer), prompts, max_new_tokens=max_new_tokens, progress=progress
-        )
-        kept = [{"index": i, "prompt": p, "response": r} for i, (p, r) in enumerate(zip(prompts, responses))
-                if is_refusal(r, keywords)]  # fmt: skip
-        dropped = [{"index": i, "prompt": p, "response_start": " ".join(r.split()[:10])}
-                   for i, (p, r) in enumerate(zip(prompts, responses)) if not is_refusal(r, keywords)]  # fmt: skip
-        cached = {"prompts_file": str(prompts_file), "keywords": keywords, "max_new_tokens": max_new_tokens,
-                  "generated": len(prompts), "kept": kept, "dropped": dropped}  # fmt: skip
-        write_json_atomic(path, cached)
+    # Under `accelerate launch` the main process generates and the others read its file: every process then mixes
+    # the same rows (greedy decoding can differ between devices in a near-tie, and unequal datasets hang DDP).
+    with process_state().main_process_first():
+        cached = _read_or_generate(path, model, tokenizer, prompts, prompts_file, max_new_tokens, keywords, progress)
     rows = [
         {
             "messages": [{"role": "user", "content": k["prompt"]}, {"role": "assistant", "content": k["response"]}],
@@ -136,6 +124,29 @@ def self_refusals(
     ]
     info = {"generated": cached["generated"], "dropped_not_refusal": len(cached["dropped"]), "cache": str(path)}
     return rows, info
+
+
+def _read_or_generate(path, model, tokenizer, prompts, prompts_file, max_new_tokens, keywords, progress) -> dict:
+    """The cached generation at `path`, or a new one written there."""
+    from ..eval.generate import generate_responses
+    from ..eval.keyword import is_refusal
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    if progress:
+        print(f"safety mix: generating the model's own responses to {len(prompts)} prompts (once)", flush=True)
+    # a copy: padding a batch changes a fast tokenizer's state, and so the reference cache key of this run
+    responses = generate_responses(
+        model, copy.deepcopy(tokenizer), prompts, max_new_tokens=max_new_tokens, progress=progress
+    )
+    kept = [{"index": i, "prompt": p, "response": r} for i, (p, r) in enumerate(zip(prompts, responses))
+            if is_refusal(r, keywords)]  # fmt: skip
+    dropped = [{"index": i, "prompt": p, "response_start": " ".join(r.split()[:10])}
+               for i, (p, r) in enumerate(zip(prompts, responses)) if not is_refusal(r, keywords)]  # fmt: skip
+    cached = {"prompts_file": str(prompts_file), "keywords": keywords, "max_new_tokens": max_new_tokens,
+              "generated": len(prompts), "kept": kept, "dropped": dropped}  # fmt: skip
+    write_json_atomic(path, cached)
+    return cached
 
 
 def self_refusal_rows(
