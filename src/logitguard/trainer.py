@@ -215,9 +215,13 @@ class SafetyRegularization:
     def log(self, logs: dict, start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._safety_metrics[mode].items():
-            if values:
-                logs[prefix + key] = torch.stack(values).float().mean().item()
+        keys = sorted(k for k, values in self._safety_metrics[mode].items() if values)  # the same on every process
+        if keys:
+            means = torch.stack([torch.stack(self._safety_metrics[mode][k]).float().mean() for k in keys])
+            # every process logs (the Trainer calls log on all of them): the mean over processes, as the Trainer's
+            # own loss is, and as the budget controller sees reg, not the main process's share alone
+            means = self.accelerator.reduce(means, reduction="mean")
+            logs.update({prefix + k: v for k, v in zip(keys, means.tolist())})
         if mode == "train":
             logs["lambda"] = self.reg_weight()
             controller = getattr(self, "lambda_controller", None)
