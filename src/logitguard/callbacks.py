@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 
 from .errors import LogitguardError
 from .eval.keyword import is_refusal, refusal_keywords
+from .models import world_size
 
 
 def fsdp_version(model, trainer=None) -> int | None:
@@ -60,12 +61,6 @@ def sharded(model, trainer=None) -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return fsdp_version(model, trainer) is not None or is_deepspeed_zero3_enabled()
-
-
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from .losses import NonFiniteLossError
+from .models import world_size
 
 FIX = "Lower the learning rate or the regularizer weight, or train in fp32/bf16 instead of fp16."
 
@@ -82,7 +83,7 @@ class FiniteGradients(TrainerCallback):
         grad_flag = nonfinite_gradients(grads, device)
         flags = torch.stack([self.watch.flags[n] for n in names] + [grad_flag]).float()  # (n + 1,)
         values = torch.stack([self.watch.values[n] for n in names]) if names else flags[:0]  # (n,)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             # the same decision on every rank: under FSDP each holds a shard of the gradients, and a NaN in one
             # shard must stop them all, not leave the others waiting in the next collective
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)

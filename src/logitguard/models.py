@@ -121,6 +121,13 @@ def process_state():
     return PartialState(cpu=not torch.accelerator.is_available())
 
 
+def world_size() -> int:
+    """How many processes train together (1 outside torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def train_device() -> torch.device:
     """The device this process trains on: its accelerator under `accelerate launch` or alone, else the CPU."""
     return process_state().device
