@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from logitguard.files import read_results
-from logitguard.report import group_rows
+from logitguard.report import group_rows, signed
 from logitguard.verdict import compare, run_target, task_share, verdicts
 
 # (run name in the results files, the README's label), in the README's order
@@ -37,7 +37,7 @@ BASE = "aligned base"
 
 
 def points(interval) -> str:
-    return f"{100 * interval.estimate:+.1f} [{100 * interval.lo:+.1f}, {100 * interval.hi:+.1f}]"
+    return f"{signed(interval.estimate, 'pct')} [{signed(interval.lo, 'pct')}, {signed(interval.hi, 'pct')}]"
 
 
 def share(interval) -> str:
