@@ -118,3 +118,36 @@ def test_the_train_and_cache_steps_run_on_a_tiny_model(tmp_path, capsys):
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
     cache = gpu_check.child_cache(tmp_path, "cpu")
     assert cache["tokens"] > 10_000 and cache["tokens_per_second"] > 0 and cache["fingerprint_seconds"] >= 0
+
+
+def test_failed_tests_are_named_from_verbose_lines_in_one_process_and_under_xdist():
+    output = (
+        "tests/test_a.py::test_one PASSED                  [ 10%]\n"
+        "tests/test_a.py::test_two FAILED                  [ 20%]\n"
+        "[gw3] [ 30%] FAILED tests/test_b.py::test_x[1-2] \n"
+        "[gw1] [ 40%] ERROR tests/test_c.py::test_y \n"
+        "[gw0] [ 50%] PASSED tests/test_c.py::test_z \n"
+        "FAILED tests/test_a.py::test_two - AssertionError: boom\n"
+    )
+    assert gpu_check.failed_test_ids(output) == [
+        "tests/test_a.py::test_two", "tests/test_b.py::test_x[1-2]", "tests/test_c.py::test_y",
+    ]  # fmt: skip
+
+
+def test_the_suites_failures_run_again_alone_and_the_report_names_no_folder(tmp_path):
+    """A capped suite step still names what failed; the last step runs exactly those again in one process (no
+    xdist), and is skipped when nothing failed. Recorded commands carry {work} and `python`, not this machine's
+    folders."""
+    lines = "print('tests/test_a.py::test_two FAILED [ 20%]', flush=True); import time; time.sleep(60)"
+    suite = Step("suite", py(lines, "{work}/x"), 3, gpu_check._pytest_numbers, capped_ok=True)
+    again = Step("again", gpu_check._failed_again, 60, gpu_check._pytest_numbers)
+    ctx = Context(root=tmp_path, work=tmp_path / "work", gpus=1)
+    report = run_all([suite, again], ctx, tmp_path / "report.json", budget=120)
+    rows = report["steps"]
+    assert rows["suite"]["outcome"] == "ok"
+    assert rows["suite"]["numbers"]["failed_tests"] == ["tests/test_a.py::test_two"]
+    assert rows["suite"]["command"] == ["python", "-c", lines, "{work}/x"]
+    assert rows["again"]["command"] == ["python", *gpu_check.PYTEST, "tests/test_a.py::test_two"]
+    assert str(tmp_path) not in (tmp_path / "report.json").read_text()
+    clean = run_all([again], Context(root=tmp_path, work=tmp_path / "w2", gpus=1), tmp_path / "r2.json", budget=60)
+    assert clean["steps"]["again"] == {"outcome": "skipped", "seconds": 0.0, "numbers": {}, "why": "nothing to run"}

@@ -260,7 +260,7 @@ def test_full_fine_tune_in_bf16_keeps_fp32_weights_that_take_tiny_updates(model_
                              "save_steps": 100})  # fmt: skip
     result = train(cfg, progress=False)
     assert result["trainer"].args.bf16
-    trained = {n: p.detach() for n, p in result["trainer"].model.named_parameters()}
+    trained = {n: p.detach().cpu() for n, p in result["trainer"].model.named_parameters()}  # beside the file's
     assert {p.dtype for p in trained.values()} == {torch.float32}
     original = load_file(model_dir / "model.safetensors")
     # updates smaller than bf16 could hold (under 2^-9 of the weight: rounding to bf16 would undo them) were kept

@@ -45,6 +45,7 @@ class Context:
     work: Path  # scratch folder of this run (model, data, outputs)
     gpus: int  # visible CUDA devices
     python: str = sys.executable
+    failed_tests: list[str] = dataclasses.field(default_factory=list)  # test ids the suite's steps saw fail
 
     @property
     def model(self) -> Path:
@@ -124,12 +125,26 @@ def _train_result(ctx: Context, output: str) -> dict:
 
 
 def _pytest_numbers(ctx: Context, output: str) -> dict:
+    """Counts from pytest's summary line, how far it got, and the ids of the tests that failed. The ids come from
+    the verbose per-test lines, so a run cut by its time cap (no summary) still names them."""
     summary = re.findall(r"(\d+) (passed|failed|error|errors|skipped|deselected)", output)
     percent = re.findall(r"\[\s*(\d+)%\]", output)
     out = {kind: int(n) for n, kind in summary}
     if percent:
         out["progress_percent"] = int(percent[-1])
+    failed = failed_test_ids(output)
+    if failed:
+        out["failed_tests"] = failed
+        ctx.failed_tests.extend(t for t in failed if t not in ctx.failed_tests)
     return out
+
+
+def failed_test_ids(output: str) -> list[str]:
+    """Test ids marked FAILED or ERROR in pytest's verbose output, in order, once each: "tests/a.py::t FAILED"
+    (one process), "[gw3] [ 5%] FAILED tests/a.py::t" (pytest-xdist) and the summary's "FAILED tests/a.py::t - ..."."""
+    ids = re.findall(r"^(tests/\S+::\S+) (?:FAILED|ERROR)\b", output, re.M)
+    ids += re.findall(r"(?:^|\] )(?:FAILED|ERROR) (tests/\S+::\S+)", output, re.M)
+    return list(dict.fromkeys(ids))
 
 
 def _bench(script: str, result: str, *flags: str) -> Callable[[Context], list[str]]:
@@ -174,14 +189,41 @@ EXTRA_STEPS: list[Step] = [
 ]  # fmt: skip
 # -----------------------------------------------------------------------------------------------------------------
 
-# Last: the test suite on CUDA with the time that is left; first the files that reach the GPU path, then the rest.
+# Last: the test suite on CUDA with the time that is left; first the files that reach the GPU path, then the rest,
+# then the tests that failed, again in one process: a failure that does not come back there came from running
+# beside other tests (pytest-xdist), not from the GPU. Verbose, so a run cut by its cap still names its failures;
+# not -x, so one failure does not hide the rest (device time is what such a run is short of).
 GPU_TESTS = ("tests/test_gpu_path.py", "tests/test_syncs.py", "tests/test_trainer.py", "tests/test_monitor.py")
-PYTEST = ("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider")
+PYTEST = ("-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:benchmark")
+
+
+def _pytest(*args: str, parallel: bool = True) -> Callable[[Context], list[str]]:
+    """pytest on these files, over the machine's cores where pytest-xdist is installed (one GPU serves them all)."""
+
+    def argv(ctx: Context) -> list[str]:
+        workers = ["-n", str(min(os.cpu_count() or 1, 16))] if parallel and _has("xdist") else []
+        return [ctx.python, *PYTEST, *workers, *args]
+
+    return argv
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _failed_again(ctx: Context) -> list[str]:
+    """The failed tests once more, in one process; no command (skipped) when none failed."""
+    return _pytest(*ctx.failed_tests, parallel=False)(ctx) if ctx.failed_tests else []
+
+
 # fmt: off
 TESTS = [
-    Step("pytest_gpu_path", lambda ctx: [ctx.python, *PYTEST, *GPU_TESTS], 200, _pytest_numbers, files=GPU_TESTS),
-    Step("pytest_rest", lambda ctx: [ctx.python, *PYTEST, "tests", *(f"--ignore={t}" for t in GPU_TESTS)], 300,
-         _pytest_numbers, files=("tests",), capped_ok=True),
+    Step("pytest_gpu_path", _pytest(*GPU_TESTS), 200, _pytest_numbers, files=GPU_TESTS),
+    Step("pytest_rest", _pytest("tests", *(f"--ignore={t}" for t in GPU_TESTS)), 300, _pytest_numbers,
+         files=("tests",), capped_ok=True),
+    Step("pytest_failed_alone", _failed_again, 150, _pytest_numbers, files=("tests",)),
 ]
 # fmt: on
 
@@ -241,12 +283,25 @@ def run_step(step: Step, ctx: Context, timeout: float) -> dict:
     except Exception as e:  # a parse problem is reported, not fatal
         numbers = {"unreadable": f"{type(e).__name__}: {e}"}
     ok = rc == 0 or (timed_out and step.capped_ok and not numbers.get("failed") and not numbers.get("error"))
-    row = {"outcome": "ok" if ok else "failed", "seconds": seconds, "numbers": numbers, "command": argv}
+    row = {"outcome": "ok" if ok else "failed", "seconds": seconds, "numbers": numbers,
+           "command": portable(argv, ctx)}  # fmt: skip
     if timed_out:
         row["timed_out_after"] = round(timeout)
     if not ok:
-        row["error_tail"] = output[-TAIL:] if not timed_out else f"timed out after {timeout:.0f} s\n{output[-TAIL:]}"
+        tail = portable_text(output[-TAIL:], ctx)
+        row["error_tail"] = tail if not timed_out else f"timed out after {timeout:.0f} s\n{tail}"
     return row
+
+
+def portable(argv: list[str], ctx: Context) -> list[str]:
+    """A command as the report records it: the scratch folder as {work}, the checkout as `.` and the interpreter
+    as `python`, so the report names no folder of the machine it ran on (it is committed as
+    bench/results/gpu_check.json)."""
+    return ["python" if a == ctx.python else portable_text(a, ctx) for a in argv]
+
+
+def portable_text(text: str, ctx: Context) -> str:
+    return text.replace(str(ctx.work), "{work}").replace(str(ctx.root), ".")
 
 
 def run_all(steps: list[Step], ctx: Context, out: Path, budget: float = BUDGET) -> dict:
@@ -266,6 +321,8 @@ def run_all(steps: list[Step], ctx: Context, out: Path, budget: float = BUDGET) 
             why = f"needs {', '.join(failed)}, which did not pass"
         elif left < MIN_STEP:
             why = f"{left:.0f} s left of the {budget:.0f} s budget"
+        elif not step.command(ctx):
+            why = "nothing to run"
         if why:
             report["steps"][step.name] = {"outcome": "skipped", "seconds": 0.0, "numbers": {}, "why": why}
         else:
