@@ -128,22 +128,42 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def train_device() -> torch.device:
-    """The device this process trains on: its accelerator under `accelerate launch` or alone, else the CPU."""
-    return process_state().device
+def train_device(cpu: bool = False) -> torch.device:
+    """The device this process trains on: its accelerator under `accelerate launch` or alone, else the CPU (and
+    the CPU where the run asks for it: `cpu`, from wants_cpu)."""
+    return torch.device("cpu") if cpu else process_state().device
 
 
-def resolve_precision(precision: str, dtype: str = "auto") -> str:
+def wants_cpu(trainer: dict) -> bool:
+    """Whether a run trains on the CPU on a machine that may have an accelerator: the Trainer's `use_cpu` (under
+    `trainer:`) or `accelerate launch --cpu` (ACCELERATE_USE_CPU)."""
+    return bool(trainer.get("use_cpu")) or _env_flag("ACCELERATE_USE_CPU")
+
+
+def resolve_precision(precision: str, dtype: str = "auto", cpu: bool = False) -> str:
     """bf16 | fp16 | fp32 for `precision` auto: the half dtype the user named, else bf16 on a GPU that computes in
     it (compute capability 8.0 and up), fp16 on other accelerators, fp32 on the CPU (where half-precision autocast is
-    slower, not faster). A T4 or V100 can hold bf16 tensors (emulated), which is not a reason to train in them."""
+    slower, not faster), also a CPU run on a machine with a GPU (`cpu`). A T4 or V100 can hold bf16 tensors
+    (emulated), which is not a reason to train in them."""
     if precision != "auto":
         return precision
     if dtype in ("bfloat16", "float16"):
         return "bf16" if dtype == "bfloat16" else "fp16"
+    if cpu:
+        return "fp32"
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "fp16" if torch.accelerator.is_available() else "fp32"
+
+
+def run_precision(cfg) -> str:
+    """A TrainConfig's compute precision, where it trains."""
+    return resolve_precision(cfg.precision, cfg.dtype, wants_cpu(cfg.trainer))
+
+
+def run_dtype(cfg) -> str:
+    """The dtype a TrainConfig's run loads its frozen weights (and its reference model) in."""
+    return resolve_dtype(cfg.dtype, run_precision(cfg), cfg.method)
 
 
 def resolve_dtype(dtype: str, precision: str, method: str = "lora") -> str:

@@ -178,9 +178,9 @@ def make_pact_reference(cfg, model, tokenizer, examples, tokens, progress: bool 
     if cfg.reference in ("online", "paper"):
         return PactOnlineReference(tokens.ids, header, cfg.method, full_logits=cfg.reference == "paper")
     if cfg.reference_model:  # continual learning: both references from the original aligned model
-        from .models import load_model, resolve_dtype, resolve_precision
+        from .models import load_model, run_dtype
 
-        dtype = resolve_dtype(cfg.dtype, resolve_precision(cfg.precision, cfg.dtype), cfg.method)
+        dtype = run_dtype(cfg)
         device = next(model.parameters()).device
         model = load_model(cfg.reference_model, dtype, cfg.trust_remote_code, cfg.quantize, device)
     start = time.perf_counter()

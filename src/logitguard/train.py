@@ -35,10 +35,11 @@ from .models import (
     load_model,
     load_tokenizer,
     process_state,
-    resolve_dtype,
-    resolve_precision,
+    run_dtype,
+    run_precision,
     sharding,
     train_device,
+    wants_cpu,
     whole_model,
 )
 from .regularizers import get as get_regularizer
@@ -103,11 +104,12 @@ def prebuild_caches(cfgs: list[TrainConfig], progress: bool = True) -> float | N
     built = False
     for group in groups.values():
         c = group[0]
-        dtype = resolve_dtype(c.dtype, resolve_precision(c.precision, c.dtype), c.method)
+        dtype = run_dtype(c)
         where = (c.reference_model or c.model, dtype, c.quantize)
         with whole_model():  # as in train(): a whole model, not one partitioned by a DeepSpeed config left installed
             if where not in models:
-                models[where] = load_model(where[0], dtype, c.trust_remote_code, c.quantize, train_device())
+                device = train_device(wants_cpu(c.trainer))
+                models[where] = load_model(where[0], dtype, c.trust_remote_code, c.quantize, device)
             ids = list(dict.fromkeys(i for r in group for i in resolve_tokens(r, tokenizer).ids))
             examples = training_examples(c, tokenizer, model=models[where]).examples
             folder = build_reference_cache(
@@ -149,7 +151,7 @@ def make_reference(cfg: TrainConfig, model, tokenizer, examples, tokens: SafetyT
     if cfg.reference in ("online", "paper"):
         return entry.online(tokens.ids, tokenizer, cfg.method, cfg, paper=cfg.reference == "paper")
     if cfg.reference_model:  # continual learning: anchor to the original aligned model, not this stage's start
-        dtype = resolve_dtype(cfg.dtype, resolve_precision(cfg.precision, cfg.dtype), cfg.method)
+        dtype = run_dtype(cfg)
         model = load_model(cfg.reference_model, dtype, cfg.trust_remote_code, cfg.quantize, _device(model))
     start = time.perf_counter()
     reference = entry.cached(model, tokenizer, examples, tokens.ids, cfg, **build_kwargs(cfg, progress))
@@ -197,7 +199,7 @@ class _Examples:
 def training_arguments(cfg: TrainConfig, progress: bool = True):
     from transformers import TrainingArguments
 
-    precision = resolve_precision(cfg.precision, cfg.dtype)
+    precision = run_precision(cfg)
     values = dict(
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.epochs,
@@ -239,8 +241,8 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
     args = training_arguments(cfg, progress)  # a bad trainer value fails before anything is loaded
     tokenizer = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
     ensure_chat_template(tokenizer)
-    device = train_device()
-    dtype = resolve_dtype(cfg.dtype, resolve_precision(cfg.precision, cfg.dtype), cfg.method)
+    device = train_device(wants_cpu(cfg.trainer))
+    dtype = run_dtype(cfg)
     # Under DeepSpeed ZeRO-3 everything up to the Trainer uses the whole model (its engine partitions it after).
     with whole_model():
         if model is None:
