@@ -127,7 +127,7 @@ def test_an_adapter_folded_into_float32_weights_gives_the_same_model(tmp_path, m
     merged, tok = load_model_for_eval(model_dir, tmp_path / "adapter")
     kept, _ = load_model_for_eval(model_dir, tmp_path / "adapter", merge=False)
     assert not hasattr(merged, "peft_config") and hasattr(kept, "peft_config")
-    ids = torch.tensor([tok("What color is the sky?")["input_ids"]])
+    ids = torch.tensor([tok("What color is the sky?")["input_ids"]], device=merged.device)  # the accelerator's
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, kept(ids).logits, atol=1e-5)
     base, _ = load_model_for_eval(model_dir)

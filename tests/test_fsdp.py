@@ -11,7 +11,8 @@ from pathlib import Path
 from helpers import ASSETS
 from safetensors.torch import load_file
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# CPU processes (gloo) also where a GPU is visible: one GPU cannot hold two ranks, and the references are on the CPU
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def free_port() -> str:

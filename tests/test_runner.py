@@ -280,7 +280,8 @@ def test_continual_stages_keep_the_original_reference(tmp_path, model_dir):
     from logitguard.models import load_model, load_tokenizer
 
     stages = [{"data": str(ASSETS / "chat.jsonl")}, {"data": str(ASSETS / "alpaca.json")}]
-    runs = [{"name": "STR continual", "train": {"safety_words": ["I"]}, "stages": stages}]
+    # fp32 also on a GPU (auto would load bf16 there): the cache's fingerprint is compared with the fp32 model's
+    runs = [{"name": "STR continual", "train": {"safety_words": ["I"], "precision": "fp32"}, "stages": stages}]
     rows = _bench(tmp_path, _tiny_experiment(tmp_path, model_dir, runs))["rows"]
     assert rows[0]["stages"] == 2 and rows[0]["steps"] == 3  # 8 rows / 4 + 3 rows / 4
     stage2 = tmp_path / "work" / "tiny" / "str-continual-stage-2"
