@@ -60,7 +60,8 @@ def table(folder: Path) -> str:
     for name, label in ROWS:
         if name not in benign_rows and name not in attack_rows:
             continue
-        cells = [label]
+        seeds = len(benign_rows.get(name, []))  # several: verdict.group_items pools them per prompt
+        cells = [label + (f" (benign: {seeds} seeds, pooled)" if seeds > 1 else "")]
         if name in benign_rows:
             kept = task_share(benign_rows[name], benign_rows, run_target(benign, name))
             cells += [
