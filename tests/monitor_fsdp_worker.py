@@ -167,6 +167,7 @@ def main(rank: int, world: int, port: str, out: str, tokenizer_dir: str, version
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)
+    dist.barrier()  # both ranks leave together: a rank tearing gloo down while the other is still in it can abort
     dist.destroy_process_group()
 
 
