@@ -68,7 +68,7 @@ def test_precision_and_dtype_rules(monkeypatch, precision, dtype, major, method,
 def test_a_cpu_run_on_a_gpu_machine_trains_in_fp32(monkeypatch, how):
     """`trainer: {use_cpu: true}` or `accelerate launch --cpu` on a machine with an H200: auto precision is the
     CPU's fp32 (bf16 autocast on a CPU is emulated, slower), and the model loads on the CPU."""
-    from logitguard.models import run_dtype, run_precision, train_device, wants_cpu
+    from logitguard.models import run_device, run_dtype, run_precision, wants_cpu
 
     fake_cuda(monkeypatch, 9)
     trainer = {"use_cpu": True} if how == "trainer" else {}
@@ -76,7 +76,7 @@ def test_a_cpu_run_on_a_gpu_machine_trains_in_fp32(monkeypatch, how):
         monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     cfg = build_config({"model": "m", "data": "d", "trainer": trainer})
     assert wants_cpu(cfg.trainer) and (run_precision(cfg), run_dtype(cfg)) == ("fp32", "float32")
-    assert train_device(wants_cpu(cfg.trainer)) == torch.device("cpu")
+    assert run_device(cfg) == torch.device("cpu")
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     gpu = build_config({"model": "m", "data": "d"})
     assert not wants_cpu(gpu.trainer) and (run_precision(gpu), run_dtype(gpu)) == ("bf16", "bfloat16")

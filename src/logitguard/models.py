@@ -128,10 +128,9 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def train_device(cpu: bool = False) -> torch.device:
-    """The device this process trains on: its accelerator under `accelerate launch` or alone, else the CPU (and
-    the CPU where the run asks for it: `cpu`, from wants_cpu)."""
-    return torch.device("cpu") if cpu else process_state().device
+def train_device() -> torch.device:
+    """The device this process trains on: its accelerator under `accelerate launch` or alone, else the CPU."""
+    return process_state().device
 
 
 def wants_cpu(trainer: dict) -> bool:
@@ -159,6 +158,12 @@ def resolve_precision(precision: str, dtype: str = "auto", cpu: bool = False) ->
 def run_precision(cfg) -> str:
     """A TrainConfig's compute precision, where it trains."""
     return resolve_precision(cfg.precision, cfg.dtype, wants_cpu(cfg.trainer))
+
+
+def run_device(cfg) -> torch.device:
+    """The device a TrainConfig's run loads its model on: the CPU where it asks for it (wants_cpu), else
+    train_device()."""
+    return torch.device("cpu") if wants_cpu(cfg.trainer) else train_device()
 
 
 def run_dtype(cfg) -> str:

@@ -35,11 +35,10 @@ from .models import (
     load_model,
     load_tokenizer,
     process_state,
+    run_device,
     run_dtype,
     run_precision,
     sharding,
-    train_device,
-    wants_cpu,
     whole_model,
 )
 from .regularizers import get as get_regularizer
@@ -108,8 +107,7 @@ def prebuild_caches(cfgs: list[TrainConfig], progress: bool = True) -> float | N
         where = (c.reference_model or c.model, dtype, c.quantize)
         with whole_model():  # as in train(): a whole model, not one partitioned by a DeepSpeed config left installed
             if where not in models:
-                device = train_device(wants_cpu(c.trainer))
-                models[where] = load_model(where[0], dtype, c.trust_remote_code, c.quantize, device)
+                models[where] = load_model(where[0], dtype, c.trust_remote_code, c.quantize, run_device(c))
             ids = list(dict.fromkeys(i for r in group for i in resolve_tokens(r, tokenizer).ids))
             examples = training_examples(c, tokenizer, model=models[where]).examples
             folder = build_reference_cache(
@@ -241,7 +239,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, tokenizer=None) -
     args = training_arguments(cfg, progress)  # a bad trainer value fails before anything is loaded
     tokenizer = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
     ensure_chat_template(tokenizer)
-    device = train_device(wants_cpu(cfg.trainer))
+    device = run_device(cfg)
     dtype = run_dtype(cfg)
     # Under DeepSpeed ZeRO-3 everything up to the Trainer uses the whole model (its engine partitions it after).
     with whole_model():
