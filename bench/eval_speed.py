@@ -17,6 +17,8 @@ the largest score difference, losses' difference.
     python bench/eval_speed.py --experiment real_qwen_benign --threads 1 \\
         --json bench/results/eval_speed_real_qwen.json   # the real 0.5B model and its experiment's sets
         # (assets: python experiments/real_model/fetch_assets.py); --scale 0.5 halves every set
+    --dtype bfloat16 adds a third path: the fast path with the adapter folded in float32 and the weights then
+    rounded to bfloat16 (eval.dtype in an experiment file), timed and checked against the reference the same way.
 """
 
 from __future__ import annotations
@@ -48,9 +50,12 @@ def measure_machine(seconds: float = 1.0) -> dict:
             best = min(best, time.perf_counter() - t)
         return amount / best / 1e9
 
+    a16, b16 = a.bfloat16(), b.bfloat16()
     return {
         "bandwidth_gb_s": rate(lambda: big.sum(), big.numel() * 4),
         "matmul_gflop_s": rate(lambda: a @ b, 2 * 1024**3),
+        "matmul_gflop_s_bfloat16": rate(lambda: a16 @ b16, 2 * 1024**3),
+        "bf16_instructions": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "threads": torch.get_num_threads(),
     }
 
@@ -64,7 +69,9 @@ class Roofline:
         self.head_params = head.weight.numel()
         self.body_params = sum(m.weight.numel() for m in linears if m is not head)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.bw, self.flops = machine["bandwidth_gb_s"] * 1e9, machine["matmul_gflop_s"] * 1e9
+        half = next(model.parameters()).dtype == torch.bfloat16
+        self.bw = machine["bandwidth_gb_s"] * 1e9
+        self.flops = machine["matmul_gflop_s_bfloat16" if half else "matmul_gflop_s"] * 1e9
         self.seconds, self.forwards, self._rows = 0.0, 0, 0
         self.hooks = [
             model.get_input_embeddings().register_forward_pre_hook(self._body),
@@ -96,22 +103,24 @@ def timed(fn, roof: Roofline):
     return result, time.perf_counter() - start, roof.take()
 
 
-def stage_record(seconds: dict, roofs: dict, tokens: dict, agreement: dict) -> dict:
+def stage_record(seconds: dict, roofs: dict, tokens: dict, agreement) -> dict:
+    """agreement(other_path) -> that path's agreement with the reference path."""
+    others = [k for k in seconds if k != "reference"]
     return {
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "tokens": tokens,
         "tokens_per_s": {k: round(tokens[k] / seconds[k], 1) for k in seconds if tokens.get(k)},
         "roofline_s": {k: round(v, 2) for k, v in roofs.items()},
         "share_of_roofline": {k: round(roofs[k] / seconds[k], 3) for k in seconds},
-        "speedup": round(seconds["reference"] / seconds["fast"], 2),
-        "agreement": agreement,
+        "speedup": {k: round(seconds["reference"] / seconds[k], 2) for k in others},
+        "agreement": {k: agreement(k) for k in others},
     }
 
 
 def run_pair(stage: str, flip: bool, paths: dict, job) -> tuple[dict, dict, dict]:
-    """job(path_name, model, tokenizer) -> result; the two paths in alternating order across stages."""
+    """job(path_name, model, tokenizer) -> result; every path, in reversed order on alternate stages."""
     out, secs, roofs = {}, {}, {}
-    for name in ("fast", "reference") if flip else ("reference", "fast"):
+    for name in reversed(paths) if flip else paths:
         model, tokenizer, roof = paths[name]
         print(f"[{stage}] {name} ...", file=sys.stderr, flush=True)
         out[name], secs[name], roofs[name] = timed(lambda n=name, m=model, t=tokenizer: job(n, m, t), roof)
@@ -123,29 +132,41 @@ def token_count(tokenizer, texts: list[str]) -> int:
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
 
-def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict) -> dict:
+def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict, dtype: str | None = None) -> dict:
+    """The reference path and the fast path in float32; with `dtype`, the fast path in that dtype as well."""
     from logitguard.eval.generate import StopRule, generate_responses, load_model_for_eval
     from logitguard.eval.humaneval import build_program, code_closed, execute, humaneval_prompt
+    from logitguard.eval.keyword import is_refusal
     from logitguard.eval.multiple_choice import TASKS, score_items
     from logitguard.eval.utility import conversation_losses, eval_loss
 
+    loads = {"reference": (False, None), "fast": (True, None)}
+    if dtype:
+        loads[f"fast_{dtype}"] = (True, dtype)
     paths, load_seconds = {}, {}
-    for name, merge in (("reference", False), ("fast", True)):
+    for name, (merge, path_dtype) in loads.items():
         start = time.perf_counter()
-        model, tokenizer = load_model_for_eval(model_dir, adapter, merge=merge)
+        model, tokenizer = load_model_for_eval(model_dir, adapter, path_dtype, merge=merge)
         load_seconds[name] = time.perf_counter() - start
         paths[name] = (model, tokenizer, Roofline(model, machine))
-    fast = {"reference": False, "fast": True}
+    fast = {name: merge for name, (merge, _) in loads.items()}
     batch, max_new, util_new = spec["batch_size"], spec["max_new_tokens"], spec["utility_max_new_tokens"]
     stages = {}
+
+    def tokens_of(out):
+        return {k: token_count(paths[k][1], v) for k, v in out.items()}
 
     prompts = sets["prompts"]
     if prompts:
         out, secs, roofs = run_pair("generation", False, paths, lambda n, m, t: generate_responses(
             m, t, prompts, max_new, batch, progress=False, fast=fast[n]))  # fmt: skip
-        differ = [i for i, (a, b) in enumerate(zip(out["reference"], out["fast"])) if a != b]
-        tokens = {k: token_count(paths[k][1], v) for k, v in out.items()}
-        stages["generation"] = stage_record(secs, roofs, tokens, {"responses": len(prompts), "differ": len(differ)})
+        refused = {k: [is_refusal(r) for r in v] for k, v in out.items()}
+        stages["generation"] = stage_record(secs, roofs, tokens_of(out), lambda k: {
+            "responses": len(prompts),
+            "differ": sum(a != b for a, b in zip(out["reference"], out[k])),
+            "refusal_label_differ": sum(a != b for a, b in zip(refused["reference"], refused[k])),
+            "refusals": {"reference": sum(refused["reference"]), k: sum(refused[k])},
+        })  # fmt: skip
 
     problems = sets["humaneval"]
     if problems:
@@ -158,14 +179,13 @@ def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict) -> dict:
             return completions, execute(problems, completions)
 
         out, secs, roofs = run_pair("humaneval", True, paths, humaneval)
-        programs = [[build_program(p, c) for p, c in zip(problems, out[k][0])] for k in ("reference", "fast")]
-        passed = [[r["passed"] for r in out[k][1]] for k in ("reference", "fast")]
-        tokens = {k: token_count(paths[k][1], out[k][0]) for k in out}
-        stages["humaneval"] = stage_record(secs, roofs, tokens, {
+        programs = {k: [build_program(p, c) for p, c in zip(problems, v[0])] for k, v in out.items()}
+        passed = {k: [r["passed"] for r in v[1]] for k, v in out.items()}
+        stages["humaneval"] = stage_record(secs, roofs, tokens_of({k: v[0] for k, v in out.items()}), lambda k: {
             "problems": len(problems),
-            "programs_differ": sum(a != b for a, b in zip(*programs)),
-            "pass_differ": sum(a != b for a, b in zip(*passed)),
-            "pass@1": {k: sum(p) / len(p) for k, p in zip(("reference", "fast"), passed)},
+            "programs_differ": sum(a != b for a, b in zip(programs["reference"], programs[k])),
+            "pass_differ": sum(a != b for a, b in zip(passed["reference"], passed[k])),
+            "pass@1": {j: sum(passed[j]) / len(problems) for j in ("reference", k)},
         })  # fmt: skip
 
     gsm = sets["gsm8k"]
@@ -175,9 +195,8 @@ def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict) -> dict:
         gsm_prompts = [gsm8k_prompt(i["prompt"]) for i in gsm]
         out, secs, roofs = run_pair("gsm8k", False, paths, lambda n, m, t: generate_responses(
             m, t, gsm_prompts, util_new, batch, progress=False, fast=fast[n]))  # fmt: skip
-        differ = sum(a != b for a, b in zip(out["reference"], out["fast"]))
-        tokens = {k: token_count(paths[k][1], v) for k, v in out.items()}
-        stages["gsm8k"] = stage_record(secs, roofs, tokens, {"responses": len(gsm), "differ": differ})
+        stages["gsm8k"] = stage_record(secs, roofs, tokens_of(out), lambda k: {
+            "responses": len(gsm), "differ": sum(a != b for a, b in zip(out["reference"], out[k]))})  # fmt: skip
 
     mc = {task: [TASKS[task](r) for r in rows] for task, rows in sets["multiple_choice"].items()}
     if mc:
@@ -192,12 +211,14 @@ def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict) -> dict:
         tok = paths["fast"][1]
         cont_tokens = sum(len(tok(" " + c, add_special_tokens=False)["input_ids"]) for _, i in items
                           for c in i["choices"])  # fmt: skip
-        choice = [[max(range(len(r["scores"])), key=r["scores"].__getitem__) for r in out[k]] for k in out]
-        pairs = [(a, b) for ra, rb in zip(out["reference"], out["fast"]) for a, b in zip(ra["scores"], rb["scores"])]
-        gap = max(abs(a - b) for a, b in pairs)
-        stages["multiple_choice"] = stage_record(secs, roofs, {"reference": cont_tokens, "fast": cont_tokens}, {
-            "items": len(items), "choices_differ": sum(a != b for a, b in zip(*choice)), "max_score_diff": gap,
-        })  # fmt: skip
+        choice = {k: [max(range(len(r["scores"])), key=r["scores"].__getitem__) for r in v] for k, v in out.items()}
+
+        def mc_agreement(k):
+            pairs = [(a, b) for ra, rb in zip(out["reference"], out[k]) for a, b in zip(ra["scores"], rb["scores"])]
+            return {"items": len(items), "choices_differ": sum(a != b for a, b in zip(choice["reference"], choice[k])),
+                    "max_score_diff": max(abs(a - b) for a, b in pairs)}  # fmt: skip
+
+        stages["multiple_choice"] = stage_record(secs, roofs, dict.fromkeys(out, cont_tokens), mc_agreement)
 
     conversations = sets["loss"]
     if conversations:
@@ -211,19 +232,19 @@ def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict) -> dict:
 
         out, secs, roofs = run_pair("loss", False, paths, loss)
         scored = out["fast"][1]
-        stages["loss"] = stage_record(secs, roofs, {"reference": scored, "fast": scored}, {
-            "conversations": len(conversations), "loss": {k: v[0] for k, v in out.items()},
-            "abs_diff": abs(out["reference"][0] - out["fast"][0]),
+        stages["loss"] = stage_record(secs, roofs, dict.fromkeys(out, scored), lambda k: {
+            "conversations": len(conversations), "loss": {j: out[j][0] for j in ("reference", k)},
+            "abs_diff": abs(out["reference"][0] - out[k][0]),
         })  # fmt: skip
 
     for _, _, roof in paths.values():
         roof.remove()
-    total = {k: load_seconds[k] + sum(s["seconds"][k] for s in stages.values()) for k in ("reference", "fast")}
+    total = {k: load_seconds[k] + sum(s["seconds"][k] for s in stages.values()) for k in paths}
     return {
         "load_seconds": {k: round(v, 2) for k, v in load_seconds.items()},
         "stages": stages,
         "total_seconds": {k: round(v, 2) for k, v in total.items()},
-        "speedup": round(total["reference"] / total["fast"], 2),
+        "speedup": {k: round(total["reference"] / total[k], 2) for k in paths if k != "reference"},
     }
 
 
@@ -314,6 +335,11 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter", default="random", help="adapter folder, 'random' (default) or 'none'")
     parser.add_argument("--scale", type=float, default=1.0, help="share of each set to use (default: all)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16"],
+        help="also time the fast path in this dtype (fast on CPUs with bf16 instructions)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -328,7 +354,7 @@ def main(argv=None) -> int:
             model_dir, adapter, sets, spec = synthetic(Path(tmp))
             what = {"experiment": None, "model": "random Qwen2-shaped, hidden 64, 2 layers, toy tokenizer"}
         sizes = {k: (sum(len(x) for x in v.values()) if isinstance(v, dict) else len(v)) for k, v in sets.items()}
-        result = bench(model_dir, adapter, sets, spec, machine)
+        result = bench(model_dir, adapter, sets, spec, machine, args.dtype)
     import transformers
 
     report = {"what": what, "set_sizes": sizes, "spec": {k: spec[k] for k in ("batch_size", "max_new_tokens",

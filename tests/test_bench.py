@@ -52,3 +52,22 @@ def test_decode_batch_bench_runs_on_a_tiny_model(tmp_path, tokenizer):
     result = json.loads(out.read_text())
     assert [d["rows"] for d in result["decode"]] == [1, 3, 1, 3] and set(result["tokens_equal"]) == {"1", "3"}
     assert all(d["step_ms"] > 0 for d in result["decode"]) and len(result["linear"]) == 2
+
+
+@pytest.mark.slow
+def test_eval_speed_bench_times_three_paths_and_checks_them(tmp_path):
+    # the synthetic sets on a small random model: every stage on every path, and the float32 fast path agrees
+    out = tmp_path / "speed.json"
+    bench = Path(__file__).parents[1] / "bench" / "eval_speed.py"
+    cmd = [sys.executable, str(bench), "--threads", "1", "--dtype", "bfloat16", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["speedup"]) == {"fast", "fast_bfloat16"}
+    stages = result["stages"]
+    assert set(stages) == {"generation", "humaneval", "multiple_choice", "loss"}
+    assert stages["generation"]["agreement"]["fast"]["differ"] == 0
+    assert stages["multiple_choice"]["agreement"]["fast"]["choices_differ"] == 0
+    assert stages["loss"]["agreement"]["fast"]["abs_diff"] < 1e-4
+    paths = {"reference", "fast", "fast_bfloat16"}
+    assert all(set(s["seconds"]) == set(s["roofline_s"]) == paths for s in stages.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 import pytest
 import torch
@@ -229,6 +230,25 @@ def test_lora_adapter_round_trip(tmp_path, eval_model_dir):
     merged, _ = load_model_for_eval(eval_model_dir, tmp_path / "adapter")  # float32: folded into the weights
     assert not isinstance(merged, PeftModel)
     assert generate_responses(merged, tokenizer, prompts, max_new_tokens=8, batch_size=2, progress=False) == adapted
+
+
+def test_bfloat16_on_cpu_folds_in_float32_then_rounds_once(tmp_path, eval_model_dir):
+    # eval.dtype bfloat16: the adapter is folded into the float32 weights and the sum rounded once, so each weight
+    # is exactly bf16(W + BA); folding into bf16 weights would round W first and lose part of the update
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load_model_for_eval(eval_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    perturb_adapter(peft_model, scale=0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    fresh, _ = load_model_for_eval(eval_model_dir)
+    folded32, _ = load_model_for_eval(eval_model_dir, tmp_path / "adapter")
+    with warnings.catch_warnings(record=True):  # a CPU without bf16 instructions warns; the weights are the same
+        folded16, _ = load_model_for_eval(eval_model_dir, tmp_path / "adapter", "bfloat16")
+    assert {p.dtype for p in folded16.parameters()} == {torch.bfloat16} and not hasattr(folded16, "peft_config")
+    want = folded32.model.layers[0].self_attn.q_proj.weight.bfloat16()
+    assert torch.equal(folded16.model.layers[0].self_attn.q_proj.weight, want)
+    assert not torch.equal(want, fresh.model.layers[0].self_attn.q_proj.weight.bfloat16())  # the update survives
 
 
 def test_load_errors_name_path_and_expectation(tmp_path, eval_model_dir):

@@ -68,6 +68,19 @@ def test_a_changed_default_keeps_old_rows_keys_and_never_merges_two_lambdas():
     assert key() == key(reg_weight=0.3) != key(reg_weight=1.0)  # STR's default now: its own key
 
 
+def test_eval_dtype_is_in_the_key_only_when_set():
+    import dataclasses
+
+    from logitguard.experiment import EvalSpec
+
+    def key(**spec):
+        return result_key({"eval": dataclasses.asdict(EvalSpec(harmful="h", **spec))})
+
+    old_row = {"eval": {k: v for k, v in dataclasses.asdict(EvalSpec(harmful="h")).items() if k != "dtype"}}
+    assert key() == key(dtype=None) == result_key(old_row)  # rows written before the field keep their keys
+    assert key(dtype="bfloat16") != key()
+
+
 @pytest.fixture
 def clone(tmp_path, monkeypatch):
     """The repository's experiments and results at another path, with an empty cache and no fetched assets; the

@@ -71,7 +71,7 @@ def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, 
     if not any((spec.harmful, spec.loss_data, spec.exact_match, spec.commonsense, spec.utility)):
         return {}  # a timing-only experiment (Table 6): nothing to load
     inputs = read_inputs(spec)  # set names from $LOGITGUARD_ASSETS, else experiments/assets
-    model, tokenizer = load_model_for_eval(model_dir, adapter) if _needs_model(spec) else (None, None)
+    model, tokenizer = load_model_for_eval(model_dir, adapter, spec.dtype) if _needs_model(spec) else (None, None)
     result = measure(model, tokenizer, spec, inputs, folder, progress=progress)  # writes the records to folder
     del model
     # per-item outcomes (paired statistics, stats.py); the stage timings, which _row moves out of the metrics

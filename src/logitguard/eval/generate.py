@@ -173,16 +173,19 @@ def load_model_for_eval(
     the PEFT adapter at `adapter_path` attached when given.
 
     dtype: a name in `logitguard.models.DTYPES`; None means the checkpoint's dtype ("auto") on an
-    accelerator and float32 on CPU (half-precision matmuls are slow or missing there).
+    accelerator and float32 on CPU (half-precision matmuls are emulated, and slow, on most CPUs). bfloat16 on a
+    CPU with bf16 instructions (AVX512-BF16, AMX) is several times faster than float32 (docs/evaluation.md);
+    its greedy outputs are not bit-equal to float32's, so it is a setting of the row (eval.dtype), not a default.
     device: None means the current accelerator if there is one, else CPU.
-    merge: fold the adapter into the weights (this loaded copy; the files are untouched) when they are float32, so
-    a decode step runs no adapter matmuls; in half precision the adapter stays separate (folding it would round
-    the update into bf16/fp16 weights and change the results).
+    merge: fold the adapter into the weights (this loaded copy; the files are untouched) so a decode step runs no
+    adapter matmuls. Float32 weights fold as they are. A half dtype on CPU loads float32, folds there, and
+    rounds the folded weights once (the base weights are rounded to half anyway; the update is not rounded
+    twice). On an accelerator in half precision the adapter stays separate, as it was trained.
     The tokenizer comes from the adapter folder when it holds one (training saves the tokenizer it used,
     including any fallback chat template), else from the model.
     """
     from ..data import ensure_chat_template
-    from ..models import ModelLoadError, load_model, load_tokenizer
+    from ..models import DTYPES, ModelLoadError, load_model, load_tokenizer
 
     model_path = str(model_path)
     _check_local(model_path, "config.json", "a model folder with config.json, or a hub model name")
@@ -198,7 +201,11 @@ def load_model_for_eval(
     has_tokenizer = adapter_path is not None and (Path(adapter_path) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(adapter_path if has_tokenizer else model_path)
     ensure_chat_template(tokenizer)
-    model = load_model(model_path, dtype)
+    half = dtype in ("bfloat16", "float16")
+    fold_first = merge and half and adapter_path is not None and device.type == "cpu"
+    if half and device.type == "cpu":
+        warn_emulated(dtype)
+    model = load_model(model_path, "float32" if fold_first else dtype)
     if adapter_path is not None:
         from peft import PeftModel
 
@@ -208,4 +215,17 @@ def load_model_for_eval(
             raise ModelLoadError(f"cannot attach the adapter {adapter_path} to {model_path}: {e}") from e
         if merge and all(p.dtype == torch.float32 for p in model.parameters()):
             model = model.merge_and_unload()
+    if fold_first:
+        model = model.to(DTYPES[dtype])
     return model.to(device).eval(), tokenizer
+
+
+def warn_emulated(dtype: str) -> None:
+    """One line when a half dtype on this CPU has no instructions behind it: it runs, but slower than float32."""
+    import warnings
+
+    mkldnn = torch.ops.mkldnn
+    native = mkldnn._is_mkldnn_bf16_supported() if dtype == "bfloat16" else mkldnn._is_mkldnn_fp16_supported()
+    if not native:
+        warnings.warn(f"this CPU has no {dtype} instructions: evaluation in {dtype} is emulated and slower than "
+                      "float32; leave eval dtype unset (float32 on CPU)", stacklevel=3)  # fmt: skip
