@@ -14,7 +14,7 @@ outputs equal (or how many differ), HumanEval programs and pass/fail equal, mult
 the largest score difference, losses' difference.
 
     python bench/eval_speed.py --json out.json        # a small random model and synthetic sets (seconds; CI)
-    python bench/eval_speed.py --experiment real_qwen_benign --threads 1 \\
+    python bench/eval_speed.py --experiment real_qwen_benign --variant large --scale 0.1 --dtype bfloat16 \\
         --json bench/results/eval_speed_real_qwen.json   # the real 0.5B model and its experiment's sets
         # (assets: python experiments/real_model/fetch_assets.py); --scale 0.5 halves every set
     --dtype bfloat16 adds a third path: the fast path with the adapter folded in float32 and the weights then
@@ -283,7 +283,9 @@ def synthetic(folder: Path) -> tuple[str, str, dict, dict]:
     return str(folder / "model"), str(folder / "adapter"), sets, spec
 
 
-def from_experiment(name: str, scale: float, adapter: str | None, folder: Path) -> tuple[str, str, dict, dict]:
+def from_experiment(
+    name: str, scale: float, adapter: str | None, folder: Path, variant: str | None = None
+) -> tuple[str, str, dict, dict]:
     """The experiment file's evaluation spec and sets (each cut to `scale` of its size) on its model; adapter
     'random' makes a LoRA adapter of the experiment's rank on the model's attention and MLP projections."""
     import dataclasses
@@ -293,7 +295,7 @@ def from_experiment(name: str, scale: float, adapter: str | None, folder: Path) 
     from logitguard.eval.utility_suite import load_utility_sets, parse_utility
     from logitguard.experiment import Placeholders, load_experiment
 
-    exp = load_experiment(name)
+    exp = load_experiment(name, variant)
     ph = Placeholders(exp)
     model_dir, spec = ph.model(), ph.eval_spec()
 
@@ -332,6 +334,7 @@ def from_experiment(name: str, scale: float, adapter: str | None, folder: Path) 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experiment", help="an experiment file's name: its model and evaluation sets")
+    parser.add_argument("--variant", help="the experiment's variant (its sets), e.g. large")
     parser.add_argument("--adapter", default="random", help="adapter folder, 'random' (default) or 'none'")
     parser.add_argument("--scale", type=float, default=1.0, help="share of each set to use (default: all)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -348,8 +351,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.experiment:
             adapter = None if args.adapter == "none" else args.adapter
-            model_dir, adapter, sets, spec = from_experiment(args.experiment, args.scale, adapter, Path(tmp))
-            what = {"experiment": args.experiment, "scale": args.scale, "adapter": args.adapter}
+            model_dir, adapter, sets, spec = from_experiment(
+                args.experiment, args.scale, adapter, Path(tmp), args.variant
+            )
+            what = {
+                "experiment": args.experiment,
+                "variant": args.variant,
+                "scale": args.scale,
+                "adapter": args.adapter,
+            }
         else:
             model_dir, adapter, sets, spec = synthetic(Path(tmp))
             what = {"experiment": None, "model": "random Qwen2-shaped, hidden 64, 2 layers, toy tokenizer"}
