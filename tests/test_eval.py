@@ -249,6 +249,11 @@ def test_bfloat16_on_cpu_folds_in_float32_then_rounds_once(tmp_path, eval_model_
     want = folded32.model.layers[0].self_attn.q_proj.weight.bfloat16()
     assert torch.equal(folded16.model.layers[0].self_attn.q_proj.weight, want)
     assert not torch.equal(want, fresh.model.layers[0].self_attn.q_proj.weight.bfloat16())  # the update survives
+    # the rest is the model as a bfloat16 load makes it: its float32 buffers (rotary frequencies) and its config
+    # dtype, which picks the attention path (a cast float32 model ran it five times slower on the real model)
+    direct, _ = load_model_for_eval(eval_model_dir, None, "bfloat16")
+    assert {n: b.dtype for n, b in folded16.named_buffers()} == {n: b.dtype for n, b in direct.named_buffers()}
+    assert folded16.config.dtype == direct.config.dtype == torch.bfloat16
 
 
 def test_load_errors_name_path_and_expectation(tmp_path, eval_model_dir):

@@ -26,6 +26,7 @@ from logitguard.stats import bits
 from logitguard.verdict import compare
 
 BASE = "aligned base"
+STAGES_KEY = "eval_stage_seconds"  # where a row keeps evaluate()'s stage timings
 # the measures a verdict reads, and the per-item agreement worth counting
 MEASURES = ("refusal_rate", "humaneval_pass@1", "over_refusal_benign", "over_refusal_borderline")
 
@@ -89,8 +90,11 @@ def main(argv=None) -> int:
     report = {"experiment": args.experiment, "variant": args.variant, "dtype": args.dtype, "models": {}}
     for name in [BASE, *args.runs]:
         pairs = compare_runs(results, name + tag, name)
+        fp32 = by_name[name][0]
         entry = {
             "seconds": seconds[name],
+            # the committed row's own timing, from whichever machine ran it (compare seconds on one machine only)
+            "float32_row_seconds": {"eval_seconds": fp32.get("eval_seconds"), "stages": fp32.get(STAGES_KEY)},
             "items": differing(by_name[name + tag][0]["metrics"]["items"], by_name[name][0]["metrics"]["items"]),
             "dtype_minus_float32": {e["metric"]: interval(e["difference"]) for e in pairs},
         }

@@ -178,14 +178,14 @@ def load_model_for_eval(
     its greedy outputs are not bit-equal to float32's, so it is a setting of the row (eval.dtype), not a default.
     device: None means the current accelerator if there is one, else CPU.
     merge: fold the adapter into the weights (this loaded copy; the files are untouched) so a decode step runs no
-    adapter matmuls. Float32 weights fold as they are. A half dtype on CPU loads float32, folds there, and
-    rounds the folded weights once (the base weights are rounded to half anyway; the update is not rounded
-    twice). On an accelerator in half precision the adapter stays separate, as it was trained.
+    adapter matmuls. Float32 weights fold as they are. A half dtype on CPU folds in float32 and rounds each
+    folded weight once into the model loaded in that dtype (the base weights are rounded to half anyway; the
+    update is not rounded twice). On an accelerator in half precision the adapter stays separate, as trained.
     The tokenizer comes from the adapter folder when it holds one (training saves the tokenizer it used,
     including any fallback chat template), else from the model.
     """
     from ..data import ensure_chat_template
-    from ..models import DTYPES, ModelLoadError, load_model, load_tokenizer
+    from ..models import ModelLoadError, load_model, load_tokenizer
 
     model_path = str(model_path)
     _check_local(model_path, "config.json", "a model folder with config.json, or a hub model name")
@@ -216,8 +216,19 @@ def load_model_for_eval(
         if merge and all(p.dtype == torch.float32 for p in model.parameters()):
             model = model.merge_and_unload()
     if fold_first:
-        model = model.to(DTYPES[dtype])
+        model = _rounded_copy(model, model_path, dtype)
     return model.to(device).eval(), tokenizer
+
+
+def _rounded_copy(folded, model_path: str, dtype: str):
+    """The folded float32 weights copied into the model loaded in `dtype`: each weight rounded once. Not
+    folded.to(dtype): that also rounds the buffers a half-precision load keeps in float32 (the rotary
+    frequencies) and leaves config.dtype float32, which sends attention down a path several times slower."""
+    from ..models import load_model
+
+    model = load_model(model_path, dtype)
+    model.load_state_dict(folded.state_dict())
+    return model
 
 
 def warn_emulated(dtype: str) -> None:
