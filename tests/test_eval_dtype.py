@@ -22,6 +22,7 @@ def test_bfloat16_evaluation_is_paired_with_the_float32_rows(tmp_path, model_dir
     assert module.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["dtype"] == "bfloat16" and set(report["models"]) == {"aligned base", "LoRA"}
+    assert "experiment" not in report  # committed under results/, where `experiment report` would take it for a run
     lora = report["models"]["LoRA"]
     assert lora["items"]["refusal:harmful"]["items"] == 2 and lora["items"]["loss:chat"]["conversations"] > 0
     assert lora["items"]["loss:chat"]["max_mean_nll_diff"] < 0.1  # bf16 rounding, not a different model

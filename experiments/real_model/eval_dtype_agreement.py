@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     results = {"rows": rows}
     by_name = {g["name"]: g["rows"] for g in group_rows(results)}
 
-    report = {"experiment": args.experiment, "variant": args.variant, "dtype": args.dtype, "models": {}}
+    # no top-level "experiment" key: `experiment report` reads every results/*.json that has one as a results file
+    report = {"evaluated": {"experiment": args.experiment, "variant": args.variant}, "dtype": args.dtype, "models": {}}
     for name in [BASE, *args.runs]:
         pairs = compare_runs(results, name + tag, name)
         fp32 = by_name[name][0]
