@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def measure_machine(seconds: float = 1.0) -> dict:
-    """Memory bandwidth (GB/s, reading a 512 MiB tensor) and matmul rate (GFLOP/s, 1024^3 float32)."""
+    """Memory bandwidth (GB/s, reading a 512 MiB tensor) and matmul rate (GFLOP/s, 1024^3, float32 and bfloat16)."""
+    from logitguard.eval.generate import cpu_has_native
+
     big = torch.ones(128 * 1024 * 1024)  # 512 MiB
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
 
@@ -55,7 +57,7 @@ def measure_machine(seconds: float = 1.0) -> dict:
         "bandwidth_gb_s": rate(lambda: big.sum(), big.numel() * 4),
         "matmul_gflop_s": rate(lambda: a @ b, 2 * 1024**3),
         "matmul_gflop_s_bfloat16": rate(lambda: a16 @ b16, 2 * 1024**3),
-        "bf16_instructions": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "bf16_instructions": cpu_has_native("bfloat16"),
         "threads": torch.get_num_threads(),
     }
 

@@ -21,12 +21,11 @@ from logitguard.compare import compare_runs, results_file
 from logitguard.experiment import load_experiment
 from logitguard.files import read_results
 from logitguard.report import group_rows
-from logitguard.runner import STAGES, Runner, evaluate, slug
+from logitguard.runner import ROW_STAGES, STAGES, Runner, evaluate, slug
 from logitguard.stats import bits
 from logitguard.verdict import compare
 
 BASE = "aligned base"
-STAGES_KEY = "eval_stage_seconds"  # where a row keeps evaluate()'s stage timings
 # the measures a verdict reads, and the per-item agreement worth counting
 MEASURES = ("refusal_rate", "humaneval_pass@1", "over_refusal_benign", "over_refusal_borderline")
 
@@ -95,8 +94,8 @@ def main(argv=None) -> int:
         entry = {
             "seconds": seconds[name],
             # the committed row's own timing, from whichever machine ran it (compare seconds on one machine only)
-            "float32_row_seconds": {"eval_seconds": fp32.get("eval_seconds"), "stages": fp32.get(STAGES_KEY)},
-            "items": differing(by_name[name + tag][0]["metrics"]["items"], by_name[name][0]["metrics"]["items"]),
+            "float32_row_seconds": {"eval_seconds": fp32.get("eval_seconds"), "stages": fp32.get(ROW_STAGES)},
+            "items": differing(by_name[name + tag][0]["metrics"]["items"], fp32["metrics"]["items"]),
             "dtype_minus_float32": {e["metric"]: interval(e["difference"]) for e in pairs},
         }
         if name != BASE:  # what a verdict reads: the run against the aligned model, under each dtype

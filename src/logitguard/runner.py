@@ -99,6 +99,7 @@ def _needs_model(spec: EvalSpec) -> bool:
 
 
 STAGES = "stage_seconds"  # evaluate()'s timings, carried in its metrics as far as _row
+ROW_STAGES = "eval_stage_seconds"  # where _row puts them, beside the metrics
 
 
 class Runner:
@@ -248,7 +249,7 @@ class Runner:
         computed = compute()
         stages = computed.get("metrics", {}).pop(STAGES, None)  # a time, not a measure: beside eval_seconds
         row = {"name": name, "seed": seed, "key": result_key(settings), **computed, "settings": settings}
-        row.update({"eval_stage_seconds": stages} if stages else {})
+        row.update({ROW_STAGES: stages} if stages else {})
         self.done.setdefault(shape_key(settings), []).append(row)
         return row
 

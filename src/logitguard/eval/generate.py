@@ -231,12 +231,17 @@ def _rounded_copy(folded, model_path: str, dtype: str):
     return model
 
 
+def cpu_has_native(dtype: str) -> bool:
+    """Whether this CPU has instructions for `dtype` matmuls (bfloat16: AVX512-BF16 or AMX; float16: AVX512-FP16
+    or AMX-FP16); without them torch emulates it, slower than float32."""
+    mkldnn = torch.ops.mkldnn
+    return bool(mkldnn._is_mkldnn_bf16_supported() if dtype == "bfloat16" else mkldnn._is_mkldnn_fp16_supported())
+
+
 def warn_emulated(dtype: str) -> None:
     """One line when a half dtype on this CPU has no instructions behind it: it runs, but slower than float32."""
     import warnings
 
-    mkldnn = torch.ops.mkldnn
-    native = mkldnn._is_mkldnn_bf16_supported() if dtype == "bfloat16" else mkldnn._is_mkldnn_fp16_supported()
-    if not native:
+    if not cpu_has_native(dtype):
         warnings.warn(f"this CPU has no {dtype} instructions: evaluation in {dtype} is emulated and slower than "
                       "float32; leave eval dtype unset (float32 on CPU)", stacklevel=3)  # fmt: skip
