@@ -1,11 +1,11 @@
 """Evaluation speed: one evaluation spec through the reference path and the fast path, stage by stage, interleaved.
 
 Reference path (what the runner did before): the adapter attached unmerged, `model.generate` over batches of
-left-padded prompts until the batch's last row ends, multiple-choice items one at a time (each context once,
-shared by its choices), held-out loss with the head over every position. Fast path (the runner's now): the
-adapter folded into the float32 weights, greedy decoding that drops ended rows and prefills the prompts' shared
-prefix once, a HumanEval answer ended where its code block closes, multiple choice batched with the prefix
-shared by every context run once, the head only at scored positions.
+left-padded prompts until the batch's last row ends, multiple-choice items one at a time (each context once, shared
+by its choices), held-out loss with the head over every position. Fast path (the runner's now): the adapter folded
+into the float32 weights, greedy decoding that drops ended rows, lets waiting prompts take their places (continuous
+batching) and prefills the prompts' shared prefix once, a HumanEval answer ended where its code block closes,
+multiple choice batched with the prefix shared by every context run once, the head only at scored positions.
 
 Per stage: seconds, useful tokens per second, and a roofline measured on this machine: every forward either
 reads the weights once (bytes / measured memory bandwidth) or does its FLOPs (2 x parameters x rows, at the
@@ -19,6 +19,7 @@ the largest score difference, losses' difference.
         # (assets: python experiments/real_model/fetch_assets.py); --scale 0.5 halves every set
     --dtype bfloat16 adds a third path: the fast path with the adapter folded in float32 and the weights then
     rounded to bfloat16 (eval.dtype in an experiment file), timed and checked against the reference the same way.
+    --batch-size N: the fast paths decode N rows at once (default: the spec's batch size, as the reference does).
 """
 
 from __future__ import annotations
@@ -134,8 +135,10 @@ def token_count(tokenizer, texts: list[str]) -> int:
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
 
-def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict, dtype: str | None = None) -> dict:
-    """The reference path and the fast path in float32; with `dtype`, the fast path in that dtype as well."""
+def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict, dtype: str | None = None,
+          fast_batch: int | None = None) -> dict:  # fmt: skip
+    """The reference path and the fast path in float32; with `dtype`, the fast path in that dtype as well.
+    fast_batch: rows the fast paths decode at once (default: the spec's batch size, the reference's)."""
     from logitguard.eval.generate import StopRule, generate_responses, load_model_for_eval
     from logitguard.eval.humaneval import build_program, code_closed, execute, humaneval_prompt
     from logitguard.eval.keyword import is_refusal
@@ -153,6 +156,7 @@ def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict, dtype: str 
         paths[name] = (model, tokenizer, Roofline(model, machine))
     fast = {name: merge for name, (merge, _) in loads.items()}
     batch, max_new, util_new = spec["batch_size"], spec["max_new_tokens"], spec["utility_max_new_tokens"]
+    rows = {name: (fast_batch or batch) if merge else batch for name, merge in fast.items()}  # decoded at once
     stages = {}
 
     def tokens_of(out):
@@ -161,7 +165,7 @@ def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict, dtype: str 
     prompts = sets["prompts"]
     if prompts:
         out, secs, roofs = run_pair("generation", False, paths, lambda n, m, t: generate_responses(
-            m, t, prompts, max_new, batch, progress=False, fast=fast[n]))  # fmt: skip
+            m, t, prompts, max_new, rows[n], progress=False, fast=fast[n]))  # fmt: skip
         refused = {k: [is_refusal(r) for r in v] for k, v in out.items()}
         stages["generation"] = stage_record(secs, roofs, tokens_of(out), lambda k: {
             "responses": len(prompts),
@@ -176,7 +180,7 @@ def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict, dtype: str 
 
         def humaneval(name, m, t):
             stop = StopRule(code_closed, "`") if fast[name] else None
-            completions = generate_responses(m, t, he_prompts, util_new, batch, progress=False, fast=fast[name],
+            completions = generate_responses(m, t, he_prompts, util_new, rows[name], progress=False, fast=fast[name],
                                              stop=stop)  # fmt: skip
             return completions, execute(problems, completions)
 
@@ -196,7 +200,7 @@ def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict, dtype: str 
 
         gsm_prompts = [gsm8k_prompt(i["prompt"]) for i in gsm]
         out, secs, roofs = run_pair("gsm8k", False, paths, lambda n, m, t: generate_responses(
-            m, t, gsm_prompts, util_new, batch, progress=False, fast=fast[n]))  # fmt: skip
+            m, t, gsm_prompts, util_new, rows[n], progress=False, fast=fast[n]))  # fmt: skip
         stages["gsm8k"] = stage_record(secs, roofs, tokens_of(out), lambda k: {
             "responses": len(gsm), "differ": sum(a != b for a, b in zip(out["reference"], out[k]))})  # fmt: skip
 
@@ -345,6 +349,7 @@ def main(argv=None) -> int:
         choices=["bfloat16", "float16"],
         help="also time the fast path in this dtype (fast on CPUs with bf16 instructions)",
     )
+    parser.add_argument("--batch-size", type=int, help="rows the fast paths decode at once (default: the spec's)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -366,13 +371,14 @@ def main(argv=None) -> int:
             model_dir, adapter, sets, spec = synthetic(Path(tmp))
             what = {"experiment": None, "model": "random Qwen2-shaped, hidden 64, 2 layers, toy tokenizer"}
         sizes = {k: (sum(len(x) for x in v.values()) if isinstance(v, dict) else len(v)) for k, v in sets.items()}
-        result = bench(model_dir, adapter, sets, spec, machine, args.dtype)
+        result = bench(model_dir, adapter, sets, spec, machine, args.dtype, args.batch_size)
+        spec["fast_batch_size"] = args.batch_size or spec["batch_size"]
     import transformers
 
-    report = {"what": what, "set_sizes": sizes, "spec": {k: spec[k] for k in ("batch_size", "max_new_tokens",
-              "utility_max_new_tokens", "max_length")}, "machine": {**machine, "cpu": platform.processor() or
-              platform.machine()}, "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-              **result}  # fmt: skip
+    keep = ("batch_size", "fast_batch_size", "max_new_tokens", "utility_max_new_tokens", "max_length")
+    report = {"what": what, "set_sizes": sizes, "spec": {k: spec[k] for k in keep}, "machine": {**machine, "cpu":
+              platform.processor() or platform.machine()}, "versions": {"torch": torch.__version__, "transformers":
+              transformers.__version__}, **result}  # fmt: skip
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

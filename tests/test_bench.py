@@ -59,11 +59,13 @@ def test_eval_speed_bench_times_three_paths_and_checks_them(tmp_path):
     # the synthetic sets on a small random model: every stage on every path, and the float32 fast path agrees
     out = tmp_path / "speed.json"
     bench = Path(__file__).parents[1] / "bench" / "eval_speed.py"
-    cmd = [sys.executable, str(bench), "--threads", "1", "--dtype", "bfloat16", "--json", str(out)]
+    cmd = [sys.executable, str(bench), "--threads", "1", "--dtype", "bfloat16", "--batch-size", "3", "--json",
+           str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert set(result["speedup"]) == {"fast", "fast_bfloat16"}
+    assert result["spec"]["fast_batch_size"] == 3  # the fast paths decode 3 rows at once, the reference 8
     stages = result["stages"]
     assert set(stages) == {"generation", "humaneval", "multiple_choice", "loss"}
     assert stages["generation"]["agreement"]["fast"]["differ"] == 0

@@ -37,6 +37,59 @@ def test_greedy_decode_equals_generate_with_rows_ending_at_different_steps(model
     assert len(lengths) > 1  # the rows did end at different steps
 
 
+PROMPT_IDS = [[5, 9, 14, 3, 7, 22, 8], [5, 9, 11], [5, 9, 30, 31, 2, 6, 12, 13, 19], [5, 9, 4, 4], [5, 9, 17, 1, 25]]
+
+
+def _alone(model, prompts, eos, stop=None):
+    from logitguard.eval.decode import greedy_decode
+
+    return [greedy_decode(model, [p], 10, eos, 0, stop)[0] for p in prompts]
+
+
+def test_waiting_prompts_join_the_rows_in_flight_and_decode_as_alone(model, tokenizer, monkeypatch):
+    from logitguard.eval import decode
+
+    solo = _alone(model, PROMPT_IDS, set())
+    eos = {solo[0][2], solo[3][5]}  # ends the first row early and the fourth later: rows leave at different steps
+    expected = _alone(model, PROMPT_IDS, eos)
+    joins, widths = [], []
+    join, select = decode._Live.join, decode._Live.select
+
+    def counted_join(live, other):
+        joins.append(len(other.rows))
+        join(live, other)
+
+    def checked_select(live, keep):
+        select(live, keep)
+        widths.append((live.mask.shape[1], int(live.mask.sum(1).max()), live.cache.get_seq_length()))
+
+    monkeypatch.setattr(decode._Live, "join", counted_join)
+    monkeypatch.setattr(decode._Live, "select", checked_select)
+    ended = []
+    got = decode.greedy_decode(model, PROMPT_IDS, 10, eos, 0, batch_size=2, on_end=ended.append)
+    assert got == expected
+    assert joins and sum(joins) == 3  # three prompts waited and joined mid-decode
+    assert sorted(ended) == list(range(5))
+    # after a row leaves, the cache is only as wide as its longest live row (the leading masked columns dropped)
+    assert widths and all(w == longest == seq for w, longest, seq in widths)
+
+
+def test_a_sliding_window_cache_decodes_batch_by_batch(tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from logitguard.eval import decode
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, sliding_window=4)  # fmt: skip
+    model = MistralForCausalLM(config).eval()
+    eos = {_alone(model, PROMPT_IDS[:1], set())[0][2]}
+    expected = _alone(model, PROMPT_IDS, eos)
+    probe = decode._prefill(model, [PROMPT_IDS[0]], [0], 0, None, 0)
+    assert not decode.joinable(probe.cache)  # sliding layers: no row may join mid-decode
+    assert decode.greedy_decode(model, PROMPT_IDS, 10, eos, 0, batch_size=2) == expected
+
+
 def test_a_repetition_penalty_goes_through_generate(model, tokenizer):
     from logitguard.eval.decode import plain_greedy
 

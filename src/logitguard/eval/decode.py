@@ -4,9 +4,11 @@
 end after 20, 40 and 192 tokens costs three rows for 192 steps. Here a row leaves the batch (its key/value cache
 rows are dropped) at its end of sequence, or when a caller's stop rule says its text is complete (a HumanEval
 answer whose code block has closed: the scored program is the same, the explanation after it is not generated).
-On a CPU a decode step costs about its rows' FLOPs, so the saving is the share of rows already ended.
+Waiting prompts join the rows in flight as rows leave (continuous batching): a CPU decode step costs a fixed
+read of every weight plus a little per row, so a batch that runs on for its last few rows pays the fixed part
+for almost nothing, and a full batch shares it.
 
-The prefix every prompt shares (the chat template's system turn) runs once, its cache copied into each batch.
+The prefix every prompt shares (the chat template's system turn) runs once, its cache copied into each prefill.
 Otherwise the arithmetic is generate's greedy search: left-padded prompts, position ids from the attention
 mask, the logits of the last position only, argmax (ties to the lowest id, as torch.argmax). Rows of one
 forward can differ from generate's in the last bits where the batch's shape changes a matmul's blocking, so a
@@ -84,6 +86,78 @@ def prefix_cache(model, ids: list[int]):
     return cache
 
 
+class _Live:
+    """The rows in flight: their cache, attention mask (b, L), last position (b, 1), original rows, and the logits
+    (b, V) each row's next token is chosen from."""
+
+    def __init__(self, cache, mask, position, rows, logits):
+        self.cache, self.mask, self.position, self.rows, self.logits = cache, mask, position, rows, logits
+
+    def select(self, keep: list[int]) -> None:
+        """Keep these batch rows, then drop the leading columns no kept row attends to (rows that left held
+        them), so the cache is only as long as the longest live row."""
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.position = self.mask[index], self.position[index]
+        self.rows = [self.rows[j] for j in keep]
+        first = int(self.mask.any(0).int().argmax())  # the first column some row attends to
+        if first and joinable(self.cache):  # (a sliding-window layer's keys are not aligned with the mask)
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            self.mask = self.mask[:, first:]
+
+    def join(self, other: _Live) -> None:
+        """Add `other`'s rows: the shorter side is padded on the left (masked columns), so attention is unchanged;
+        the keys hold their rotary positions already, and a row's position ids are its own."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def left(x, dim):  # pad dimension `dim` (from the end) on the left to `width`
+            pad = [0, 0] * (dim - 1) + [width - x.shape[-dim], 0]
+            return torch.nn.functional.pad(x, pad)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([left(mine.keys, 2), left(theirs.keys, 2)])
+            mine.values = torch.cat([left(mine.values, 2), left(theirs.values, 2)])
+        self.mask = torch.cat([left(self.mask, 1), left(other.mask, 1)])
+        self.position = torch.cat([self.position, other.position])
+        self.rows += other.rows
+        self.logits = torch.cat([self.logits, other.logits])
+
+
+def joinable(cache) -> bool:
+    """Whether rows can join this cache mid-decode: every layer a plain growing key/value layer (a sliding-window,
+    recurrent or shared layer keeps state that left-padding would break; those caches decode batch by batch)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers)
+
+
+@torch.no_grad()
+def _prefill(model, tails: list[list[int]], rows: list[int], pad: int, prefix, shared: int) -> _Live:
+    """The prompts' tails (after the shared prefix) run in one forward: left-padded, positions counted from the
+    attention mask as generate counts them, the logits of the last position only."""
+    import copy
+
+    from transformers import DynamicCache
+
+    device, batch = model.device, len(tails)
+    width = max(map(len, tails))
+    ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=device)  # (B, W) left-padded
+    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)  # (B, W)
+    position = (shared + mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, W)
+    if prefix is not None:
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(batch)
+        mask = torch.cat([mask.new_ones(batch, shared), mask], dim=1)  # (B, shared + W)
+    else:
+        cache = DynamicCache(config=model.config)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]  # (B, V)  # fmt: skip
+    return _Live(cache, mask, position[:, -1:], list(rows), logits)
+
+
 @torch.no_grad()
 def greedy_decode(
     model,
@@ -95,59 +169,59 @@ def greedy_decode(
     check_after: set[int] | None = None,
     prefix=None,
     shared: int = 0,
+    batch_size: int | None = None,
+    on_end: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (token ids), without the end-of-sequence token.
 
+    At most `batch_size` rows (default: all) run at once, admitted in the order given. A row leaves at its end;
+    when a quarter of the batch has left, waiting prompts are prefilled and join the rows in flight (continuous
+    batching), so the batch stays near full and no step runs for a batch's last few rows alone. (A decode step
+    on a CPU costs a fixed weight read plus a little per row: the fixed part is most of it below ~40 rows.)
+    A cache that rows cannot join (joinable) takes the next prompts only once every row has ended.
     prefix, shared: the cache of the first `shared` tokens that every prompt starts with (prefix_cache), which
-    then run once for all batches. `stop(ids)` is asked after a row's token in `check_after` (every token when
-    None); True ends the row there, the token kept."""
-    import copy
-
-    from transformers import DynamicCache
-
-    batch = len(prompts)
-    out: list[list[int]] = [[] for _ in range(batch)]
-    if max_new_tokens <= 0 or batch == 0:
+    then run once for all rows. `stop(ids)` is asked after a row's token in `check_after` (every token when
+    None); True ends the row there, the token kept. on_end(i): called as prompt i's row ends."""
+    out: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens <= 0 or not prompts:
         return out
-    device = model.device
-    tails = [p[shared:] for p in prompts]
-    width = max(map(len, tails))
-    ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=device)  # (B, W) left-padded
-    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)  # (B, W)
-    position = (shared + mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, W): as generate counts them
-    if prefix is not None:
-        cache = copy.deepcopy(prefix)
-        cache.batch_repeat_interleave(batch)
-        mask = torch.cat([mask.new_ones(batch, shared), mask], dim=1)  # (B, shared + W)
-    else:
-        cache = DynamicCache(config=model.config)
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]  # (B, V)  # fmt: skip
-    rows = list(range(batch))  # the original row of each live batch row
-    position = position[:, -1:]  # (B, 1)
-    for step in range(max_new_tokens):
-        token = logits.argmax(-1)  # (b,)
+    batch_size = batch_size or len(prompts)
+    refill = max(1, batch_size // 4)  # free slots that call in waiting prompts: each call is one more forward
+    waiting, live = 0, None
+    while True:
+        free = batch_size - (len(live.rows) if live else 0)
+        if waiting < len(prompts) and (live is None or (free >= refill and joinable(live.cache))):
+            rows = list(range(waiting, min(len(prompts), waiting + free)))
+            waiting = rows[-1] + 1
+            new = _prefill(model, [prompts[i][shared:] for i in rows], rows, pad, prefix, shared)
+            if live is None:
+                live = new
+            else:
+                live.join(new)
+        if live is None:
+            return out
+        token = live.logits.argmax(-1)  # (b,)
         keep = []
-        for j, (row, t) in enumerate(zip(rows, token.tolist())):
-            if t in eos:
-                continue
-            out[row].append(t)
-            if stop is not None and (check_after is None or t in check_after) and stop(out[row]):
-                continue
-            keep.append(j)
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(rows):  # drop ended rows from the cache and the batch
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, token, position = mask[index], token[index], position[index]
-            rows = [rows[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (b, past + 1)
-        position = position + 1
-        logits = model(
-            input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
-            use_cache=True,
+        for j, (row, t) in enumerate(zip(live.rows, token.tolist())):
+            if t not in eos:
+                out[row].append(t)
+                ended = len(out[row]) >= max_new_tokens or (
+                    stop is not None and (check_after is None or t in check_after) and stop(out[row])
+                )
+                if not ended:
+                    keep.append(j)
+                    continue
+            if on_end is not None:
+                on_end(row)
+        if not keep:
+            live = None
+            continue
+        if len(keep) < len(live.rows):
+            live.select(keep)
+            token = token[keep]
+        live.mask = torch.cat([live.mask, live.mask.new_ones(len(live.rows), 1)], dim=1)  # (b, past + 1)
+        live.position = live.position + 1
+        live.logits = model(
+            input_ids=token[:, None], attention_mask=live.mask, position_ids=live.position,
+            past_key_values=live.cache, use_cache=True,
         ).logits[:, -1]  # (b, V)  # fmt: skip
-    return out

@@ -41,13 +41,13 @@ def generate_responses(
     does). `inference_mode=False` runs under plain no_grad: for a model that trains on afterwards under FSDP,
     whose parameter buffers must not become inference tensors.
 
-    Greedy decoding runs decode.greedy_decode (ended rows leave the batch) unless the model's generation config
-    asks for a logits processor or `fast` is False (then `model.generate`, the reference path). `stop`: a
-    `StopRule` that ends a response once its text is complete (greedy_decode only; the text up to and including
-    the stop is what generate would have produced first). `synced_gpus`: every process of a sharded model (FSDP,
-    ZeRO-3) generates at once, and each forward is a collective; a process whose rows have all ended keeps running
-    forwards until every process's have (`model.generate`'s synced_gpus; greedy_decode has no such loop, so it is
-    not used), else one process leaves the loop while the others wait in an all-gather.
+    Greedy decoding runs decode.greedy_decode (ended rows leave the batch, waiting prompts take their places)
+    unless the model's generation config asks for a logits processor or `fast` is False (then `model.generate`, the
+    reference path). `stop`: a `StopRule` that ends a response once its text is complete (greedy_decode only; the
+    text up to and including the stop is what generate would have produced first). `synced_gpus`: every process of
+    a sharded model (FSDP, ZeRO-3) generates at once, and each forward is a collective; a process whose rows have
+    all ended keeps running forwards until every process's have (`model.generate`'s synced_gpus; greedy_decode has
+    no such loop, so it is not used), else one process leaves the loop while the others wait in an all-gather.
     """
     from .endpoint import engine_for  # a server generating in the model's place (--engine, eval/endpoint.py)
 
@@ -104,16 +104,14 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, pro
             eos = eos_ids(model, tokenizer)
             stop_fn, check_after = stop.bind(tokenizer) if stop is not None else (None, None)
             shared = shared_prefix(ids)
-            with eval_mode(model):
+            with eval_mode(model), tqdm(total=len(order), desc="generate", disable=not progress) as bar:
                 prefix = prefix_cache(model, ids[0][:shared])
-                for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-                    idx = order[start : start + batch_size]
-                    new = greedy_decode(
-                        model, [ids[i] for i in idx], max_new_tokens, eos, tokenizer.pad_token_id, stop_fn,
-                        check_after, prefix, shared,
-                    )  # fmt: skip
-                    for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                        responses[i] = text.strip()
+                new = greedy_decode(
+                    model, [ids[i] for i in order], max_new_tokens, eos, tokenizer.pad_token_id, stop_fn, check_after,
+                    prefix, shared, batch_size, on_end=lambda _: bar.update(1),
+                )  # fmt: skip
+            for i, text in zip(order, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                responses[i] = text.strip()
             return responses
         with eval_mode(model):
             for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
