@@ -74,6 +74,19 @@ def test_waiting_prompts_join_the_rows_in_flight_and_decode_as_alone(model, toke
     assert widths and all(w == longest == seq for w, longest, seq in widths)
 
 
+def test_joining_off_decodes_batch_by_batch(model, monkeypatch):
+    from logitguard.eval import decode
+
+    eos = {_alone(model, PROMPT_IDS[:1], set())[0][2]}
+    expected = _alone(model, PROMPT_IDS, eos)
+    joined = []
+    monkeypatch.setattr(decode._Live, "join", lambda live, other: joined.append(other))
+    with decode.joining(False):
+        got = decode.greedy_decode(model, PROMPT_IDS, 10, eos, 0, batch_size=2)
+    assert got == expected and not joined
+    assert decode._JOINING.get()  # on again outside the block
+
+
 def test_a_sliding_window_cache_decodes_batch_by_batch(tokenizer):
     from transformers import MistralConfig, MistralForCausalLM
 

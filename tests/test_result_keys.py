@@ -81,6 +81,20 @@ def test_eval_dtype_is_in_the_key_only_when_set():
     assert key(dtype="bfloat16") != key()
 
 
+def test_continuous_batching_is_in_the_key_only_when_on():
+    import dataclasses
+
+    from logitguard.experiment import EvalSpec
+
+    def key(**spec):
+        return result_key({"eval": dataclasses.asdict(EvalSpec(harmful="h", **spec))})
+
+    old_row = {"eval": {k: v for k, v in dataclasses.asdict(EvalSpec(harmful="h")).items()
+                        if k != "continuous_batching"}}  # fmt: skip
+    assert key() == key(continuous_batching=False) == result_key(old_row)  # rows decoded batch by batch keep theirs
+    assert key(continuous_batching=True) != key()
+
+
 @pytest.fixture
 def clone(tmp_path, monkeypatch):
     """The repository's experiments and results at another path, with an empty cache and no fetched assets; the

@@ -51,6 +51,9 @@ def test_experiment_errors_name_the_key(tmp_path):
     path.write_text(yaml.safe_dump({"model": "m", "eval": {"dtype": "bf16"}, "runs": [{"name": "a"}]}))
     with pytest.raises(ConfigError, match="eval dtype 'bf16' is not one of float32, bfloat16, float16"):
         load_experiment(str(path))
+    path.write_text(yaml.safe_dump({"model": "m", "eval": {"continuous_batching": "yes"}, "runs": [{"name": "a"}]}))
+    with pytest.raises(ConfigError, match="eval continuous_batching must be true or false, not 'yes'"):
+        load_experiment(str(path))
 
 
 def test_scenarios_layer_train_settings_and_targets(tmp_path):

@@ -80,6 +80,10 @@ class EvalSpec:
     # the weights' dtype while evaluating: None is float32 on CPU and the checkpoint's dtype on an accelerator (left
     # out of the run key); bfloat16 is several times faster on a CPU with bf16 instructions, not bit-equal
     dtype: str | None = None
+    # waiting prompts join the rows in flight as rows end (eval/decode.py): faster, but a row's batch-mates change
+    # its last bits, so it is part of the run key when true; false (the rows committed before it) decodes batch by
+    # batch. `logitguard eval` turns it on unless --no-continuous-batching.
+    continuous_batching: bool = False
     limit: int | None = None  # at most this many items per file
     max_new_tokens: int = 64
     batch_size: int = 16
@@ -174,6 +178,9 @@ def load_experiment(name: str, variant: str | None = None, root: str | Path = "e
     if eval_values.get("dtype") not in (None, *EVAL_DTYPES):
         raise ConfigError(f"{where}: eval dtype {eval_values['dtype']!r} is not one of {', '.join(EVAL_DTYPES)}; "
                           "leave it out for float32 on CPU and the checkpoint's dtype on an accelerator")  # fmt: skip
+    if not isinstance(eval_values.get("continuous_batching", False), bool):
+        raise ConfigError(f"{where}: eval continuous_batching must be true or false, not "
+                          f"{eval_values['continuous_batching']!r}")  # fmt: skip
     scenarios = _scenarios(raw.get("scenarios"), where)
     runs = []
     for i, run in enumerate(raw.get("runs") or []):

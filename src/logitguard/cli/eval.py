@@ -5,6 +5,7 @@ items.json (per-item outcomes) in --out, through eval/pipeline.py as the experim
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, help="at most this many prompts / items per file (smoke runs)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--continuous-batching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="waiting prompts join the batch as rows end (default); --no-continuous-batching decodes batch by batch",
+    )
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: auto, but float32 on CPU")
     p.add_argument("--cache-dir", help="where GGUF conversions are kept (default: logitguard's cache)")
     p.add_argument("--out", required=True, help="folder for summary.json, records.jsonl and items.json")
@@ -93,7 +100,7 @@ def run(args) -> int:
         harmful=args.harmful, benign=args.benign, borderline=args.borderline, commonsense=args.commonsense,
         commonsense_mode=args.commonsense_mode, utility=args.utility, limit=args.limit,
         utility_max_new_tokens=args.utility_max_new_tokens, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, keywords=args.keywords,
+        batch_size=args.batch_size, keywords=args.keywords, continuous_batching=args.continuous_batching,
     )  # fmt: skip
     inputs = read_inputs(spec, args.assets)
     judge = None

@@ -17,9 +17,26 @@ near-tie can resolve the other way; bench/eval_speed.py counts such differences.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 
 import torch
+
+# Whether waiting prompts may join the rows in flight (continuous batching). Off, the prompts decode batch by batch
+# as before it existed: an experiment's rows evaluated that way keep their keys (eval.continuous_batching).
+_JOINING = contextvars.ContextVar("logitguard_joining", default=True)
+
+
+@contextlib.contextmanager
+def joining(allowed: bool):
+    """Inside, greedy_decode lets waiting prompts join the rows in flight only if `allowed`."""
+    token = _JOINING.set(allowed)
+    try:
+        yield
+    finally:
+        _JOINING.reset(token)
+
 
 # generation-config settings that change greedy search's choice; a model that sets one goes through generate
 _PROCESSORS = {
@@ -178,7 +195,8 @@ def greedy_decode(
     when a quarter of the batch has left, waiting prompts are prefilled and join the rows in flight (continuous
     batching), so the batch stays near full and no step runs for a batch's last few rows alone. (A decode step
     on a CPU costs a fixed weight read plus a little per row: the fixed part is most of it below ~40 rows.)
-    A cache that rows cannot join (joinable) takes the next prompts only once every row has ended.
+    A cache that rows cannot join (joinable), or `joining(False)` around the call, takes the next prompts only once
+    every row has ended (batch by batch: a row's batch-mates, hence its last bits, as before joining existed).
     prefix, shared: the cache of the first `shared` tokens that every prompt starts with (prefix_cache), which
     then run once for all rows. `stop(ids)` is asked after a row's token in `check_after` (every token when
     None); True ends the row there, the token kept. on_end(i): called as prompt i's row ends."""
@@ -187,10 +205,11 @@ def greedy_decode(
         return out
     batch_size = batch_size or len(prompts)
     refill = max(1, batch_size // 4)  # free slots that call in waiting prompts: each call is one more forward
+    allowed = _JOINING.get()
     waiting, live = 0, None
     while True:
         free = batch_size - (len(live.rows) if live else 0)
-        if waiting < len(prompts) and (live is None or (free >= refill and joinable(live.cache))):
+        if waiting < len(prompts) and (live is None or (allowed and free >= refill and joinable(live.cache))):
             rows = list(range(waiting, min(len(prompts), waiting + free)))
             waiting = rows[-1] + 1
             new = _prefill(model, [prompts[i][shared:] for i in rows], rows, pad, prefix, shared)

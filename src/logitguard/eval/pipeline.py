@@ -79,7 +79,15 @@ def measure(
     """The measures the spec asks for (its settings: keywords, lengths, batch size) on the inputs, on `model`;
     the safety summary and records (redacted) and the utility benchmarks' per-item records are written to `folder`
     (needed with utility benchmarks). `judge`: a judge object,
-    else one made from spec.judge."""
+    else one made from spec.judge. Generation joins waiting prompts to the rows in flight as spec.continuous_batching
+    says."""
+    from .decode import joining
+
+    with joining(spec.continuous_batching):
+        return _measure(model, tokenizer, spec, inputs, folder, judge, progress)
+
+
+def _measure(model, tokenizer, spec, inputs: Inputs, folder, judge, progress: bool) -> Measured:
     if inputs.utility and folder is None:
         raise ValueError("measure: utility benchmarks write their records to a folder; give one")
     from .items import safety_items, utility_items
