@@ -59,8 +59,8 @@ def test_waiting_prompts_join_the_rows_in_flight_and_decode_as_alone(model, toke
         joins.append(len(other.rows))
         join(live, other)
 
-    def checked_select(live, keep):
-        select(live, keep)
+    def checked_select(live, keep, trim):
+        select(live, keep, trim)
         widths.append((live.mask.shape[1], int(live.mask.sum(1).max()), live.cache.get_seq_length()))
 
     monkeypatch.setattr(decode._Live, "join", counted_join)

@@ -110,15 +110,15 @@ class _Live:
     def __init__(self, cache, mask, position, rows, logits):
         self.cache, self.mask, self.position, self.rows, self.logits = cache, mask, position, rows, logits
 
-    def select(self, keep: list[int]) -> None:
-        """Keep these batch rows, then drop the leading columns no kept row attends to (rows that left held
+    def select(self, keep: list[int], trim: bool) -> None:
+        """Keep these batch rows; with `trim`, drop the leading columns no kept row attends to (rows that left held
         them), so the cache is only as long as the longest live row."""
         index = torch.tensor(keep, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.mask, self.position = self.mask[index], self.position[index]
         self.rows = [self.rows[j] for j in keep]
         first = int(self.mask.any(0).int().argmax())  # the first column some row attends to
-        if first and joinable(self.cache):  # (a sliding-window layer's keys are not aligned with the mask)
+        if trim and first and joinable(self.cache):  # (a sliding-window layer's keys are not aligned with the mask)
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
             self.mask = self.mask[:, first:]
@@ -236,7 +236,7 @@ def greedy_decode(
             live = None
             continue
         if len(keep) < len(live.rows):
-            live.select(keep)
+            live.select(keep, trim=allowed)  # batch by batch: the cache as it always was
             token = token[keep]
         live.mask = torch.cat([live.mask, live.mask.new_ones(len(live.rows), 1)], dim=1)  # (b, past + 1)
         live.position = live.position + 1
