@@ -139,11 +139,8 @@ def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict, dtype: str 
           fast_batch: int | None = None) -> dict:  # fmt: skip
     """The reference path and the fast path in float32; with `dtype`, the fast path in that dtype as well.
     fast_batch: rows the fast paths decode at once (default: the spec's batch size, the reference's)."""
-    from logitguard.eval.generate import StopRule, generate_responses, load_model_for_eval
-    from logitguard.eval.humaneval import build_program, code_closed, execute, humaneval_prompt
-    from logitguard.eval.keyword import is_refusal
-    from logitguard.eval.multiple_choice import TASKS, score_items
-    from logitguard.eval.utility import conversation_losses, eval_loss
+    from logitguard.eval.decode import joining
+    from logitguard.eval.generate import load_model_for_eval
 
     loads = {"reference": (False, None), "fast": (True, None)}
     if dtype:
@@ -155,8 +152,30 @@ def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict, dtype: str 
         load_seconds[name] = time.perf_counter() - start
         paths[name] = (model, tokenizer, Roofline(model, machine))
     fast = {name: merge for name, (merge, _) in loads.items()}
-    batch, max_new, util_new = spec["batch_size"], spec["max_new_tokens"], spec["utility_max_new_tokens"]
+    batch = spec["batch_size"]
     rows = {name: (fast_batch or batch) if merge else batch for name, merge in fast.items()}  # decoded at once
+    with joining(True):  # the fast paths' continuous batching (the reference's model.generate has none)
+        stages = _stages(paths, fast, rows, sets, spec)
+    for _, _, roof in paths.values():
+        roof.remove()
+    total = {k: load_seconds[k] + sum(s["seconds"][k] for s in stages.values()) for k in paths}
+    return {
+        "load_seconds": {k: round(v, 2) for k, v in load_seconds.items()},
+        "stages": stages,
+        "total_seconds": {k: round(v, 2) for k, v in total.items()},
+        "speedup": {k: round(total["reference"] / total[k], 2) for k in paths if k != "reference"},
+    }
+
+
+def _stages(paths: dict, fast: dict, rows: dict, sets: dict, spec: dict) -> dict:
+    """Every stage the sets ask for, through every path: {stage: stage_record}."""
+    from logitguard.eval.generate import StopRule, generate_responses
+    from logitguard.eval.humaneval import build_program, code_closed, execute, humaneval_prompt
+    from logitguard.eval.keyword import is_refusal
+    from logitguard.eval.multiple_choice import TASKS, score_items
+    from logitguard.eval.utility import conversation_losses, eval_loss
+
+    batch, max_new, util_new = spec["batch_size"], spec["max_new_tokens"], spec["utility_max_new_tokens"]
     stages = {}
 
     def tokens_of(out):
@@ -243,15 +262,7 @@ def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict, dtype: str 
             "abs_diff": abs(out["reference"][0] - out[k][0]),
         })  # fmt: skip
 
-    for _, _, roof in paths.values():
-        roof.remove()
-    total = {k: load_seconds[k] + sum(s["seconds"][k] for s in stages.values()) for k in paths}
-    return {
-        "load_seconds": {k: round(v, 2) for k, v in load_seconds.items()},
-        "stages": stages,
-        "total_seconds": {k: round(v, 2) for k, v in total.items()},
-        "speedup": {k: round(total["reference"] / total[k], 2) for k in paths if k != "reference"},
-    }
+    return stages
 
 
 def synthetic(folder: Path) -> tuple[str, str, dict, dict]:

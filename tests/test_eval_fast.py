@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_llama
 
 from logitguard.eval.commonsense import continuation_logprobs
+from logitguard.eval.decode import joining
 from logitguard.eval.generate import StopRule, generate_responses, load_model_for_eval
 from logitguard.eval.humaneval import code_closed, extract_code
 from logitguard.eval.loglik import score_groups
@@ -32,7 +33,9 @@ def test_greedy_decode_equals_generate_with_rows_ending_at_different_steps(model
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, _ends_often(model, tokenizer)]
     slow = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, progress=False, fast=False)
     fast = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, progress=False)
-    assert fast == slow
+    with joining(True):  # the fourth prompt joins the first three as soon as one of them ends
+        joined = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, progress=False)
+    assert fast == joined == slow
     lengths = {len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in slow}
     assert len(lengths) > 1  # the rows did end at different steps
 
@@ -66,7 +69,8 @@ def test_waiting_prompts_join_the_rows_in_flight_and_decode_as_alone(model, toke
     monkeypatch.setattr(decode._Live, "join", counted_join)
     monkeypatch.setattr(decode._Live, "select", checked_select)
     ended = []
-    got = decode.greedy_decode(model, PROMPT_IDS, 10, eos, 0, batch_size=2, on_end=ended.append)
+    with decode.joining(True):
+        got = decode.greedy_decode(model, PROMPT_IDS, 10, eos, 0, batch_size=2, on_end=ended.append)
     assert got == expected
     assert joins and sum(joins) == 3  # three prompts waited and joined mid-decode
     assert sorted(ended) == list(range(5))
@@ -81,10 +85,13 @@ def test_joining_off_decodes_batch_by_batch(model, monkeypatch):
     expected = _alone(model, PROMPT_IDS, eos)
     joined = []
     monkeypatch.setattr(decode._Live, "join", lambda live, other: joined.append(other))
-    with decode.joining(False):
-        got = decode.greedy_decode(model, PROMPT_IDS, 10, eos, 0, batch_size=2)
-    assert got == expected and not joined
-    assert decode._JOINING.get()  # on again outside the block
+    got = decode.greedy_decode(model, PROMPT_IDS, 10, eos, 0, batch_size=2)  # off unless asked for
+    with decode.joining(True), decode.joining(False):
+        again = decode.greedy_decode(model, PROMPT_IDS, 10, eos, 0, batch_size=2)
+    assert got == again == expected and not joined
+    with decode.joining(True):
+        pass
+    assert not decode._JOINING.get()  # off again outside the block
 
 
 def test_a_sliding_window_cache_decodes_batch_by_batch(tokenizer):
@@ -100,7 +107,8 @@ def test_a_sliding_window_cache_decodes_batch_by_batch(tokenizer):
     expected = _alone(model, PROMPT_IDS, eos)
     probe = decode._prefill(model, [PROMPT_IDS[0]], [0], 0, None, 0)
     assert not decode.joinable(probe.cache)  # sliding layers: no row may join mid-decode
-    assert decode.greedy_decode(model, PROMPT_IDS, 10, eos, 0, batch_size=2) == expected
+    with decode.joining(True):
+        assert decode.greedy_decode(model, PROMPT_IDS, 10, eos, 0, batch_size=2) == expected
 
 
 def test_a_repetition_penalty_goes_through_generate(model, tokenizer):

@@ -23,9 +23,11 @@ from collections.abc import Callable
 
 import torch
 
-# Whether waiting prompts may join the rows in flight (continuous batching). Off, the prompts decode batch by batch
-# as before it existed: an experiment's rows evaluated that way keep their keys (eval.continuous_batching).
-_JOINING = contextvars.ContextVar("logitguard_joining", default=True)
+# Whether waiting prompts may join the rows in flight (continuous batching). Off unless asked for (eval.continuous_
+# batching, `logitguard eval`): off, prompts decode batch by batch as before it existed, so the committed rows keep
+# their keys and generation that feeds training (safety mixing's own refusals, the safety monitor, token mining)
+# gives the same text it always did.
+_JOINING = contextvars.ContextVar("logitguard_joining", default=False)
 
 
 @contextlib.contextmanager
@@ -192,11 +194,12 @@ def greedy_decode(
     """New token ids per prompt (token ids), without the end-of-sequence token.
 
     At most `batch_size` rows (default: all) run at once, admitted in the order given. A row leaves at its end;
-    when a quarter of the batch has left, waiting prompts are prefilled and join the rows in flight (continuous
-    batching), so the batch stays near full and no step runs for a batch's last few rows alone. (A decode step
-    on a CPU costs a fixed weight read plus a little per row: the fixed part is most of it below ~40 rows.)
-    A cache that rows cannot join (joinable), or `joining(False)` around the call, takes the next prompts only once
-    every row has ended (batch by batch: a row's batch-mates, hence its last bits, as before joining existed).
+    with joining on, when a quarter of the batch has left, waiting prompts are prefilled and join the rows in
+    flight (continuous batching), so the batch stays near full and no step runs for a batch's last few rows alone.
+    (A decode step on a CPU costs a fixed weight read plus a little per row: the fixed part is most of it below ~40
+    rows.)
+    Joining happens inside `joining(True)` only; otherwise, and for a cache that rows cannot join (joinable), the next
+    prompts start once every row has ended (batch by batch: a row's batch-mates, hence its last bits, as before).
     prefix, shared: the cache of the first `shared` tokens that every prompt starts with (prefix_cache), which
     then run once for all rows. `stop(ids)` is asked after a row's token in `check_after` (every token when
     None); True ends the row there, the token kept. on_end(i): called as prompt i's row ends."""

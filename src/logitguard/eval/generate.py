@@ -41,13 +41,14 @@ def generate_responses(
     does). `inference_mode=False` runs under plain no_grad: for a model that trains on afterwards under FSDP,
     whose parameter buffers must not become inference tensors.
 
-    Greedy decoding runs decode.greedy_decode (ended rows leave the batch, waiting prompts take their places)
-    unless the model's generation config asks for a logits processor or `fast` is False (then `model.generate`, the
-    reference path). `stop`: a `StopRule` that ends a response once its text is complete (greedy_decode only; the
-    text up to and including the stop is what generate would have produced first). `synced_gpus`: every process of
-    a sharded model (FSDP, ZeRO-3) generates at once, and each forward is a collective; a process whose rows have
-    all ended keeps running forwards until every process's have (`model.generate`'s synced_gpus; greedy_decode has
-    no such loop, so it is not used), else one process leaves the loop while the others wait in an all-gather.
+    Greedy decoding runs decode.greedy_decode (ended rows leave the batch; inside decode.joining(True) waiting
+    prompts take their places) unless the model's generation config asks for a logits processor or `fast` is False
+    (then `model.generate`, the reference path). `stop`: a `StopRule` that ends a response once its text is
+    complete (greedy_decode only; the text up to and including the stop is what generate would have produced
+    first). `synced_gpus`: every process of a sharded model (FSDP, ZeRO-3) generates at once, and each forward is a
+    collective; a process whose rows have all ended keeps running forwards until every process's have
+    (`model.generate`'s synced_gpus; greedy_decode has no such loop, so it is not used), else one process leaves
+    the loop while the others wait in an all-gather.
     """
     from .endpoint import engine_for  # a server generating in the model's place (--engine, eval/endpoint.py)
 
