@@ -119,8 +119,10 @@ class _Live:
         self.cache.batch_select_indices(index)
         self.mask, self.position = self.mask[index], self.position[index]
         self.rows = [self.rows[j] for j in keep]
+        if not trim or not joinable(self.cache):  # (a sliding-window layer's keys are not aligned with the mask)
+            return
         first = int(self.mask.any(0).int().argmax())  # the first column some row attends to
-        if trim and first and joinable(self.cache):  # (a sliding-window layer's keys are not aligned with the mask)
+        if first:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
             self.mask = self.mask[:, first:]
