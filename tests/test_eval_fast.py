@@ -207,3 +207,29 @@ def test_an_adapter_folded_into_float32_weights_gives_the_same_model(tmp_path, m
     base, _ = load_model_for_eval(model_dir)
     with torch.no_grad():
         assert not torch.allclose(base(ids).logits, kept(ids).logits, atol=1e-3)  # the adapter does something
+
+
+def test_logitguard_eval_joins_unless_told_not_to(tmp_path, monkeypatch):
+    import logitguard.cli.eval as cli_eval
+    from logitguard.cli import build_parser
+
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("Tell me something rude.\n")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def measure(model, tokenizer, spec, *args, **kwargs):
+        seen.append(spec.continuous_batching)
+        raise Stop
+
+    monkeypatch.setattr(cli_eval, "measure", measure)
+    monkeypatch.setattr("logitguard.eval.generate.load_model_for_eval", lambda *a, **k: (None, None))
+    for flags in ([], ["--no-continuous-batching"]):
+        args = build_parser().parse_args(
+            ["eval", "--model", "m", "--harmful", str(harmful), "--out", str(tmp_path / "out"), *flags]
+        )
+        with pytest.raises(Stop):
+            args.func(args)
+    assert seen == [True, False]
