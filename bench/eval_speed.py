@@ -20,6 +20,7 @@ the largest score difference, losses' difference.
     --dtype bfloat16 adds a third path: the fast path with the adapter folded in float32 and the weights then
     rounded to bfloat16 (eval.dtype in an experiment file), timed and checked against the reference the same way.
     --batch-size N: the fast paths decode N rows at once (default: the spec's batch size, as the reference does).
+    --no-float32 (with --dtype): the reference against the dtype's fast path alone, for full-size runs.
 """
 
 from __future__ import annotations
@@ -136,13 +137,17 @@ def token_count(tokenizer, texts: list[str]) -> int:
 
 
 def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict, dtype: str | None = None,
-          fast_batch: int | None = None) -> dict:  # fmt: skip
+          fast_batch: int | None = None, float32: bool = True) -> dict:  # fmt: skip
     """The reference path and the fast path in float32; with `dtype`, the fast path in that dtype as well.
-    fast_batch: rows the fast paths decode at once (default: the spec's batch size, the reference's)."""
+    fast_batch: rows the fast paths decode at once (default: the spec's batch size, the reference's).
+    float32=False leaves the float32 fast path out (it needs `dtype`): at full size it costs as much as the
+    reference, and its exactness is shown at a smaller scale."""
     from logitguard.eval.decode import joining
     from logitguard.eval.generate import load_model_for_eval
 
-    loads = {"reference": (False, None), "fast": (True, None)}
+    if not (float32 or dtype):
+        raise ValueError("leaving the float32 fast path out needs another fast path: give dtype")
+    loads = {"reference": (False, None), **({"fast": (True, None)} if float32 else {})}
     if dtype:
         loads[f"fast_{dtype}"] = (True, dtype)
     paths, load_seconds = {}, {}
@@ -233,7 +238,7 @@ def _stages(paths: dict, fast: dict, rows: dict, sets: dict, spec: dict) -> dict
             return [r for task in mc for r in per[task]]
 
         out, secs, roofs = run_pair("multiple_choice", True, paths, score)
-        tok = paths["fast"][1]
+        tok = paths["reference"][1]
         cont_tokens = sum(len(tok(" " + c, add_special_tokens=False)["input_ids"]) for _, i in items
                           for c in i["choices"])  # fmt: skip
         choice = {k: [max(range(len(r["scores"])), key=r["scores"].__getitem__) for r in v] for k, v in out.items()}
@@ -256,7 +261,7 @@ def _stages(paths: dict, fast: dict, rows: dict, sets: dict, spec: dict) -> dict
             return sum(x for x, _ in pairs) / sum(n for _, n in pairs), sum(n for _, n in pairs)
 
         out, secs, roofs = run_pair("loss", False, paths, loss)
-        scored = out["fast"][1]
+        scored = next(v[1] for k, v in out.items() if fast[k])  # positions scored: the same on every fast path
         stages["loss"] = stage_record(secs, roofs, dict.fromkeys(out, scored), lambda k: {
             "conversations": len(conversations), "loss": {j: out[j][0] for j in ("reference", k)},
             "abs_diff": abs(out["reference"][0] - out[k][0]),
@@ -361,8 +366,15 @@ def main(argv=None) -> int:
         help="also time the fast path in this dtype (fast on CPUs with bf16 instructions)",
     )
     parser.add_argument("--batch-size", type=int, help="rows the fast paths decode at once (default: the spec's)")
+    parser.add_argument(
+        "--no-float32",
+        action="store_true",
+        help="leave the float32 fast path out (needs --dtype; its exactness is shown at a smaller --scale)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.no_float32 and not args.dtype:
+        parser.error("--no-float32 needs --dtype: the fast path must run in some dtype")
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = measure_machine()
@@ -382,7 +394,7 @@ def main(argv=None) -> int:
             model_dir, adapter, sets, spec = synthetic(Path(tmp))
             what = {"experiment": None, "model": "random Qwen2-shaped, hidden 64, 2 layers, toy tokenizer"}
         sizes = {k: (sum(len(x) for x in v.values()) if isinstance(v, dict) else len(v)) for k, v in sets.items()}
-        result = bench(model_dir, adapter, sets, spec, machine, args.dtype, args.batch_size)
+        result = bench(model_dir, adapter, sets, spec, machine, args.dtype, args.batch_size, not args.no_float32)
         spec["fast_batch_size"] = args.batch_size or spec["batch_size"]
     import transformers
 

@@ -73,3 +73,24 @@ def test_eval_speed_bench_times_three_paths_and_checks_them(tmp_path):
     assert stages["loss"]["agreement"]["fast"]["abs_diff"] < 1e-4
     paths = {"reference", "fast", "fast_bfloat16"}
     assert all(set(s["seconds"]) == set(s["roofline_s"]) == paths for s in stages.values())
+
+
+@pytest.mark.slow
+def test_eval_speed_bench_can_leave_the_float32_fast_path_out(tmp_path):
+    # a full-size run times the reference against the bf16 path alone: every stage still reports both
+    out = tmp_path / "speed.json"
+    bench = Path(__file__).parents[1] / "bench" / "eval_speed.py"
+    cmd = [sys.executable, str(bench), "--threads", "1", "--dtype", "bfloat16", "--no-float32", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["speedup"]) == {"fast_bfloat16"}
+    stages = result["stages"]
+    assert all(set(s["seconds"]) == {"reference", "fast_bfloat16"} for s in stages.values())
+    assert stages["loss"]["tokens"]["fast_bfloat16"] > 0
+
+
+def test_eval_speed_bench_refuses_no_float32_without_a_dtype():
+    bench = Path(__file__).parents[1] / "bench" / "eval_speed.py"
+    proc = subprocess.run([sys.executable, str(bench), "--no-float32"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--no-float32 needs --dtype" in proc.stderr
