@@ -14,8 +14,8 @@ outputs equal (or how many differ), HumanEval programs and pass/fail equal, mult
 the largest score difference, losses' difference.
 
     python bench/eval_speed.py --json out.json        # a small random model and synthetic sets (seconds; CI)
-    python bench/eval_speed.py --experiment real_qwen_benign --variant large --scale 0.1 --dtype bfloat16 \\
-        --json bench/results/eval_speed_real_qwen.json   # the real 0.5B model and its experiment's sets
+    python bench/eval_speed.py --experiment real_qwen_benign --variant large --scale 0.2 --dtype bfloat16 \\
+        --json bench/results/eval_speed_real_qwen_fifth.json   # the real 0.5B model and its experiment's sets
         # (assets: python experiments/real_model/fetch_assets.py); --scale 0.5 halves every set
     --dtype bfloat16 adds a third path: the fast path with the adapter folded in float32 and the weights then
     rounded to bfloat16 (eval.dtype in an experiment file), timed and checked against the reference the same way.

@@ -1,6 +1,7 @@
 """The README stays short and every relative link in it and in docs/ leads somewhere (no torch, no model)."""
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -85,3 +86,11 @@ def test_readme_test_command_is_the_one_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "\npython -m pytest -q\n" in ci and "pip install --quiet torch==2.13.0" in ci
     assert 'pip install torch==2.13.0 && pip install -e ".[dev]"' in blocks[0]
+
+
+def test_the_readme_speed_claim_is_the_committed_benchmarks():
+    # the README's whole-evaluation speedup is the full-size bench's, as committed (bench/eval_speed.py wrote it)
+    bench = json.loads((ROOT / "bench" / "results" / "eval_speed_real_qwen.json").read_text())
+    assert bench["what"]["scale"] == 1.0 and bench["set_sizes"]["humaneval"] == 164  # a whole row's sets
+    claimed = re.search(r"40 rows a batch, (\d+\.\d+)x the old path", README.read_text())
+    assert claimed and float(claimed.group(1)) == bench["speedup"]["fast_bfloat16"]
