@@ -368,3 +368,22 @@ def test_only_adds_rows_and_keeps_the_others(tmp_path, model_dir):
     assert both["rows"][1]["key"] == first["rows"][0]["key"]
     argv = ["experiment", "run", str(path), "--results", str(tmp_path / "results"), "--only", "STR(l)"]
     assert main(argv) == 2  # one line, no traceback (the CLI's error path)
+
+
+def test_dry_run_lists_the_rows_a_run_would_compute_and_builds_nothing(tmp_path, capsys):
+    """`experiment run --dry-run` answers "what would this cost" before a long run: the rows not in the results yet
+    (--only narrows them, a typo fails as it would in a run), with nothing trained, built or written."""
+    common = ["--experiments", str(tmp_path), "--results", str(tmp_path / "r"), "--work", str(tmp_path / "w"),
+              "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    assert main(["experiment", "run", "demo", "--variant", "quick", "--dry-run", *common]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "demo--quick: 30 row(s) to compute:" and lines[1] == "  aligned base"
+    assert (
+        main(["experiment", "run", "demo", "--variant", "quick", "--dry-run", "--only", "benign / LoRA", *common]) == 0
+    )
+    assert capsys.readouterr().out.splitlines()[1:] == ["  aligned base", "  benign / LoRA"]
+    assert (
+        main(["experiment", "run", "demo", "--variant", "quick", "--dry-run", "--only", "benign / LoRa", *common]) == 2
+    )
+    assert "--only 'benign / LoRa' names no run" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no results, adapters or caches

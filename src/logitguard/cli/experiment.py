@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     _common(run)
     run.add_argument("--work", default="runs/bench", help="adapters and per-run evaluation records")
     run.add_argument("--cache-dir", help="toy model, GGUF conversions and reference caches")
+    run.add_argument(
+        "--dry-run", action="store_true", help="list the rows it would compute (those not in the results yet) and stop"
+    )
     run.set_defaults(func=_run)
     report = sub.add_parser("report", help="markdown tables and PNG plots from results/*.json")
     _common(report)
@@ -61,6 +64,14 @@ def _run(args) -> int:
 
     exp = load_experiment(args.experiment, args.variant, args.experiments)
     runner = Runner(exp, args.results, args.work, args.cache_dir)
+    if args.dry_run:  # what a run would cost before it starts: nothing is built, converted or computed
+        todo = runner.pending(args.only)
+        print(
+            f"{exp.id}: {len(todo)} row(s) to compute" + (":" if todo else f", every row is in {runner.results_path}")
+        )
+        for name, seed in todo:
+            print(f"  {name}" + (f" (seed {seed})" if seed is not None else ""))
+        return 0
     runner.run(args.only)
     print(f"results in {runner.results_path}")
     return 0
