@@ -172,11 +172,10 @@ class Runner:
         return train_settings(cfg)  # output, cache and checkpoint folders left out: where, not what
 
     def run(self, only: list[str] | None = None) -> dict:
-        self._check_only(only)
-        self._check_engine([r for r in self.exp.runs if not only or r.name in only])
+        runs = self._selected(only)
+        self._check_engine(runs)
         self.base = self._row("aligned base", None, self._base_settings(), self._eval_base, shared=self.shared_bases)
         self._save()
-        runs = [r for r in self.exp.runs if not only or r.name in only]
         self.selected = [r.name for r in runs]
         self._prebuild_caches([r for r in runs if r.safelora is None and r.stages is None])
         for run, seed, settings, compute in self._planned(runs):
@@ -184,22 +183,24 @@ class Runner:
             self._save()
         return self._save()
 
-    def _check_only(self, only: list[str] | None) -> None:
+    def _selected(self, only: list[str] | None) -> list[RunSpec]:
+        """The runs `only` names (every run when None), in the file's order; an unknown name is a ConfigError."""
         names = [r.name for r in self.exp.runs]
         for name in only or []:  # before any model is loaded: a typo fails in a second
             if name not in names:
                 raise ConfigError(f"{self.exp.id}: --only {name!r} names no run{suggest(name, set(names))}; "
                                   f"runs: {', '.join(names)}")  # fmt: skip
+        return [r for r in self.exp.runs if not only or r.name in only]
 
     def pending(self, only: list[str] | None = None) -> list[tuple[str, int | None]]:
         """(name, seed) of the rows `run(only)` would compute, in order; nothing is built, converted or computed."""
-        self._check_only(only)
+        runs = self._selected(only)
         todo = []
         base = self._keyed(self._base_settings())
         shared = [row for _, row in self.shared_bases.get(shape_key(base), [])]
         if self._find(base, self.done) is None and not any(matches(r["settings"], base["inputs"]) for r in shared):
             todo.append(("aligned base", None))
-        for run, seed, settings, _ in self._planned([r for r in self.exp.runs if not only or r.name in only]):
+        for run, seed, settings, _ in self._planned(runs):
             if self._find(self._keyed(settings), self.done) is None:
                 todo.append((run.name, seed))
         return todo
