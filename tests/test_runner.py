@@ -357,6 +357,37 @@ def test_the_aligned_base_is_evaluated_once_across_scenario_files(tmp_path, mode
     assert "reused_from" not in json.loads((tmp_path / "results" / "other.json").read_text())["base"]
 
 
+def test_a_variant_that_changes_only_the_evaluation_reuses_the_training(tmp_path, model_dir, monkeypatch):
+    """A variant that evaluates the same training on other sets (or in another dtype) does not train again: the
+    finished run's folder is copied from the other variant's and resumes at its last step, the row says where from.
+    A variant that changes the training trains."""
+    runs = [{"name": "LoRA", "train": {"reg_weight": 0, "save_steps": 1}}]
+    variants = {"wide": {"eval": {"max_new_tokens": 5}}, "faster": {"train": {"learning_rate": 0.02}}}
+    path = _tiny_experiment(tmp_path, model_dir, runs, variants=variants)
+    first = _bench(tmp_path, path)["rows"][0]
+
+    from logitguard.trainer import SafetyTrainer
+
+    loss = SafetyTrainer.compute_loss
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a finished training ran a step again")
+
+    monkeypatch.setattr(SafetyTrainer, "compute_loss", no_step)
+    argv = ["experiment", "run", str(path), "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main([*argv, "--variant", "wide"]) == 0
+    row = json.loads((tmp_path / "results" / "tiny--wide.json").read_text())["rows"][0]
+    assert row["trained_in"] == "tiny/lora" and row["steps"] == first["steps"] == 2
+    assert row["settings"]["train"] == first["settings"]["train"] and row["key"] != first["key"]
+    work = tmp_path / "work"
+    weights = [(work / v / "lora" / "adapter_model.safetensors").read_bytes() for v in ("tiny", "tiny--wide")]
+    assert weights[0] == weights[1]
+    monkeypatch.setattr(SafetyTrainer, "compute_loss", loss)
+    assert main([*argv, "--variant", "faster"]) == 0
+    assert "trained_in" not in json.loads((tmp_path / "results" / "tiny--faster.json").read_text())["rows"][0]
+
+
 def test_only_adds_rows_and_keeps_the_others(tmp_path, model_dir):
     """`--only` runs the named runs and keeps the file's other rows; a name that is no run is a one-line error."""
     runs = [{"name": "LoRA", "train": {"reg_weight": 0}}, {"name": "STR(I)", "train": {"safety_words": ["I"]}}]

@@ -43,6 +43,11 @@ def slug(name: str) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
+def run_folder(name: str, seed: int | None) -> str:
+    """The folder a run's row trains in, under its experiment's work folder."""
+    return slug(name) + (f"-seed{seed}" if seed is not None else "")
+
+
 def versions() -> dict:
     import peft
     import torch
@@ -157,7 +162,7 @@ class Runner:
         values = {**self.ph(self.exp.train), **self.ph(run.train)}
         if seed is not None:
             values["seed"] = seed
-        folder = self.work / (slug(run.name) + (f"-seed{seed}" if seed is not None else ""))
+        folder = self.work / run_folder(run.name, seed)
         values.update(model=self.model, output_dir=str(folder), cache_dir=self.ph.cache_dir)
         return build_config(values, f"{self.exp.id}: {run.name}")
 
@@ -219,7 +224,7 @@ class Runner:
                     yield run, seed, *self._continual(run, seed, eval_settings)
                 else:
                     settings = {"train": self.settings(self.written_config(run, seed)), "eval": eval_settings}
-                    yield run, seed, settings, lambda r=run, s=seed: self._train_eval(self.config(r, s))
+                    yield run, seed, settings, lambda r=run, s=seed, w=settings: self._train_eval(self.config(r, s), w)
 
     def _check_engine(self, runs: list[RunSpec]) -> None:
         """An eval.engine server serves the aligned model and loads adapters into it: a run that trains a whole
@@ -310,15 +315,55 @@ class Runner:
         path = write_holdout(held, self.work / "holdout.jsonl")
         return dataclasses.replace(spec, **{k: v.replace("{holdout}", str(path)) for k, v in fields.items()})
 
+    def _reuse_training(self, cfg: TrainConfig, settings: dict) -> str | None:
+        """A variant that evaluates the same training on other sets need not train again: when this run's folder
+        holds no training yet and another variant's results file has a row with the same train settings and
+        training inputs, whose folder holds its final checkpoint, that folder is copied here (its evaluation
+        left behind) and training resumes at its end, 0 steps. Returns where it came from, for the row."""
+        import shutil
+
+        from .files import checkpoint_step, last_complete_checkpoint
+
+        out = Path(cfg.output_dir)
+        if (out / "config.yaml").is_file():
+            return None
+        keyed = self._keyed(settings)
+        wanted = {"train": keyed["train"]}  # the model is a train setting
+        inputs = {path: keyed["inputs"].get(path) for path in input_paths(wanted)}
+        for path in sorted(self.results_path.parent.glob(f"{self.exp.name}*.json")):
+            if path == self.results_path or path.stem.split("--")[0] != self.exp.name:
+                continue
+            try:
+                rows = json.loads(path.read_text()).get("rows", [])
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                continue  # not this run's to judge
+            for row in rows if isinstance(rows, list) else []:
+                recorded = row.get("settings") if isinstance(row, dict) else None
+                if not isinstance(recorded, dict) or "trained_in" in row or "reused_from" in row:
+                    continue
+                if {"train": recorded.get("train")} != wanted:
+                    continue
+                if not matches({"inputs": {p: recorded.get("inputs", {}).get(p) for p in inputs}}, inputs):
+                    continue
+                source = self.work.parent / path.stem / run_folder(row["name"], row.get("seed"))
+                last = last_complete_checkpoint(source) if source.is_dir() else None
+                if last is None or checkpoint_step(last) != row.get("steps"):
+                    continue  # its folder is gone, or holds no checkpoint of its final step: train here
+                print(f"== training reused from {source} (the same settings, finished there)", flush=True)
+                shutil.copytree(source, out, ignore=shutil.ignore_patterns("eval", "merged"), dirs_exist_ok=True)
+                return f"{path.stem}/{source.name}"
+        return None
+
     def _eval_base(self) -> dict:
         start = time.perf_counter()
         metrics = evaluate(self.model, None, self.spec, self.work / "aligned-base" / "eval", self.progress)
         return {"metrics": metrics, "eval_seconds": time.perf_counter() - start}
 
-    def _train_eval(self, cfg: TrainConfig) -> dict:
+    def _train_eval(self, cfg: TrainConfig, settings: dict | None = None) -> dict:
         from .controllers import thinned
         from .train import release_trainer, start_over_if_stale, train
 
+        trained_in = self._reuse_training(cfg, settings) if settings is not None else None
         start_over_if_stale(cfg)
         result = train(cfg, progress=self.progress)
         final = {key: _last_logged(result["trainer"], key) for key in ("ce", "reg")}
@@ -331,6 +376,7 @@ class Runner:
         metrics = evaluate(model, adapter, self.spec, Path(cfg.output_dir) / "eval", self.progress)
         return {
             "metrics": metrics,
+            **({"trained_in": trained_in} if trained_in else {}),
             "train_seconds": result["train_seconds"],  # across a resume (train_clock)
             "steps": result["global_step"],
             "step_seconds": result["step_seconds"],
@@ -361,7 +407,7 @@ class Runner:
             unaligned = self.config(other, None).output_dir if other else options["unaligned"]
             if not (Path(cfg.output_dir) / "adapter_config.json").is_file():
                 raise ConfigError(f"{run.name}: run {source.name!r} first (its adapter is not in {cfg.output_dir})")
-            out = self.work / (slug(run.name) + (f"-seed{seed}" if seed is not None else ""))
+            out = self.work / run_folder(run.name, seed)
             report = safe_lora(self.model, unaligned, cfg.output_dir, out, options.get("num_layers", 10))
             metrics = evaluate(self.model, str(out), self.spec, out / "eval", self.progress)
             return {"metrics": metrics, "projected": sum(m["projected"] for m in report["modules"])}
