@@ -28,6 +28,7 @@ ROWS = [
     ("safety mix", "safety mix (20 of the aligned model's refusals)"),
     ("anchored KL(I,cannot,Sure)", "anchored KL(I,cannot,Sure)"),
     ("PACT", "PACT"),
+    ("PACT lambda 3", "PACT lambda 3"),
     ("STR(cannot)", "STR(cannot)"),
     ("KL top-32", "KL top-32 (lambda 1)"),
     ("constrained SFT", "constrained SFT (Qi et al. 2025)"),
