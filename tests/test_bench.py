@@ -94,3 +94,19 @@ def test_eval_speed_bench_refuses_no_float32_without_a_dtype():
     bench = Path(__file__).parents[1] / "bench" / "eval_speed.py"
     proc = subprocess.run([sys.executable, str(bench), "--no-float32"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--no-float32 needs --dtype" in proc.stderr
+
+
+def test_bf16_drift_bench_splits_the_drift_between_body_and_head(tmp_path):
+    # the synthetic model: float32 agrees with itself by construction; the two bfloat16 paths each report a
+    # difference with its standard error, and the float32 head changes the numbers (it is really swapped in)
+    out = tmp_path / "drift.json"
+    bench = Path(__file__).parents[1] / "bench" / "bf16_drift.py"
+    proc = subprocess.run([sys.executable, str(bench), "--threads", "1", "--json", str(out)], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    paths = result["paths"]
+    assert set(paths) == {"float32", "bfloat16", "bfloat16_body_float32_head"} and result["tokens"] > 0
+    half, mixed = paths["bfloat16"], paths["bfloat16_body_float32_head"]
+    assert half["per_conversation_abs_diff"] > 0 and half["standard_error"] is not None
+    assert mixed["per_conversation_abs_diff"] != half["per_conversation_abs_diff"]
