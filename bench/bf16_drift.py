@@ -15,7 +15,6 @@ path would agree with float32 at a fraction of float32's cost (the head is a qua
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval_speed, beside this file
 
-from eval_speed import from_experiment, synthetic  # noqa: E402
+from eval_speed import emit, from_experiment, synthetic  # noqa: E402
 
 
 def float32_head(model, weight: torch.Tensor) -> None:
@@ -102,10 +101,7 @@ def main(argv=None) -> int:
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     report = {"what": what, **result, "versions": versions}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(report, args.json)
     return 0
 
 

@@ -402,11 +402,16 @@ def main(argv=None) -> int:
     report = {"what": what, "set_sizes": sizes, "spec": {k: spec[k] for k in keep}, "machine": {**machine, "cpu":
               platform.processor() or platform.machine()}, "versions": {"torch": torch.__version__, "transformers":
               transformers.__version__}, **result}  # fmt: skip
+    emit(report, args.json)
+    return 0
+
+
+def emit(report: dict, path: str | None) -> None:
+    """Print the report as JSON and, given a path, write it there too."""
     text = json.dumps(report, indent=2)
     print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return 0
+    if path:
+        Path(path).write_text(text + "\n")
 
 
 if __name__ == "__main__":
