@@ -330,7 +330,7 @@ class Runner:
         keyed = self._keyed(settings)
         wanted = {"train": keyed["train"]}  # the model is a train setting
         inputs = {path: keyed["inputs"].get(path) for path in input_paths(wanted)}
-        for path in sorted(self.results_path.parent.glob(f"{self.exp.name}*.json")):
+        for path in sorted(self.results_path.parent.glob("*.json")):
             if path == self.results_path or path.stem.split("--")[0] != self.exp.name:
                 continue
             try:
