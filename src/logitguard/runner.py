@@ -330,13 +330,10 @@ class Runner:
         keyed = self._keyed(settings)
         wanted = {"train": keyed["train"]}  # the model is a train setting
         inputs = {path: keyed["inputs"].get(path) for path in input_paths(wanted)}
-        for path in sorted(self.results_path.parent.glob("*.json")):
-            if path == self.results_path or path.stem.split("--")[0] != self.exp.name:
+        for path, contents in _other_results(self.results_path.parent, self.results_path):
+            if path.stem.split("--")[0] != self.exp.name:  # another experiment file's results
                 continue
-            try:
-                rows = json.loads(path.read_text()).get("rows", [])
-            except (ValueError, UnicodeDecodeError, AttributeError):
-                continue  # not this run's to judge
+            rows = contents.get("rows", [])
             for row in rows if isinstance(rows, list) else []:
                 recorded = row.get("settings") if isinstance(row, dict) else None
                 if not isinstance(recorded, dict) or "trained_in" in row or "reused_from" in row:
@@ -359,11 +356,11 @@ class Runner:
         metrics = evaluate(self.model, None, self.spec, self.work / "aligned-base" / "eval", self.progress)
         return {"metrics": metrics, "eval_seconds": time.perf_counter() - start}
 
-    def _train_eval(self, cfg: TrainConfig, settings: dict | None = None) -> dict:
+    def _train_eval(self, cfg: TrainConfig, settings: dict) -> dict:
         from .controllers import thinned
         from .train import release_trainer, start_over_if_stale, train
 
-        trained_in = self._reuse_training(cfg, settings) if settings is not None else None
+        trained_in = self._reuse_training(cfg, settings)
         start_over_if_stale(cfg)
         result = train(cfg, progress=self.progress)
         final = {key: _last_logged(result["trainer"], key) for key in ("ce", "reg")}
@@ -501,17 +498,26 @@ def _relative(path: Path) -> str:
         return Path(path).name
 
 
-def _sibling_bases(folder: Path, own: Path) -> dict[str, list[tuple[str, dict]]]:
-    """{settings key without inputs: [(file name, row)]} of the aligned-base rows in the other results files of
-    `folder` (unreadable files are skipped: they are not this run's to judge)."""
-    found: dict[str, list[tuple[str, dict]]] = {}
+def _other_results(folder: Path, own: Path):
+    """(path, contents) of each results file in `folder` but `own`, in name order; unreadable files are skipped:
+    they are not this run's to judge."""
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         if path == own:
             continue
         try:
-            base = json.loads(path.read_text()).get("base")
-        except (ValueError, UnicodeDecodeError, AttributeError):
+            contents = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
             continue
+        if isinstance(contents, dict):
+            yield path, contents
+
+
+def _sibling_bases(folder: Path, own: Path) -> dict[str, list[tuple[str, dict]]]:
+    """{settings key without inputs: [(file name, row)]} of the aligned-base rows in the other results files of
+    `folder`."""
+    found: dict[str, list[tuple[str, dict]]] = {}
+    for path, contents in _other_results(folder, own):
+        base = contents.get("base")
         if isinstance(base, dict) and isinstance(base.get("settings"), dict) and "reused_from" not in base:
             found.setdefault(shape_key(base["settings"]), []).append((path.name, base))
     return found
