@@ -65,25 +65,34 @@ def versions() -> dict:
     }
 
 
-def evaluate(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool = True) -> dict:
+def evaluate(
+    model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool = True, trust_code: bool = False
+) -> dict:
     """Every measure the spec asks for, on one model (plus adapter): eval/pipeline.py, as `logitguard eval` runs
-    it; records go to `folder` (redacted). The row's metrics, with its per-item outcomes under "items"."""
+    it; records go to `folder` (redacted). The row's metrics, with its per-item outcomes under "items".
+    trust_code: the model folder's own code may run (train.trust_remote_code, which trained it)."""
     from .eval import load_model_for_eval
     from .eval.pipeline import measure, read_inputs
 
     if spec.engine:  # generation on an OpenAI-compatible server: see _evaluate_with_engine
-        return _evaluate_with_engine(model_dir, adapter, spec, folder, progress)
+        return _evaluate_with_engine(model_dir, adapter, spec, folder, progress, trust_code)
     if not any((spec.harmful, spec.loss_data, spec.exact_match, spec.commonsense, spec.utility)):
         return {}  # a timing-only experiment (Table 6): nothing to load
     inputs = read_inputs(spec)  # set names from $LOGITGUARD_ASSETS, else experiments/assets
-    model, tokenizer = load_model_for_eval(model_dir, adapter, spec.dtype) if _needs_model(spec) else (None, None)
+    model, tokenizer = (
+        load_model_for_eval(model_dir, adapter, spec.dtype, trust_remote_code=trust_code)
+        if _needs_model(spec)
+        else (None, None)
+    )
     result = measure(model, tokenizer, spec, inputs, folder, progress=progress)  # writes the records to folder
     del model
     # per-item outcomes (paired statistics, stats.py); the stage timings, which _row moves out of the metrics
     return {**result.metrics, **({"items": result.items} if result.items else {}), STAGES: result.seconds}
 
 
-def _evaluate_with_engine(model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool) -> dict:
+def _evaluate_with_engine(
+    model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool, trust_code: bool
+) -> dict:
     """evaluate() with every generation sent to spec.engine (eval/endpoint.py); the model is loaded only when
     the spec also asks for held-out loss or multiple-choice scoring."""
     import contextlib
@@ -93,7 +102,7 @@ def _evaluate_with_engine(model_dir: str, adapter: str | None, spec: EvalSpec, f
     engine = parse_engine(spec.engine)
     # the server serves the aligned model; a run's adapter is loaded into it for this evaluation only
     with generation_engine(engine), engine.adapter(adapter) if adapter else contextlib.nullcontext():
-        return evaluate(model_dir, adapter, dataclasses.replace(spec, engine=None), folder, progress)
+        return evaluate(model_dir, adapter, dataclasses.replace(spec, engine=None), folder, progress, trust_code)
 
 
 def _needs_model(spec: EvalSpec) -> bool:
@@ -351,9 +360,16 @@ class Runner:
                 return f"{path.stem}/{source.name}"
         return None
 
+    def _evaluate(self, model: str, adapter: str | None, folder: Path, trust_code: bool | None = None) -> dict:
+        """evaluate() with this experiment's eval settings; the model's own code runs where the row's training
+        (else the experiment's train settings) says trust_remote_code."""
+        if trust_code is None:
+            trust_code = bool(self.exp.train.get("trust_remote_code", False))
+        return evaluate(model, adapter, self.spec, folder, self.progress, trust_code)
+
     def _eval_base(self) -> dict:
         start = time.perf_counter()
-        metrics = evaluate(self.model, None, self.spec, self.work / "aligned-base" / "eval", self.progress)
+        metrics = self._evaluate(self.model, None, self.work / "aligned-base" / "eval")
         return {"metrics": metrics, "eval_seconds": time.perf_counter() - start}
 
     def _train_eval(self, cfg: TrainConfig, settings: dict) -> dict:
@@ -370,7 +386,7 @@ class Runner:
         model, adapter = (
             (cfg.output_dir, None) if adapters.get(cfg.method).whole_model else (self.model, cfg.output_dir)
         )
-        metrics = evaluate(model, adapter, self.spec, Path(cfg.output_dir) / "eval", self.progress)
+        metrics = self._evaluate(model, adapter, Path(cfg.output_dir) / "eval", cfg.trust_remote_code)
         return {
             "metrics": metrics,
             **({"trained_in": trained_in} if trained_in else {}),
@@ -406,7 +422,7 @@ class Runner:
                 raise ConfigError(f"{run.name}: run {source.name!r} first (its adapter is not in {cfg.output_dir})")
             out = self.work / run_folder(run.name, seed)
             report = safe_lora(self.model, unaligned, cfg.output_dir, out, options.get("num_layers", 10))
-            metrics = evaluate(self.model, str(out), self.spec, out / "eval", self.progress)
+            metrics = self._evaluate(self.model, str(out), out / "eval")
             return {"metrics": metrics, "projected": sum(m["projected"] for m in report["modules"])}
 
         return settings, compute
@@ -438,9 +454,9 @@ class Runner:
                 if not (Path(cfg.output_dir) / "merged" / "config.json").is_file():
                     result = train(cfg, progress=self.progress)
                     seconds, steps = seconds + result["train_seconds"], steps + result["global_step"]
-                    _merge(cfg.model, cfg.output_dir, Path(cfg.output_dir) / "merged", cfg.dtype)
+                    _merge(cfg, Path(cfg.output_dir) / "merged")
             final = str(Path(cfgs[-1].output_dir) / "merged")
-            metrics = evaluate(final, None, self.spec, Path(cfgs[-1].output_dir) / "eval", self.progress)
+            metrics = self._evaluate(final, None, Path(cfgs[-1].output_dir) / "eval", cfgs[-1].trust_remote_code)
             return {"metrics": metrics, "train_seconds": seconds, "steps": steps, "stages": len(cfgs)}
 
         return settings, compute
@@ -523,19 +539,21 @@ def _sibling_bases(folder: Path, own: Path) -> dict[str, list[tuple[str, dict]]]
     return found
 
 
-def _merge(model_dir: str, adapter: str, out: Path, dtype: str) -> None:
-    """Fold the adapter into the base weights and save a plain model folder (the next stage's start)."""
+def _merge(cfg: TrainConfig, out: Path) -> None:
+    """Fold the stage's adapter into its start model's weights and save a plain model folder (the next stage's
+    start)."""
     import shutil
 
     from peft import PeftModel
 
     from .models import load_model, load_tokenizer
 
-    merged = PeftModel.from_pretrained(load_model(model_dir, dtype), adapter).merge_and_unload()
+    start = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
+    merged = PeftModel.from_pretrained(start, cfg.output_dir).merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp))
-    load_tokenizer(adapter).save_pretrained(str(tmp))
+    load_tokenizer(cfg.output_dir, cfg.trust_remote_code).save_pretrained(str(tmp))
     tmp.rename(out)
 
 

@@ -71,6 +71,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: auto, but float32 on CPU")
     p.add_argument("--cache-dir", help="where GGUF conversions are kept (default: logitguard's cache)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model folder's own code (config.json's auto_map)"
+    )
     p.add_argument("--out", required=True, help="folder for summary.json, records.jsonl and items.json")
     p.set_defaults(func=run)
 
@@ -116,7 +119,9 @@ def run(args) -> int:
             from ..models import gguf_folder
 
             model_path = str(gguf_folder(args.gguf_file, args.cache_dir or default_cache_dir()))
-        model, tokenizer = load_model_for_eval(model_path, args.adapter, args.dtype)
+        model, tokenizer = load_model_for_eval(
+            model_path, args.adapter, args.dtype, trust_remote_code=args.trust_remote_code
+        )
     with generation_engine(engine):  # inside, generate_responses posts to the engine's server (None: in-process)
         result = measure(model, tokenizer, spec, inputs, args.out, judge=judge)
     summary, records = result.summary, result.records

@@ -56,6 +56,9 @@ def register(sub) -> None:
     p.add_argument("--top", type=int, help="mine: size of the token set (default 5; 50 with --rule pact)")
     p.add_argument("--window", type=int, default=3, help="mine: response positions counted as the opening")
     p.add_argument("--json", action="store_true", help='print {"ids": [...], "rows": [...]}')
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model folder's own code (config.json's auto_map)"
+    )
     p.add_argument("--save", metavar="FILE", help="write the token set JSON (accepted by train's token_file)")
     p.set_defaults(func=_run_tokens)
 
@@ -66,7 +69,7 @@ def _run_tokens(args) -> int:
 
     if args.action == "mine":
         return _run_mine(args)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     tokens = SafetyTokens.from_words(tokenizer, args.words, args.strategy, allow_punctuation=args.allow_punctuation)
     if args.random is not None:
         tokens = SafetyTokens.random(tokenizer, len(tokens), seed=args.random, exclude=tokens)
@@ -111,8 +114,10 @@ def _run_mine(args) -> int:
     from ..models import train_device
 
     device = train_device()  # mining runs forwards over every prompt: on the accelerator when there is one
-    tokenizer, model = load_tokenizer(args.model), load_model(args.model, device=device)
-    base = load_model(args.base, device=device) if args.base else None
+    trust = args.trust_remote_code
+    tokenizer = load_tokenizer(args.model, trust)
+    model = load_model(args.model, trust_remote_code=trust, device=device)
+    base = load_model(args.base, trust_remote_code=trust, device=device) if args.base else None
     if pact and base is None:
         print("no --base: PACT's weights need the unaligned base model; every token gets weight 1/sqrt(k)",
               file=sys.stderr)  # fmt: skip

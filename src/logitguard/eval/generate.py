@@ -167,6 +167,7 @@ def load_model_for_eval(
     dtype: str | None = None,
     device: str | torch.device | None = None,
     merge: bool = True,
+    trust_remote_code: bool = False,
 ):
     """(model, tokenizer) ready for `generate_responses`: a causal LM from a local folder or hub name, with
     the PEFT adapter at `adapter_path` attached when given.
@@ -182,6 +183,7 @@ def load_model_for_eval(
     update is not rounded twice). On an accelerator in half precision the adapter stays separate, as trained.
     The tokenizer comes from the adapter folder when it holds one (training saves the tokenizer it used,
     including any fallback chat template), else from the model.
+    trust_remote_code: run the model folder's own code (config.json's auto_map), as training was told to.
     """
     from ..data import ensure_chat_template
     from ..models import ModelLoadError, load_model, load_tokenizer
@@ -198,13 +200,13 @@ def load_model_for_eval(
         dtype = "float32" if device.type == "cpu" else "auto"
 
     has_tokenizer = adapter_path is not None and (Path(adapter_path) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(adapter_path if has_tokenizer else model_path)
+    tokenizer = load_tokenizer(adapter_path if has_tokenizer else model_path, trust_remote_code)
     ensure_chat_template(tokenizer)
     half = dtype in ("bfloat16", "float16")
     fold_first = merge and half and adapter_path is not None and device.type == "cpu"
     if half and device.type == "cpu":
         warn_emulated(dtype)
-    model = load_model(model_path, "float32" if fold_first else dtype)
+    model = load_model(model_path, "float32" if fold_first else dtype, trust_remote_code)
     if adapter_path is not None:
         from peft import PeftModel
 
@@ -215,17 +217,17 @@ def load_model_for_eval(
         if merge and all(p.dtype == torch.float32 for p in model.parameters()):
             model = model.merge_and_unload()
     if fold_first:
-        model = _rounded_copy(model, model_path, dtype)
+        model = _rounded_copy(model, model_path, dtype, trust_remote_code)
     return model.to(device).eval(), tokenizer
 
 
-def _rounded_copy(folded, model_path: str, dtype: str):
+def _rounded_copy(folded, model_path: str, dtype: str, trust_remote_code: bool):
     """The folded float32 weights copied into the model loaded in `dtype`: each weight rounded once. Not
     folded.to(dtype): that also rounds the buffers a half-precision load keeps in float32 (the rotary
     frequencies) and leaves config.dtype float32, which sends attention down a path several times slower."""
     from ..models import load_model
 
-    model = load_model(model_path, dtype)
+    model = load_model(model_path, dtype, trust_remote_code)
     model.load_state_dict(folded.state_dict())
     return model
 
