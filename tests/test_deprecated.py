@@ -77,6 +77,8 @@ def test_bench_is_the_old_name_of_experiment(tmp_path, capsys):
     assert "logitguard bench is deprecated: use logitguard experiment" in out.err and out.out.startswith("x ")
     assert main(["experiment", "list", "--experiments", str(tmp_path)]) == 0
     assert "deprecated" not in capsys.readouterr().err
+    main(["bench", "compare", str(tmp_path / "missing.json"), "LoRA", "aligned base"])  # every subcommand says it
+    assert capsys.readouterr().err.startswith("logitguard bench is deprecated")
 
 
 def test_a_run_saved_before_the_rename_resumes(tmp_path):

@@ -84,6 +84,15 @@ def test_pissa_uses_the_cache_made_before_the_adapter(model, tokenizer, tmp_path
         OnlineReference(ids, method="pissa")
 
 
+def test_a_cache_root_under_home_is_written_where_the_readme_says(model, tokenizer, tmp_path, setup, monkeypatch):
+    examples, ids, folder, _ = setup
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    home = build_reference_cache(model, tokenizer, examples, ids, "~/.cache/logitguard/reference", 64, progress=False)
+    assert home == tmp_path / "home/.cache/logitguard/reference" / folder.name and home.is_dir()
+    assert not (tmp_path / "~").exists()
+
+
 def test_cache_is_reused_resumed_and_refuses_mismatch(model, tokenizer, tmp_path, setup):
     examples, ids, folder, _ = setup
     again = build_reference_cache(model, tokenizer, examples, ids, tmp_path / "cache", 64, progress=False)

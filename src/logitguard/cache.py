@@ -445,7 +445,8 @@ def build_reference_cache(
         raise ReferenceError("build the reference cache from the aligned model before attaching an adapter")
     components = fingerprint_components(model, tokenizer, examples, max_length, dtype)
     key = fingerprint(components)
-    folder = Path(folder) if folder is not None else Path(cache_root) / key[:20]
+    # "~/.cache/..." as the README writes it: the home folder, not a folder named "~" under the working one
+    folder = Path(folder).expanduser() if folder is not None else Path(cache_root).expanduser() / key[:20]
     result = CacheFolder(folder)
     result.fingerprint = key
     token_ids = [int(i) for i in token_ids]

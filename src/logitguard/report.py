@@ -4,7 +4,7 @@ outcomes (metrics["items"]) get, in each compared cell, the difference from the 
 interval (stats.py; docs/statistics.md).
 
 Rows with several seeds are shown as mean (and min-max); every table keeps safety (refusal, ASR, HRR),
-over-refusal and utility side by side, as DESIGN.md section 6 asks.
+over-refusal and utility side by side: a safety number is never read without what it cost.
 """
 
 from __future__ import annotations

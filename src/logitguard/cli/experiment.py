@@ -45,11 +45,17 @@ def register(subparsers) -> None:
     listing = sub.add_parser("list", help="the shipped experiments and their variants")
     _common(listing)
     listing.set_defaults(func=_list)
+    for action in sub.choices.values():  # every subcommand says so when reached by the old name
+        action.set_defaults(func=_noting_old_name(action.get_default("func")))
 
 
-def _old_name(args) -> None:
-    if args.command == "bench":  # one line, not a warning's file and line: this is the command line
-        print("logitguard bench is deprecated: use logitguard experiment (same subcommands)", file=sys.stderr)
+def _noting_old_name(func):
+    def run(args) -> int:
+        if args.command == "bench":  # one line, not a warning's file and line: this is the command line
+            print("logitguard bench is deprecated: use logitguard experiment (same subcommands)", file=sys.stderr)
+        return func(args)
+
+    return run
 
 
 def _common(p) -> None:
@@ -58,7 +64,6 @@ def _common(p) -> None:
 
 
 def _run(args) -> int:
-    _old_name(args)
     from ..experiment import load_experiment
     from ..runner import Runner
 
@@ -78,7 +83,6 @@ def _run(args) -> int:
 
 
 def _report(args) -> int:
-    _old_name(args)
     from ..report import write_report
 
     path = write_report(args.results, args.out)
@@ -97,7 +101,6 @@ def _compare(args) -> int:
 
 
 def _migrate(args) -> int:
-    _old_name(args)
     from pathlib import Path
 
     from ..config import default_cache_dir
@@ -111,7 +114,6 @@ def _migrate(args) -> int:
 
 
 def _list(args) -> int:
-    _old_name(args)
     from pathlib import Path
 
     from ..experiment import PACKAGED, load_experiment, variants_of

@@ -1,4 +1,4 @@
-"""Baselines that change the data, the model or its initialisation rather than the loss (DESIGN.md, section 3).
+"""Baselines that change the data, the model or its initialisation rather than the loss.
 
 One file each, with one entry point of one shape, called by `logitguard train` before training:
 
