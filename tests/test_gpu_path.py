@@ -251,12 +251,16 @@ def test_eval_mode_keeps_4bit_layers_out_of_their_cpu_inference_path():
 
     from logitguard.reference import eval_mode
 
-    class Linear4bit(nn.Linear):  # stands in for bitsandbytes.nn.Linear4bit: only the class name matters
-        pass
+    class Linear4bit(nn.Linear):  # stands in for bitsandbytes.nn.Linear4bit: its name and module
+        __module__ = "bitsandbytes.nn.modules"
 
-    model = nn.Sequential(nn.Dropout(0.1), Linear4bit(2, 2)).train()
+    class Wrapper(nn.Linear):  # PEFT's LoRA layer around it has the same name, and is put in eval mode
+        __module__ = "peft.tuners.lora.bnb"
+
+    Wrapper.__name__ = "Linear4bit"
+    model = nn.Sequential(nn.Dropout(0.1), Linear4bit(2, 2), Wrapper(2, 2)).train()
     with eval_mode(model):
-        assert not model[0].training and model[1].training
+        assert not model[0].training and model[1].training and not model[2].training
     assert model.training and model[1].training
     model.eval()
     with eval_mode(model):

@@ -331,12 +331,14 @@ def eval_mode(model: nn.Module):
 
     bitsandbytes' 4-bit layers, in eval mode on a CPU, repack their weights for a fast inference kernel and keep
     them so; backward through them is then lost for good (a QLoRA run on a CPU trained nothing). They have no
-    dropout, so their training flag only selects that path: it stays on.
+    dropout, so their training flag only selects that path: it stays on. Only bitsandbytes' own class: PEFT's
+    LoRA wrapper around it has the same name, and left in training mode a DoRA wrapper recomputes the base output.
     """
     was_training = model.training
     model.eval()
     for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
+        kind = type(module)
+        if kind.__name__ == "Linear4bit" and kind.__module__.startswith("bitsandbytes."):
             module.training = True
     try:
         yield model
