@@ -192,6 +192,15 @@ def test_eval_loss_on_scored_positions_equals_the_full_head(model, tokenizer):
         assert n > 0 and nll / n == pytest.approx(alone, abs=1e-5)
 
 
+def test_held_out_loss_builds_no_kv_cache(model, tokenizer):
+    """A scoring pass has no next step: a KV cache would be built for every batch and thrown away."""
+    caches = []
+    hook = model.register_forward_hook(lambda _m, _a, out: caches.append(out.past_key_values), with_kwargs=False)
+    conversation_losses(model, tokenizer, CONVERSATIONS, max_length=64, batch_size=2)
+    hook.remove()
+    assert caches and all(cache is None for cache in caches)
+
+
 def test_an_adapter_folded_into_float32_weights_gives_the_same_model(tmp_path, model_dir, tokenizer):
     from peft import LoraConfig, get_peft_model
 

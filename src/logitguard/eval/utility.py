@@ -64,7 +64,9 @@ def conversation_losses(
             at = torch.nn.functional.pad(scored, (0, 1))  # (B, T): the positions whose output is scored
             hook = head.register_forward_pre_hook(lambda _, args, at=at: (args[0][at][None],))  # (1, N, H)
             try:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0]
+                # no KV cache: it would be built for every batch and dropped (gigabytes at 8B and long sequences)
+                ids, mask = batch["input_ids"], batch["attention_mask"]
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0]
             finally:
                 hook.remove()
             nll = torch.nn.functional.cross_entropy(logits.float(), labels[scored], reduction="none")  # (N,)
