@@ -1,6 +1,7 @@
 """The GPU user's path, run on the CPU as far as it goes: devices, precision, QLoRA, gradient checkpointing,
 DataParallel, Trainer flags as config keys."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -415,3 +416,33 @@ def test_help_imports_no_bitsandbytes_and_its_kernel_warning_stays_quiet():
     assert "usage: logitguard" in proc.stdout
     assert "bitsandbytes imported: False" in proc.stdout
     assert "gemm_4bit_forward" not in proc.stdout + proc.stderr
+
+
+def test_a_full_fine_tune_is_evaluated_in_the_aligned_checkpoints_dtype_on_an_accelerator(tmp_path, monkeypatch):
+    """Full fine-tuning saves its float32 master weights; with the eval dtype left to "auto" the runner evaluates
+    that row in the aligned checkpoint's dtype on an accelerator (as the aligned row and the adapters' rows run),
+    and changes nothing on a CPU or where the file sets a dtype."""
+    import yaml
+    from conftest import tiny_llama
+
+    from logitguard import runner as runner_module
+    from logitguard.experiment import load_experiment
+    from logitguard.models import checkpoint_dtype
+
+    aligned = tmp_path / "aligned"
+    tiny_llama(64).to(torch.bfloat16).save_pretrained(aligned)
+    assert checkpoint_dtype(str(aligned)) == "bfloat16"
+    exp_file = tmp_path / "x.yaml"
+    exp_file.write_text(yaml.safe_dump({"description": "d", "model": str(aligned), "runs": [{"name": "full"}]}))
+    runner = runner_module.Runner(load_experiment(str(exp_file)), tmp_path / "r", tmp_path / "w", progress=False)
+    seen = []
+    monkeypatch.setattr(runner_module, "evaluate", lambda model, adapter, spec, *rest: seen.append(spec.dtype))
+    for accelerator in (True, False):
+        monkeypatch.setattr(torch.accelerator, "is_available", lambda accelerator=accelerator: accelerator)
+        runner._evaluate("out", None, tmp_path, like_aligned=True)
+        runner._evaluate(str(aligned), "out", tmp_path)  # an adapter's row: "auto" is the aligned checkpoint's
+    assert seen == ["bfloat16", None, None, None]
+    runner._spec = dataclasses.replace(runner.spec, dtype="float32")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    runner._evaluate("out", None, tmp_path, like_aligned=True)
+    assert seen[-1] == "float32"

@@ -166,6 +166,16 @@ def run_device(cfg) -> torch.device:
     return torch.device("cpu") if wants_cpu(cfg.trainer) else train_device()
 
 
+def checkpoint_dtype(name: str, trust_remote_code: bool = False) -> str | None:
+    """The dtype a model's checkpoint is stored in (a DTYPES name; None when its config does not say)."""
+    from transformers import AutoConfig
+
+    stored = getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return next((key for key, value in DTYPES.items() if value == stored and key != "auto"), None)
+
+
 def run_dtype(cfg) -> str:
     """The dtype a TrainConfig's run loads its frozen weights (and its reference model) in."""
     return resolve_dtype(cfg.dtype, run_precision(cfg), cfg.method)

@@ -360,12 +360,24 @@ class Runner:
                 return f"{path.stem}/{source.name}"
         return None
 
-    def _evaluate(self, model: str, adapter: str | None, folder: Path, trust_code: bool | None = None) -> dict:
+    def _evaluate(
+        self, model: str, adapter: str | None, folder: Path, trust_code: bool | None = None, like_aligned=False
+    ) -> dict:
         """evaluate() with this experiment's eval settings; the model's own code runs where the row's training
-        (else the experiment's train settings) says trust_remote_code."""
+        (else the experiment's train settings) says trust_remote_code. like_aligned: a whole model saved by full
+        fine-tuning holds its float32 master weights, and the eval dtype left to "auto" would evaluate it in
+        float32 on an accelerator while the aligned row ran in the checkpoint's dtype (bf16, say): twice the
+        memory and not the same measurement. It is then evaluated in the aligned checkpoint's dtype."""
+        import torch
+
+        from .models import checkpoint_dtype
+
         if trust_code is None:
             trust_code = bool(self.exp.train.get("trust_remote_code", False))
-        return evaluate(model, adapter, self.spec, folder, self.progress, trust_code)
+        spec = self.spec
+        if like_aligned and spec.dtype is None and torch.accelerator.is_available():
+            spec = dataclasses.replace(spec, dtype=checkpoint_dtype(self.model, trust_code))
+        return evaluate(model, adapter, spec, folder, self.progress, trust_code)
 
     def _eval_base(self) -> dict:
         start = time.perf_counter()
@@ -383,10 +395,9 @@ class Runner:
         release_trainer(result.pop("trainer"))  # model, optimizer and their accelerator memory, before evaluation
         start = time.perf_counter()
         # full fine-tuning saves a whole model, the PEFT methods an adapter on the aligned model
-        model, adapter = (
-            (cfg.output_dir, None) if adapters.get(cfg.method).whole_model else (self.model, cfg.output_dir)
-        )
-        metrics = self._evaluate(model, adapter, Path(cfg.output_dir) / "eval", cfg.trust_remote_code)
+        whole = adapters.get(cfg.method).whole_model
+        model, adapter = (cfg.output_dir, None) if whole else (self.model, cfg.output_dir)
+        metrics = self._evaluate(model, adapter, Path(cfg.output_dir) / "eval", cfg.trust_remote_code, whole)
         return {
             "metrics": metrics,
             **({"trained_in": trained_in} if trained_in else {}),
