@@ -242,3 +242,22 @@ def test_logitguard_eval_joins_unless_told_not_to(tmp_path, monkeypatch):
         with pytest.raises(Stop):
             args.func(args)
     assert seen == [True, False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_logits_stop_every_stage_with_the_fix(model, tokenizer, dtype):
+    """A NaN weight (a diverged run) or a float16 overflow gives NaN logits: argmax and sums would turn them into
+    a refusal rate and a loss without a word; each stage stops instead, saying what to do."""
+    from logitguard.eval.finite import NonFiniteScoreError
+
+    model = model.to(dtype)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    fix = "float16 overflows" if dtype == torch.float16 else "hold inf or NaN"
+    with pytest.raises(NonFiniteScoreError, match=f"generation: .* not finite in {str(dtype)[6:]}; .*{fix}"):
+        generate_responses(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False)
+    with pytest.raises(NonFiniteScoreError, match=f"held-out loss: .*{fix}"):
+        conversation_losses(model, tokenizer, CONVERSATIONS, max_length=64)
+    ids = tokenizer("a b c", add_special_tokens=False)["input_ids"]
+    with pytest.raises(NonFiniteScoreError, match=f"multiple-choice scoring: .*{fix}"):
+        score_groups(model, [(ids, [ids[:1], ids[1:2]])])

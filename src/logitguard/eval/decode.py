@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from .finite import refuse_non_finite
+
 # Whether waiting prompts may join the rows in flight (continuous batching). Off unless asked for (eval.continuous_
 # batching, `logitguard eval`): off, prompts decode batch by batch as before it existed, so the committed rows keep
 # their keys and generation that feeds training (safety mixing's own refusals, the safety monitor, token mining)
@@ -176,6 +178,7 @@ def _prefill(model, tails: list[list[int]], rows: list[int], pad: int, prefix, s
         input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1]  # (B, V)  # fmt: skip
+    refuse_non_finite(bool(torch.isfinite(logits).all()), "generation", logits.dtype)  # else argmax picks garbage
     return _Live(cache, mask, position[:, -1:], list(rows), logits)
 
 

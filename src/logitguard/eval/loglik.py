@@ -13,8 +13,11 @@ scoring context + continuation whole (tests/test_multiple_choice.py checks both 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
+
+from .finite import refuse_non_finite
 
 
 def _common_prefix(contexts: list[list[int]]) -> int:
@@ -94,6 +97,7 @@ def score_groups(
             targets = torch.tensor([c + [0] * (w2 - len(c)) for _, _, c in chunk], device=device)  # (R, W2)
             picked = logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)  # (R, W2)
             sums += (picked * row_mask).sum(-1).tolist()
+        refuse_non_finite(all(map(math.isfinite, sums)), "multiple-choice scoring", model.dtype)
         at = 0
         for _, conts in batch:
             scores.append(sums[at : at + len(conts)])

@@ -4,9 +4,12 @@ greedy answers against reference answers.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..data import DataError
+from .finite import refuse_non_finite
 from .generate import generate_responses
 
 
@@ -72,7 +75,9 @@ def conversation_losses(
             nll = torch.nn.functional.cross_entropy(logits.float(), labels[scored], reduction="none")  # (N,)
             rows = scored.nonzero()[:, 0]  # (N,): the batch row of each scored position
             sums = torch.zeros(len(idx), device=nll.device, dtype=nll.dtype).index_add_(0, rows, nll)
-            for i, total, n in zip(idx, sums.tolist(), scored.sum(-1).tolist()):
+            totals = sums.tolist()
+            refuse_non_finite(all(map(math.isfinite, totals)), "held-out loss", model.dtype)
+            for i, total, n in zip(idx, totals, scored.sum(-1).tolist()):
                 out[i] = (total, n)
     return out
 
