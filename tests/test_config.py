@@ -16,6 +16,21 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.resume is False
 
 
+def test_folders_under_home_are_expanded(tmp_path, monkeypatch):
+    """cache_dir: ~/.cache/logitguard (the documented default) means the home folder, not a folder named ~."""
+    from pathlib import Path
+
+    from logitguard.config import default_cache_dir
+    from logitguard.experiment import Placeholders
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, {"model": "m", "data": "d", "cache_dir": "~/c", "output_dir": "~/o"})
+    assert (cfg.cache_dir, cfg.output_dir) == (str(tmp_path / "c"), str(tmp_path / "o"))
+    monkeypatch.setenv("LOGITGUARD_CACHE", "~/lg")
+    assert default_cache_dir() == str(tmp_path / "lg")
+    assert Placeholders(None, "~/p").cache_dir == str(tmp_path / "p") and Path(cfg.cache_dir).is_absolute()
+
+
 def test_unknown_key_named_with_suggestion(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'str_wieght'.*'reg_weight'"):
         load_config(write(tmp_path, "model: m\ndata: d\nstr_wieght: 1\n"))

@@ -254,10 +254,30 @@ def test_non_finite_logits_stop_every_stage_with_the_fix(model, tokenizer, dtype
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     fix = "float16 overflows" if dtype == torch.float16 else "hold inf or NaN"
-    with pytest.raises(NonFiniteScoreError, match=f"generation: .* not finite in {str(dtype)[6:]}; .*{fix}"):
-        generate_responses(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False)
+    for fast in (True, False):  # the decoding loop, and transformers' generate (a logits processor's model)
+        with pytest.raises(NonFiniteScoreError, match=f"generation: .* not finite in {str(dtype)[6:]}; .*{fix}"):
+            generate_responses(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False, fast=fast)
     with pytest.raises(NonFiniteScoreError, match=f"held-out loss: .*{fix}"):
         conversation_losses(model, tokenizer, CONVERSATIONS, max_length=64)
     ids = tokenizer("a b c", add_special_tokens=False)["input_ids"]
     with pytest.raises(NonFiniteScoreError, match=f"multiple-choice scoring: .*{fix}"):
         score_groups(model, [(ids, [ids[:1], ids[1:2]])])
+    with pytest.raises(NonFiniteScoreError, match="multiple-choice scoring"):
+        continuation_logprobs(model, ids[:2], [ids[2:]])
+
+
+def test_a_token_masked_with_minus_inf_is_not_a_fault(model, tokenizer):
+    """-inf is how a model rules a token out; a continuation through it has log-probability -inf. Neither stops
+    an evaluation (the check is for NaN and +inf)."""
+    ids = tokenizer("a b c d", add_special_tokens=False)["input_ids"]
+    banned = ids[1]
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, _a, out: out.index_fill(-1, torch.tensor([banned]), float("-inf"))
+    )
+    try:
+        texts = generate_responses(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False)
+        assert len(texts) == len(PROMPTS)
+        scores = score_groups(model, [(ids[:1], [ids[1:2], ids[2:4], ids[2:3]])])[0]
+        assert scores[0] == float("-inf") and all(s > float("-inf") for s in scores[1:])
+    finally:
+        hook.remove()

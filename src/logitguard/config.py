@@ -35,7 +35,7 @@ SCHEMA_FIELDS = ("messages", "instruction", "input", "output", "prompt", "comple
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("LOGITGUARD_CACHE", str(Path.home() / ".cache" / "logitguard"))
+    return str(Path(os.environ.get("LOGITGUARD_CACHE", "~/.cache/logitguard")).expanduser())
 
 
 @dataclass
@@ -509,6 +509,9 @@ def build_config(values: dict, source: str = "config") -> TrainConfig:
     for key in ("model", "data"):
         if not clean.get(key):
             raise ConfigError(f"{key}: required (set it in the YAML file or with --{key.replace('_', '-')})")
+    for key in ("cache_dir", "output_dir"):  # "~/..." as a shell reads it, not a folder named "~" in the working one
+        if isinstance(clean.get(key), str):
+            clean[key] = str(Path(clean[key]).expanduser())
     return TrainConfig(**clean)
 
 

@@ -77,8 +77,9 @@ class EvalSpec:
     # endpoint:URL[#MODEL]: generation on an OpenAI-compatible server (eval/endpoint.py); None: in-process.
     # Loss and multiple-choice scoring stay in-process. None is left out of the run key (runner._key).
     engine: str | None = None
-    # the weights' dtype while evaluating: None is float32 on CPU and the checkpoint's dtype on an accelerator (left
-    # out of the run key); bfloat16 is several times faster on a CPU with bf16 instructions, not bit-equal
+    # the weights' dtype while evaluating: None is float32 on CPU and the aligned checkpoint's dtype on an accelerator
+    # (a full fine-tune's rows too, runner._evaluate; left out of the run key); bfloat16 is several times faster on
+    # a CPU with bf16 instructions, not bit-equal
     dtype: str | None = None
     # waiting prompts join the rows in flight as rows end (eval/decode.py): faster, but a row's batch-mates change
     # its last bits, so it is part of the run key when true; false (the rows committed before it) decodes batch by
@@ -292,7 +293,8 @@ class Placeholders:
     """Fills {toy}, {here} and {assets} in experiment strings; the toy model is built only when used."""
 
     def __init__(self, exp: Experiment, cache_dir: str | None = None, progress: bool = True):
-        self.exp, self.cache_dir, self.progress = exp, cache_dir or default_cache_dir(), progress
+        self.exp, self.progress = exp, progress
+        self.cache_dir = str(Path(cache_dir).expanduser()) if cache_dir else default_cache_dir()
         self._toy: Path | None = None
         self._toy_dir: Path | None = None
 

@@ -170,6 +170,7 @@ def checkpoint_dtype(name: str, trust_remote_code: bool = False) -> str | None:
     """The dtype a model's checkpoint is stored in (a DTYPES name; None when its config does not say)."""
     from transformers import AutoConfig
 
+    _refuse_remote_code(name, trust_remote_code)
     stored = getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), "dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)

@@ -433,7 +433,7 @@ class Runner:
                 raise ConfigError(f"{run.name}: run {source.name!r} first (its adapter is not in {cfg.output_dir})")
             out = self.work / run_folder(run.name, seed)
             report = safe_lora(self.model, unaligned, cfg.output_dir, out, options.get("num_layers", 10))
-            metrics = self._evaluate(self.model, str(out), out / "eval")
+            metrics = self._evaluate(self.model, str(out), out / "eval", cfg.trust_remote_code)
             return {"metrics": metrics, "projected": sum(m["projected"] for m in report["modules"])}
 
         return settings, compute

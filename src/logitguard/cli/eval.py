@@ -71,11 +71,16 @@ def register(subparsers) -> None:
     )
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: auto, but float32 on CPU")
     p.add_argument("--cache-dir", help="where GGUF conversions are kept (default: logitguard's cache)")
+    add_trust_remote_code(p)
+    p.add_argument("--out", required=True, help="folder for summary.json, records.jsonl and items.json")
+    p.set_defaults(func=run)
+
+
+def add_trust_remote_code(p) -> None:
+    """The flag of every command that loads a model by name (train has it from TrainConfig)."""
     p.add_argument(
         "--trust-remote-code", action="store_true", help="run the model folder's own code (config.json's auto_map)"
     )
-    p.add_argument("--out", required=True, help="folder for summary.json, records.jsonl and items.json")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

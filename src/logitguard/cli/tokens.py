@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..errors import ConfigError
+from .eval import add_trust_remote_code
 
 
 def register(sub) -> None:
@@ -56,9 +57,7 @@ def register(sub) -> None:
     p.add_argument("--top", type=int, help="mine: size of the token set (default 5; 50 with --rule pact)")
     p.add_argument("--window", type=int, default=3, help="mine: response positions counted as the opening")
     p.add_argument("--json", action="store_true", help='print {"ids": [...], "rows": [...]}')
-    p.add_argument(
-        "--trust-remote-code", action="store_true", help="run the model folder's own code (config.json's auto_map)"
-    )
+    add_trust_remote_code(p)
     p.add_argument("--save", metavar="FILE", help="write the token set JSON (accepted by train's token_file)")
     p.set_defaults(func=_run_tokens)
 

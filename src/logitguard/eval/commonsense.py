@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..data import DataError
+from .finite import refuse_non_finite
 
 # task -> the answer regex of DoRA's commonsense_evaluate.py, in Table 3's column order
 TASKS = {
@@ -133,6 +134,7 @@ def continuation_logprobs(model, context: list[int], conts: list[list[int]], pad
     for row, cont in enumerate(conts):
         targets = torch.tensor(cont, device=device)
         scores.append(float(logprobs[row, torch.arange(len(cont), device=device), targets].sum()))
+    refuse_non_finite(scores, "multiple-choice scoring", model.dtype)
     return scores
 
 

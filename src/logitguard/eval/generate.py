@@ -75,10 +75,12 @@ class StopRule:
 
 def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, progress, stop, fast, extra) -> list[str]:
     from tqdm.auto import tqdm
+    from transformers import LogitsProcessorList
 
     from ..data import ensure_chat_template
     from ..reference import eval_mode
     from .decode import eos_ids, greedy_decode, plain_greedy, prefix_cache, shared_prefix
+    from .finite import FirstStepCheck
 
     if not prompts:
         return []
@@ -130,6 +132,7 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, pro
                     max_new_tokens=max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     use_cache=True,
+                    logits_processor=LogitsProcessorList([FirstStepCheck(model.dtype)]),
                     **sampling,
                     **extra,
                 )

@@ -13,7 +13,6 @@ scoring context + continuation whole (tests/test_multiple_choice.py checks both 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
@@ -96,8 +95,8 @@ def score_groups(
                            use_cache=True).logits.float()  # (R, W2, V)  # fmt: skip
             targets = torch.tensor([c + [0] * (w2 - len(c)) for _, _, c in chunk], device=device)  # (R, W2)
             picked = logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)  # (R, W2)
-            sums += (picked * row_mask).sum(-1).tolist()
-        refuse_non_finite(all(map(math.isfinite, sums)), "multiple-choice scoring", model.dtype)
+            sums += picked.masked_fill(row_mask == 0, 0).sum(-1).tolist()  # padding's scores, -inf or not, are out
+        refuse_non_finite(sums, "multiple-choice scoring", model.dtype)
         at = 0
         for _, conts in batch:
             scores.append(sums[at : at + len(conts)])
