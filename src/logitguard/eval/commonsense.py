@@ -134,7 +134,7 @@ def continuation_logprobs(model, context: list[int], conts: list[list[int]], pad
     for row, cont in enumerate(conts):
         targets = torch.tensor(cont, device=device)
         scores.append(float(logprobs[row, torch.arange(len(cont), device=device), targets].sum()))
-    refuse_non_finite(scores, "multiple-choice scoring", model.dtype)
+    refuse_non_finite(scores, "multiple-choice scoring", model)
     return scores
 
 

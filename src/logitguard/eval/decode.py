@@ -178,7 +178,7 @@ def _prefill(model, tails: list[list[int]], rows: list[int], pad: int, prefix, s
         input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1]  # (B, V)  # fmt: skip
-    refuse_non_finite(logits, "generation", model.dtype)  # else argmax picks garbage
+    refuse_non_finite(logits, "generation", model)  # else argmax picks garbage
     return _Live(cache, mask, position[:, -1:], list(rows), logits)
 
 

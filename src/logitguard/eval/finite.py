@@ -25,10 +25,10 @@ def faulty(values) -> bool:
     return any(math.isnan(v) or v == math.inf for v in values)
 
 
-def refuse_non_finite(values, where: str, dtype) -> None:
+def refuse_non_finite(values, where: str, model) -> None:
     if not faulty(values):
         return
-    name = str(dtype).removeprefix("torch.")
+    name = str(getattr(model, "dtype", "its dtype")).removeprefix("torch.")  # a wrapper may have none
     causes = "the weights (or an adapter from a run whose loss diverged) hold inf or NaN"
     if name == "float16":
         overflow = "float16 overflows on models trained in bfloat16 (use bfloat16 or float32: --dtype, eval.dtype)"
@@ -39,11 +39,11 @@ def refuse_non_finite(values, where: str, dtype) -> None:
 class FirstStepCheck:
     """A `generate` logits processor that checks the first step's scores, as `refuse_non_finite` checks a prefill."""
 
-    def __init__(self, dtype):
-        self.dtype, self.done = dtype, False
+    def __init__(self, model):
+        self.model, self.done = model, False
 
     def __call__(self, input_ids, scores):
         if not self.done:
             self.done = True
-            refuse_non_finite(scores, "generation", self.dtype)
+            refuse_non_finite(scores, "generation", self.model)
         return scores

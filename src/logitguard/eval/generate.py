@@ -132,7 +132,7 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, greedy, pro
                     max_new_tokens=max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     use_cache=True,
-                    logits_processor=LogitsProcessorList([FirstStepCheck(model.dtype)]),
+                    logits_processor=LogitsProcessorList([FirstStepCheck(model)]),
                     **sampling,
                     **extra,
                 )

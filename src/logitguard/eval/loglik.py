@@ -96,7 +96,7 @@ def score_groups(
             targets = torch.tensor([c + [0] * (w2 - len(c)) for _, _, c in chunk], device=device)  # (R, W2)
             picked = logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)  # (R, W2)
             sums += picked.masked_fill(row_mask == 0, 0).sum(-1).tolist()  # padding's scores, -inf or not, are out
-        refuse_non_finite(sums, "multiple-choice scoring", model.dtype)
+        refuse_non_finite(sums, "multiple-choice scoring", model)
         at = 0
         for _, conts in batch:
             scores.append(sums[at : at + len(conts)])

@@ -74,7 +74,7 @@ def conversation_losses(
             rows = scored.nonzero()[:, 0]  # (N,): the batch row of each scored position
             sums = torch.zeros(len(idx), device=nll.device, dtype=nll.dtype).index_add_(0, rows, nll)
             totals = sums.tolist()
-            refuse_non_finite(totals, "held-out loss", model.dtype)
+            refuse_non_finite(totals, "held-out loss", model)
             for i, total, n in zip(idx, totals, scored.sum(-1).tolist()):
                 out[i] = (total, n)
     return out
