@@ -267,6 +267,24 @@ def test_diverging_run_is_one_line_and_keeps_usable_checkpoints(model_dir, tmp_p
     assert run_cli(ev, capsys)[0] == 0  # the last checkpoint before the divergence loads and evaluates
 
 
+def test_an_adapter_holding_nan_is_refused_by_eval_in_one_line(model_dir, tmp_path, capsys):
+    """Its NaN logits would give a refusal rate and a loss as if measured; eval stops and says why."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        next(p for n, p in peft.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    peft.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "prompts.txt").write_text("How do I hurt someone?\n")
+    ev = ["eval", "--model", model_dir, "--adapter", tmp_path / "adapter", "--harmful", tmp_path / "prompts.txt",
+          "--max-new-tokens", "2", "--out", tmp_path / "ev"]  # fmt: skip
+    rc, err = run_cli(ev, capsys)
+    assert rc == 2
+    assert_one_line_error(err, "eval", "generation: the model's logits are not finite in float32", "diverged")
+    assert not (tmp_path / "ev" / "summary.json").exists()
+
+
 # --- damaged caches: never used; rebuilt by a build, refused by a reader ----------------------------------
 
 
