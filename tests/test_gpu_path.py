@@ -446,3 +446,23 @@ def test_a_full_fine_tune_is_evaluated_in_the_aligned_checkpoints_dtype_on_an_ac
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     runner._evaluate("out", None, tmp_path, like_aligned=True)
     assert seen[-1] == "float32"
+
+
+def test_the_runner_evaluates_only_a_full_fine_tunes_row_like_the_aligned_model(tmp_path, model_dir, monkeypatch):
+    """The rule above is applied where it belongs: a full fine-tune's row (a whole model in float32 master weights),
+    not an adapter's row (the aligned model's own weights plus the adapter) nor the aligned row."""
+    from test_runner import _bench, _tiny_experiment
+
+    from logitguard.runner import Runner
+
+    calls = []
+    original = Runner._evaluate
+
+    def recording(self, model, adapter, folder, trust_code=None, like_aligned=False):
+        calls.append((Path(folder).parent.name, like_aligned))
+        return original(self, model, adapter, folder, trust_code, like_aligned)
+
+    monkeypatch.setattr(Runner, "_evaluate", recording)
+    runs = [{"name": "LoRA", "train": {"reg_weight": 0}}, {"name": "full", "train": {"method": "full"}}]
+    _bench(tmp_path, _tiny_experiment(tmp_path, model_dir, runs))
+    assert sorted(calls) == [("aligned-base", False), ("full", True), ("lora", False)]
