@@ -17,7 +17,7 @@ class NonFiniteScoreError(LogitguardError, FloatingPointError):
     """The model's logits were NaN or +inf during an evaluation."""
 
 
-def faulty(values) -> bool:
+def _faulty(values) -> bool:
     """Whether scores (a list of floats, or a tensor of logits whose rows are checked at their maximum) hold NaN or
     +inf, or a row of logits is all -inf."""
     if isinstance(values, torch.Tensor):
@@ -26,7 +26,7 @@ def faulty(values) -> bool:
 
 
 def refuse_non_finite(values, where: str, model) -> None:
-    if not faulty(values):
+    if not _faulty(values):
         return
     name = str(getattr(model, "dtype", "its dtype")).removeprefix("torch.")  # a wrapper may have none
     causes = "the weights (or an adapter from a run whose loss diverged) hold inf or NaN"
