@@ -1,7 +1,6 @@
 """The GPU user's path, run on the CPU as far as it goes: devices, precision, QLoRA, gradient checkpointing,
 DataParallel, Trainer flags as config keys."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -418,34 +417,59 @@ def test_help_imports_no_bitsandbytes_and_its_kernel_warning_stays_quiet():
     assert "gemm_4bit_forward" not in proc.stdout + proc.stderr
 
 
+def test_an_unset_eval_dtype_is_the_checkpoints_own_on_an_accelerator_and_float16_without_bf16(tmp_path, monkeypatch):
+    """default_eval_dtype: float32 on CPU; on an accelerator the stored dtype, except a bf16 checkpoint on a GPU
+    without bf16 arithmetic (T4, V100), which runs in float16 as training's precision auto does there."""
+    from conftest import tiny_llama
+
+    from logitguard.eval.generate import default_eval_dtype
+
+    bf16, fp32 = tmp_path / "bf16", tmp_path / "fp32"
+    tiny_llama(64).to(torch.bfloat16).save_pretrained(bf16)
+    tiny_llama(64).save_pretrained(fp32)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert default_eval_dtype(bf16, "cpu") == "float32"
+    assert default_eval_dtype(bf16, "cuda") == "bfloat16"
+    assert default_eval_dtype(fp32, "cuda") == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert default_eval_dtype(bf16, "cuda") == "float16"
+    assert default_eval_dtype(fp32, "cuda") == "float32"
+    assert default_eval_dtype(bf16, "cpu") == "float32"
+
+
 def test_a_full_fine_tune_is_evaluated_in_the_aligned_checkpoints_dtype_on_an_accelerator(tmp_path, monkeypatch):
-    """Full fine-tuning saves its float32 master weights; with the eval dtype left to "auto" the runner evaluates
-    that row in the aligned checkpoint's dtype on an accelerator (as the aligned row and the adapters' rows run),
-    and changes nothing on a CPU or where the file sets a dtype."""
+    """Full fine-tuning saves its float32 master weights; with the eval dtype left unset the runner evaluates
+    that row in the aligned checkpoint's dtype on an accelerator (as the aligned row and the adapters' rows run):
+    it names the aligned checkpoint as dtype_of, which load_model_for_eval follows (on CPU default_eval_dtype is
+    float32 whatever it is given; a dtype the file sets is used as it is)."""
     import yaml
     from conftest import tiny_llama
 
     from logitguard import runner as runner_module
+    from logitguard.eval import generate
     from logitguard.experiment import load_experiment
-    from logitguard.models import checkpoint_dtype
 
-    aligned = tmp_path / "aligned"
+    aligned, full = tmp_path / "aligned", tmp_path / "full"
     tiny_llama(64).to(torch.bfloat16).save_pretrained(aligned)
-    assert checkpoint_dtype(str(aligned)) == "bfloat16"
+    tiny_llama(64).save_pretrained(full)
     exp_file = tmp_path / "x.yaml"
     exp_file.write_text(yaml.safe_dump({"description": "d", "model": str(aligned), "runs": [{"name": "full"}]}))
     runner = runner_module.Runner(load_experiment(str(exp_file)), tmp_path / "r", tmp_path / "w", progress=False)
     seen = []
-    monkeypatch.setattr(runner_module, "evaluate", lambda model, adapter, spec, *rest: seen.append(spec.dtype))
-    for accelerator in (True, False):
-        monkeypatch.setattr(torch.accelerator, "is_available", lambda accelerator=accelerator: accelerator)
-        runner._evaluate("out", None, tmp_path, like_aligned=True)
-        runner._evaluate(str(aligned), "out", tmp_path)  # an adapter's row: "auto" is the aligned checkpoint's
-    assert seen == ["bfloat16", None, None, None]
-    runner._spec = dataclasses.replace(runner.spec, dtype="float32")
-    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
-    runner._evaluate("out", None, tmp_path, like_aligned=True)
-    assert seen[-1] == "float32"
+    monkeypatch.setattr(runner_module, "evaluate", lambda *args: seen.append(args[-1]))
+    runner._evaluate(str(full), None, tmp_path, like_aligned=True)
+    runner._evaluate(str(aligned), "adapter", tmp_path)
+    assert seen == [runner.model, None]
+
+    # load_model_for_eval resolves an unset dtype from dtype_of when given, else from the folder it loads
+    def resolved(checkpoint, device, trust):
+        raise LookupError(str(checkpoint))
+
+    monkeypatch.setattr(generate, "default_eval_dtype", resolved)
+    for dtype_of, expected in ((str(aligned), str(aligned)), (None, str(full))):
+        with pytest.raises(LookupError) as raised:
+            generate.load_model_for_eval(full, dtype=None, dtype_of=dtype_of)
+        assert str(raised.value) == expected
 
 
 def test_the_runner_evaluates_only_a_full_fine_tunes_row_like_the_aligned_model(tmp_path, model_dir, monkeypatch):

@@ -78,8 +78,8 @@ class EvalSpec:
     # Loss and multiple-choice scoring stay in-process. None is left out of the run key (runner._key).
     engine: str | None = None
     # the weights' dtype while evaluating: None is float32 on CPU and the aligned checkpoint's dtype on an accelerator
-    # (a full fine-tune's rows too, runner._evaluate; left out of the run key); bfloat16 is several times faster on
-    # a CPU with bf16 instructions, not bit-equal
+    # (a full fine-tune's rows too; float16 for bf16 on a GPU without it: eval.generate.default_eval_dtype; left out
+    # of the run key); bfloat16 is several times faster on a CPU with bf16 instructions, not bit-equal
     dtype: str | None = None
     # waiting prompts join the rows in flight as rows end (eval/decode.py): faster, but a row's batch-mates change
     # its last bits, so it is part of the run key when true; false (the rows committed before it) decodes batch by

@@ -66,21 +66,28 @@ def versions() -> dict:
 
 
 def evaluate(
-    model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool = True, trust_code: bool = False
+    model_dir: str,
+    adapter: str | None,
+    spec: EvalSpec,
+    folder: Path,
+    progress: bool = True,
+    trust_code: bool = False,
+    dtype_of: str | None = None,
 ) -> dict:
     """Every measure the spec asks for, on one model (plus adapter): eval/pipeline.py, as `logitguard eval` runs
     it; records go to `folder` (redacted). The row's metrics, with its per-item outcomes under "items".
-    trust_code: the model folder's own code may run (train.trust_remote_code, which trained it)."""
+    trust_code: the model folder's own code may run (train.trust_remote_code, which trained it).
+    dtype_of: the checkpoint whose stored dtype an unset eval dtype follows (load_model_for_eval)."""
     from .eval import load_model_for_eval
     from .eval.pipeline import measure, read_inputs
 
     if spec.engine:  # generation on an OpenAI-compatible server: see _evaluate_with_engine
-        return _evaluate_with_engine(model_dir, adapter, spec, folder, progress, trust_code)
+        return _evaluate_with_engine(model_dir, adapter, spec, folder, progress, trust_code, dtype_of)
     if not any((spec.harmful, spec.loss_data, spec.exact_match, spec.commonsense, spec.utility)):
         return {}  # a timing-only experiment (Table 6): nothing to load
     inputs = read_inputs(spec)  # set names from $LOGITGUARD_ASSETS, else experiments/assets
     model, tokenizer = (
-        load_model_for_eval(model_dir, adapter, spec.dtype, trust_remote_code=trust_code)
+        load_model_for_eval(model_dir, adapter, spec.dtype, trust_remote_code=trust_code, dtype_of=dtype_of)
         if _needs_model(spec)
         else (None, None)
     )
@@ -91,7 +98,7 @@ def evaluate(
 
 
 def _evaluate_with_engine(
-    model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool, trust_code: bool
+    model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool, trust_code: bool, dtype_of
 ) -> dict:
     """evaluate() with every generation sent to spec.engine (eval/endpoint.py); the model is loaded only when
     the spec also asks for held-out loss or multiple-choice scoring."""
@@ -102,7 +109,9 @@ def _evaluate_with_engine(
     engine = parse_engine(spec.engine)
     # the server serves the aligned model; a run's adapter is loaded into it for this evaluation only
     with generation_engine(engine), engine.adapter(adapter) if adapter else contextlib.nullcontext():
-        return evaluate(model_dir, adapter, dataclasses.replace(spec, engine=None), folder, progress, trust_code)
+        return evaluate(
+            model_dir, adapter, dataclasses.replace(spec, engine=None), folder, progress, trust_code, dtype_of
+        )
 
 
 def _needs_model(spec: EvalSpec) -> bool:
@@ -368,16 +377,10 @@ class Runner:
         fine-tuning holds its float32 master weights, and the eval dtype left to "auto" would evaluate it in
         float32 on an accelerator while the aligned row ran in the checkpoint's dtype (bf16, say): twice the
         memory and not the same measurement. It is then evaluated in the aligned checkpoint's dtype."""
-        import torch
-
-        from .models import checkpoint_dtype
-
         if trust_code is None:
             trust_code = bool(self.exp.train.get("trust_remote_code", False))
-        spec = self.spec
-        if like_aligned and spec.dtype is None and torch.accelerator.is_available():
-            spec = dataclasses.replace(spec, dtype=checkpoint_dtype(self.model, trust_code))
-        return evaluate(model, adapter, spec, folder, self.progress, trust_code)
+        dtype_of = self.model if like_aligned else None
+        return evaluate(model, adapter, self.spec, folder, self.progress, trust_code, dtype_of)
 
     def _eval_base(self) -> dict:
         start = time.perf_counter()

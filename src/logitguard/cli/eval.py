@@ -69,7 +69,8 @@ def register(subparsers) -> None:
         default=True,
         help="waiting prompts join the batch as rows end (default); --no-continuous-batching decodes batch by batch",
     )
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: auto, but float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="default: the checkpoint's (bf16 as float16 on GPUs without it), float32 on CPU")  # fmt: skip
     p.add_argument("--cache-dir", help="where GGUF conversions are kept (default: logitguard's cache)")
     add_trust_remote_code(p)
     p.add_argument("--out", required=True, help="folder for summary.json, records.jsonl and items.json")

@@ -171,14 +171,19 @@ def load_model_for_eval(
     device: str | torch.device | None = None,
     merge: bool = True,
     trust_remote_code: bool = False,
+    dtype_of: str | Path | None = None,
 ):
     """(model, tokenizer) ready for `generate_responses`: a causal LM from a local folder or hub name, with
     the PEFT adapter at `adapter_path` attached when given.
 
-    dtype: a name in `logitguard.models.DTYPES`; None means the checkpoint's dtype ("auto") on an
-    accelerator and float32 on CPU (half-precision matmuls are emulated, and slow, on most CPUs). bfloat16 on a
-    CPU with bf16 instructions (AVX512-BF16, AMX) is several times faster than float32 (docs/evaluation.md);
-    its greedy outputs are not bit-equal to float32's, so it is a setting of the row (eval.dtype), not a default.
+    dtype: a name in `logitguard.models.DTYPES`; None means `default_eval_dtype`: the checkpoint's own dtype on
+    an accelerator (float16 for a bf16 checkpoint on a GPU without bf16 arithmetic) and float32 on CPU
+    (half-precision matmuls are emulated, and slow, on most CPUs). bfloat16 on a CPU with bf16 instructions
+    (AVX512-BF16, AMX) is several times faster than float32 (docs/evaluation.md); its greedy outputs are not
+    bit-equal to float32's, so it is a setting of the row (eval.dtype), not a default.
+    dtype_of: the checkpoint whose stored dtype a None dtype follows (default: model_path). A full fine-tune's
+    folder holds float32 master weights; evaluated like its aligned checkpoint, it runs in the dtype the
+    aligned model's row ran in, not at twice the memory.
     device: None means the current accelerator if there is one, else CPU.
     merge: fold the adapter into the weights (this loaded copy; the files are untouched) so a decode step runs no
     adapter matmuls. Float32 weights fold as they are. A half dtype on CPU folds in float32 and rounds each
@@ -200,7 +205,7 @@ def load_model_for_eval(
         device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else "cpu"
     device = torch.device(device)
     if dtype is None:
-        dtype = "float32" if device.type == "cpu" else "auto"
+        dtype = default_eval_dtype(dtype_of or model_path, device, trust_remote_code)
 
     has_tokenizer = adapter_path is not None and (Path(adapter_path) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(adapter_path if has_tokenizer else model_path, trust_remote_code)
@@ -222,6 +227,23 @@ def load_model_for_eval(
     if fold_first:
         model = _rounded_copy(model, model_path, dtype, trust_remote_code)
     return model.to(device).eval(), tokenizer
+
+
+def default_eval_dtype(checkpoint: str | Path, device: str | torch.device, trust_remote_code: bool = False) -> str:
+    """The dtype evaluation loads `checkpoint` in when none is set: float32 on CPU; on an accelerator the dtype
+    the checkpoint is stored in ("auto" where its config does not say), except that a bfloat16 checkpoint runs in
+    float16 on a GPU without bf16 arithmetic (T4, V100), as training's precision "auto" does there: bf16 would be
+    emulated, several times slower. A model whose activations overflow float16 then stops at the first
+    non-finite logit with a one-line error (eval/finite.py) naming eval dtype float32 as the fix."""
+    from ..models import checkpoint_dtype
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "float32"
+    stored = checkpoint_dtype(str(checkpoint), trust_remote_code) or "auto"
+    if stored == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "float16"
+    return stored
 
 
 def _rounded_copy(folded, model_path: str, dtype: str, trust_remote_code: bool):
