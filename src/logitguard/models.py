@@ -166,6 +166,17 @@ def run_device(cfg) -> torch.device:
     return torch.device("cpu") if wants_cpu(cfg.trainer) else train_device()
 
 
+def release_memory() -> None:
+    """Return the accelerator memory of objects just dropped (a model evaluated, a trainer finished) before the
+    next large one loads: a collection first, as reference cycles keep modules alive, then the caching
+    allocator's blocks."""
+    import gc
+
+    gc.collect()
+    if torch.accelerator.is_available():
+        torch.accelerator.empty_cache()
+
+
 def checkpoint_dtype(name: str, trust_remote_code: bool = False) -> str | None:
     """The dtype a model's checkpoint is stored in (a DTYPES name; None when its config does not say)."""
     from transformers import AutoConfig

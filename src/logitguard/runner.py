@@ -79,7 +79,8 @@ def evaluate(
     trust_code: the model folder's own code may run (train.trust_remote_code, which trained it).
     dtype_of: the checkpoint whose stored dtype an unset eval dtype follows (load_model_for_eval)."""
     from .eval import load_model_for_eval
-    from .eval.pipeline import measure, read_inputs
+    from .eval.pipeline import judge_measured, measure, read_inputs
+    from .models import release_memory
 
     if spec.engine:  # generation on an OpenAI-compatible server: see _evaluate_with_engine
         return _evaluate_with_engine(model_dir, adapter, spec, folder, progress, trust_code, dtype_of)
@@ -91,8 +92,12 @@ def evaluate(
         if _needs_model(spec)
         else (None, None)
     )
-    result = measure(model, tokenizer, spec, inputs, folder, progress=progress)  # writes the records to folder
+    # writes the records to folder; the judge (Llama Guard, 8B at the paper's scale) loads once the model is gone
+    result = measure(model, tokenizer, dataclasses.replace(spec, judge=None), inputs, folder, progress=progress)
     del model
+    if spec.judge:
+        release_memory()
+        judge_measured(result, spec.judge, folder, progress)
     # per-item outcomes (paired statistics, stats.py); the stage timings, which _row moves out of the metrics
     return {**result.metrics, **({"items": result.items} if result.items else {}), STAGES: result.seconds}
 

@@ -382,13 +382,11 @@ def _check_resume(cfg: TrainConfig, out: Path) -> None:
 def release_trainer(trainer) -> None:
     """Drop the trainer's model, optimizer and scheduler and return their accelerator memory, so the next run of a
     sweep does not start with a 7B model and its optimizer state still resident."""
-    import gc
+    from .models import release_memory
 
     trainer.accelerator.free_memory()
     trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
-    gc.collect()
-    if torch.accelerator.is_available():
-        torch.accelerator.empty_cache()
+    release_memory()
 
 
 def _save_pissa_init(model, folder: Path) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..eval.keyword import DETECTORS, REFUSAL_LISTS
-from ..eval.pipeline import measure, read_inputs
+from ..eval.pipeline import judge_measured, measure, read_inputs
 from ..experiment import EvalSpec
 from ..files import write_json_atomic
-from ..models import DTYPES
+from ..models import DTYPES, release_memory
 
 
 def register(subparsers) -> None:
@@ -129,7 +129,11 @@ def run(args) -> int:
             model_path, args.adapter, args.dtype, trust_remote_code=args.trust_remote_code
         )
     with generation_engine(engine):  # inside, generate_responses posts to the engine's server (None: in-process)
-        result = measure(model, tokenizer, spec, inputs, args.out, judge=judge)
+        result = measure(model, tokenizer, spec, inputs, args.out)
+    if judge is not None:  # Llama Guard loads into the memory the evaluated model held
+        del model
+        release_memory()
+        judge_measured(result, judge, args.out)
     summary, records = result.summary, result.records
     summary.update(model=args.model, gguf_file=args.gguf_file, adapter=args.adapter, limit=args.limit)
     if engine:

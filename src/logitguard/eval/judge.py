@@ -46,18 +46,30 @@ def _conversation(prompt: str, response: str) -> list[dict]:
 
 
 class LlamaGuardJudge:
-    """Llama Guard (or any judge with the same contract) loaded with transformers from a folder or hub name."""
+    """Llama Guard (or any judge with the same contract) loaded with transformers from a folder or hub name.
+    The tokenizer (and its template) is checked when the judge is made, so a wrong path fails before any
+    generation; the model loads at the first call, by which time `logitguard eval` and the runner have released
+    the model under test (eval.pipeline.judge_measured): an 8B model and an 8B judge are never resident together."""
 
     def __init__(self, path: str, dtype: str | None = None, batch_size: int = 8, model=None, tokenizer=None):
-        from .generate import load_model_for_eval
+        from ..models import load_tokenizer
+        from .generate import _check_local
 
-        self.name = f"llama-guard:{path}"
+        self.name, self.path, self.dtype = f"llama-guard:{path}", path, dtype
         self.batch_size = batch_size
-        if model is None:
-            model, tokenizer = load_model_for_eval(path, None, dtype)
+        if tokenizer is None:
+            _check_local(path, "config.json", "a judge model folder with config.json, or a hub model name")
+            tokenizer = load_tokenizer(path)  # its own template: no fallback is put in its place
         self.model, self.tokenizer = model, tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise JudgeError(f"{path}: the judge's tokenizer has no chat template (Llama Guard ships its own)")
+
+    def _model(self):
+        if self.model is None:
+            from .generate import load_model_for_eval
+
+            self.model, _ = load_model_for_eval(self.path, None, self.dtype)
+        return self.model
 
     def prompts(self, pairs: list[tuple[str, str]]) -> list[str]:
         """The judge's input text per pair: its own chat template on [user, assistant], as a generation prompt
@@ -68,7 +80,7 @@ class LlamaGuardJudge:
     def __call__(self, pairs: list[tuple[str, str]], progress: bool = True) -> list[Verdict]:
         from tqdm.auto import tqdm
 
-        tok, texts = self.tokenizer, self.prompts(pairs)
+        model, tok, texts = self._model(), self.tokenizer, self.prompts(pairs)
         side, pad = tok.padding_side, tok.pad_token
         tok.padding_side = "left"
         if tok.pad_token_id is None:
@@ -79,8 +91,8 @@ class LlamaGuardJudge:
                 enc = tok(
                     texts[start : start + self.batch_size],
                     return_tensors="pt", padding=True, add_special_tokens=False, return_token_type_ids=False,
-                ).to(self.model.device)  # fmt: skip
-                ids = self.model.generate(
+                ).to(model.device)  # fmt: skip
+                ids = model.generate(
                     **enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, temperature=None, top_p=None,
                     top_k=None, pad_token_id=tok.pad_token_id,
                 )  # fmt: skip

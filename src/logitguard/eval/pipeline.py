@@ -78,9 +78,10 @@ def measure(
 ) -> Measured:
     """The measures the spec asks for (its settings: keywords, lengths, batch size) on the inputs, on `model`;
     the safety summary and records (redacted) and the utility benchmarks' per-item records are written to `folder`
-    (needed with utility benchmarks). `judge`: a judge object,
-    else one made from spec.judge. Generation joins waiting prompts to the rows in flight as spec.continuous_batching
-    says."""
+    (needed with utility benchmarks). `judge`: a judge object, else one made from spec.judge, run after every
+    other measure (a caller that owns the model passes neither and calls judge_measured once it has released the
+    model, as `logitguard eval` and the runner do). Generation joins waiting prompts to the rows in flight as
+    spec.continuous_batching says."""
     from .decode import joining
 
     with joining(spec.continuous_batching):
@@ -108,15 +109,7 @@ def _measure(model, tokenizer, spec, inputs: Inputs, folder, judge, progress: bo
             model, tokenizer, inputs.harmful, inputs.benign, inputs.borderline, keyword_list=spec.keywords,
             max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, progress=progress,
         )  # fmt: skip
-        if judge is None and spec.judge:
-            from .judge import make_judge
-
-            judge = make_judge(spec.judge)
-        if judge is not None:
-            from .judge import judge_records
-
-            summary.update(judge_records(judge, records, progress=progress))
-        keys = ("refusal_rate", "asr", "hrr", "over_refusal_benign", "over_refusal_borderline")
+        keys = ("refusal_rate", "asr", "over_refusal_benign", "over_refusal_borderline")
         metrics.update({k: summary[k] for k in keys if k in summary})
         if len(inputs.harmful) > 1:
             metrics.update({f"refusal_{name}": rate for name, rate in summary["refusal_by_set"].items()})
@@ -166,4 +159,27 @@ def _measure(model, tokenizer, spec, inputs: Inputs, folder, judge, progress: bo
         metrics["utility"] = summary["utility"]
         metrics.update(headline_metrics(summary["utility"]))
         items.update(utility_items(utility_records))
-    return Measured(summary, records, metrics, items, seconds)
+    measured = Measured(summary, records, metrics, items, seconds)
+    if judge is not None or spec.judge:
+        judge_measured(measured, judge or spec.judge, folder, progress)
+    return measured
+
+
+def judge_measured(measured: Measured, judge, folder: str | Path | None = None, progress: bool = True) -> None:
+    """The judge's HRR added to a measured evaluation: its harmful records labelled in place, hrr in the summary
+    and metrics, the records rewritten to `folder`. `judge`: a judge object or a spec (llama-guard:PATH,
+    endpoint:URL). `logitguard eval` and the runner call it after releasing the model under test (measure with no
+    judge, then this), so a Llama Guard judge loads into the memory that model held."""
+    from .judge import judge_records, make_judge
+
+    if not measured.records:
+        return
+    start = time.perf_counter()
+    judge = make_judge(judge) if isinstance(judge, str) else judge
+    measured.summary.update(judge_records(judge, measured.records, progress=progress))
+    measured.metrics["hrr"] = measured.summary["hrr"]
+    if folder is not None:
+        from .safety import write_eval
+
+        write_eval(folder, measured.summary, measured.records)
+    measured.seconds["judge"] = round(time.perf_counter() - start, 2)
