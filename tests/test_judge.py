@@ -63,6 +63,25 @@ def test_llama_guard_judge_is_greedy_generation_on_its_own_template(tokenizer, m
         assert verdict.harmful == expected.lower().startswith("unsafe")
 
 
+def test_llama_guard_judge_stops_on_non_finite_logits(tokenizer, model):
+    """NaN logits decode to junk, which parse_verdict reads as "safe": the judge stops instead."""
+    from logitguard.eval.finite import NonFiniteScoreError
+
+    tokenizer.chat_template = GUARD_TEMPLATE
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    judge = LlamaGuardJudge("tiny", model=model, tokenizer=tokenizer)
+    with pytest.raises(NonFiniteScoreError, match="^judge: "):
+        judge([("Say hi", "Hi!")], progress=False)
+
+
+def test_a_checkpoints_dtype_from_a_folder_without_a_config_is_a_one_line_error(tmp_path):
+    from logitguard.models import ModelLoadError, checkpoint_dtype
+
+    with pytest.raises(ModelLoadError, match="exists but holds no loadable model config"):
+        checkpoint_dtype(str(tmp_path))
+
+
 def test_llama_guard_judge_needs_a_template(tokenizer, model):
     tokenizer.chat_template = None
     with pytest.raises(JudgeError, match="no chat template"):

@@ -182,7 +182,11 @@ def checkpoint_dtype(name: str, trust_remote_code: bool = False) -> str | None:
     from transformers import AutoConfig
 
     _refuse_remote_code(name, trust_remote_code)
-    stored = getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), "dtype", None)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # offline, gated, mistyped, or its own code not trusted
+        raise _explain(name, "model config", e) from e
+    stored = getattr(config, "dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     return next((key for key, value in DTYPES.items() if value == stored and key != "auto"), None)

@@ -39,11 +39,11 @@ def refuse_non_finite(values, where: str, model) -> None:
 class FirstStepCheck:
     """A `generate` logits processor that checks the first step's scores, as `refuse_non_finite` checks a prefill."""
 
-    def __init__(self, model):
-        self.model, self.done = model, False
+    def __init__(self, model, where: str = "generation"):
+        self.model, self.where, self.done = model, where, False
 
     def __call__(self, input_ids, scores):
         if not self.done:
             self.done = True
-            refuse_non_finite(scores, "generation", self.model)
+            refuse_non_finite(scores, self.where, self.model)
         return scores

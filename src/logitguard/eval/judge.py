@@ -68,7 +68,10 @@ class LlamaGuardJudge:
         if self.model is None:
             from .generate import load_model_for_eval
 
-            self.model, _ = load_model_for_eval(self.path, None, self.dtype)
+            # on an accelerator the judge's stored dtype, bf16 included (also on a GPU without bf16, where the model
+            # under test runs in float16): a judge that overflows answers junk, which reads as "safe"
+            dtype = self.dtype or ("auto" if torch.accelerator.is_available() else None)
+            self.model, _ = load_model_for_eval(self.path, None, dtype)
         return self.model
 
     def prompts(self, pairs: list[tuple[str, str]]) -> list[str]:
@@ -76,11 +79,17 @@ class LlamaGuardJudge:
         (Llama Guard's template ends where the verdict starts)."""
         return [self.tokenizer.apply_chat_template(_conversation(p, r), tokenize=False) for p, r in pairs]
 
-    @torch.inference_mode()
     def __call__(self, pairs: list[tuple[str, str]], progress: bool = True) -> list[Verdict]:
-        from tqdm.auto import tqdm
+        return self._judge(self._model(), pairs, progress)  # loaded outside inference mode: plain tensors
 
-        model, tok, texts = self._model(), self.tokenizer, self.prompts(pairs)
+    @torch.inference_mode()
+    def _judge(self, model, pairs: list[tuple[str, str]], progress: bool) -> list[Verdict]:
+        from tqdm.auto import tqdm
+        from transformers import LogitsProcessorList
+
+        from .finite import FirstStepCheck
+
+        tok, texts = self.tokenizer, self.prompts(pairs)
         side, pad = tok.padding_side, tok.pad_token
         tok.padding_side = "left"
         if tok.pad_token_id is None:
@@ -95,6 +104,7 @@ class LlamaGuardJudge:
                 ids = model.generate(
                     **enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, temperature=None, top_p=None,
                     top_k=None, pad_token_id=tok.pad_token_id,
+                    logits_processor=LogitsProcessorList([FirstStepCheck(model, "judge")]),  # NaN would read "safe"
                 )  # fmt: skip
                 new = ids[:, enc["input_ids"].shape[1] :]
                 out.extend(parse_verdict(t) for t in tok.batch_decode(new, skip_special_tokens=True))

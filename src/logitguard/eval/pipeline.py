@@ -161,7 +161,7 @@ def _measure(model, tokenizer, spec, inputs: Inputs, folder, judge, progress: bo
         items.update(utility_items(utility_records))
     measured = Measured(summary, records, metrics, items, seconds)
     if judge is not None or spec.judge:
-        judge_measured(measured, judge or spec.judge, folder, progress)
+        judge_measured(measured, judge if judge is not None else spec.judge, folder, progress)
     return measured
 
 
