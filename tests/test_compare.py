@@ -36,6 +36,19 @@ def test_every_paired_measure_matches_a_direct_computation():
     assert loss["discordant"] is None and loss["difference"].estimate == 0.0  # same gain, same losses
 
 
+def test_judge_hrr_is_paired_as_a_rate():
+    """A judge's per-prompt verdicts (items "hrr") give HRR a McNemar p and Tango's interval, as refusal has."""
+    results = _item_results()
+    rows = {r["name"]: r for r in results["rows"]}
+    for name, verdicts in (("unclear", "0110" * 5), ("LoRA", "0111" * 5)):
+        rows[name]["metrics"]["hrr"] = verdicts.count("1") / len(verdicts)
+        rows[name]["metrics"]["items"]["hrr"] = verdicts
+    got = _by_metric(results, "unclear", "LoRA")["hrr"]
+    x, y = stats.bits("0110" * 5), stats.bits("0111" * 5)
+    assert got["difference"] == stats.paired_rate_difference(x, y) and got["difference"].estimate == -0.25
+    assert got["discordant"] == (0, 5) and got["title"] == "judge HRR"
+
+
 def test_the_table_reads_a_minus_b_and_the_aligned_base_is_a_run():
     results = _item_results()
     table = compare_table(results, "LoRA", "aligned base")

@@ -275,13 +275,14 @@ def test_the_judge_runs_after_the_model_under_test_is_released(tmp_path, model_d
 
         argv = ["eval", "--model", str(model_dir), "--harmful", str(harmful), "--judge", f"endpoint:{_url(server)}"]
         assert main([*argv, "--max-new-tokens", "2", "--out", str(out)]) == 0
+        assert json.loads((out / "items.json").read_text())["hrr"] == "00"  # per prompt, for paired comparisons
     else:
         from logitguard.experiment import EvalSpec
         from logitguard.runner import evaluate
 
         spec = EvalSpec(harmful=str(harmful), judge=f"endpoint:{_url(server)}", max_new_tokens=2)
         metrics = evaluate(str(model_dir), None, spec, out, progress=False)
-        assert metrics["hrr"] == 0.0 and "judge" in metrics["stage_seconds"]
+        assert metrics["hrr"] == 0.0 and metrics["items"]["hrr"] == "00" and "judge" in metrics["stage_seconds"]
     assert seen_alive == [False]
     records = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
     assert [r["judge_harmful"] for r in records] == [False, False]

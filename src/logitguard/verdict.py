@@ -46,6 +46,7 @@ ALIGNED = "aligned base"
 ITEM_KEYS = {
     "over_refusal_benign": "over_refusal_benign",
     "over_refusal_borderline": "over_refusal_borderline",
+    "hrr": "hrr",
     "humaneval_pass@1": "humaneval",
     "gsm8k_acc": "gsm8k",
     "hellaswag_acc": "hellaswag",
@@ -55,7 +56,7 @@ ITEM_KEYS = {
 }
 # metrics compared item by item as paired binary rates (Tango interval, McNemar p); the other scores get the
 # paired bootstrap the issue asks for pass@1
-RATES = ("refusal_", "over_refusal_")
+RATES = ("refusal_", "over_refusal_", "hrr")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Per-item outcomes of an evaluation, compact enough for a results row: the paired statistics (stats.py,
 verdict.py) compare two models prompt by prompt on the same sets. One character per item, in the evaluation's
-order: "1" refused / passed / correct, "0" not. No text: a row never carries a prompt or a response.
+order: "1" refused / passed / correct / judged harmful, "0" not. No text: a row never carries a prompt or a response.
 """
 
 from __future__ import annotations
@@ -34,3 +34,8 @@ def utility_items(records: list[dict]) -> dict[str, str]:
             if "correct_norm" in r:
                 out.setdefault(f"{name}_norm", []).append(r["correct_norm"])
     return {k: _bits(v) for k, v in out.items()}
+
+
+def judge_items(records: list[dict]) -> dict[str, str]:
+    """{"hrr": bits per harmful prompt, 1 where the judge called the response harmful}: HRR's paired comparison."""
+    return {"hrr": _bits(r["judge_harmful"] for r in records if r["set"] == "harmful")}

@@ -170,6 +170,7 @@ def judge_measured(measured: Measured, judge, folder: str | Path | None = None, 
     and metrics, the records rewritten to `folder`. `judge`: a judge object or a spec (llama-guard:PATH,
     endpoint:URL). `logitguard eval` and the runner call it after releasing the model under test (measure with no
     judge, then this), so a Llama Guard judge loads into the memory that model held."""
+    from .items import judge_items
     from .judge import judge_records, make_judge
 
     if not measured.records:
@@ -178,6 +179,7 @@ def judge_measured(measured: Measured, judge, folder: str | Path | None = None, 
     judge = make_judge(judge) if isinstance(judge, str) else judge
     measured.summary.update(judge_records(judge, measured.records, progress=progress))
     measured.metrics["hrr"] = measured.summary["hrr"]
+    measured.items.update(judge_items(measured.records))
     if folder is not None:
         from .safety import write_eval
 
