@@ -59,6 +59,17 @@ def test_report_has_a_column_per_set_the_target_and_a_frontier(tmp_path):
     assert "scenario.frontier.png" in report and (tmp_path / "scenario.frontier.png").stat().st_size > 0
 
 
+def test_a_file_judged_on_refusal_alone_reports_without_a_frontier(tmp_path):
+    """target: {utility: null} (refusal alone, as real_qwen_purebad's 1.5b-xl): a table and a verdict, no frontier
+    plot (there is no skill to draw refusal against), and no crash."""
+    results = _results()
+    results["target"]["utility"] = None
+    (tmp_path / "scenario.json").write_text(json.dumps(results))
+    report = write_report(tmp_path).read_text()
+    assert "| keeps both | 1 | 88.5% |" in report and "scenario.frontier.png" not in report
+    assert not (tmp_path / "scenario.frontier.png").exists()
+
+
 # Per-item outcomes as the evaluation records them (metrics["items"]): one char per item in a fixed order shared by
 # every row of a file, 1 = refused / passed; loss pairs [nll_sum, tokens] per held-out conversation.
 N_SET, N_CODE, N_CONV = 100, 60, 40

@@ -318,8 +318,11 @@ def plot_frontier(points: list[Point], path: Path, xlabel: str, title: str, corn
 
 
 def plot_experiment_frontier(results: dict, groups: list[dict], path: Path) -> bool:
-    """The frontier of an experiment with a target; False (nothing drawn) when no run has both metrics."""
+    """The frontier of an experiment with a target; False (nothing drawn) when no run has both metrics, or the
+    target judges no skill (`utility: null`: refusal alone, nothing to draw it against)."""
     target = Target(**results["target"])
+    if target.utility is None:
+        return False
     by_name = {g["name"]: g["rows"] for g in groups}
     judged = verdicts(groups, results)
     points = []
