@@ -133,7 +133,7 @@ def run(args) -> int:
     if judge is not None:  # Llama Guard loads into the memory the evaluated model held
         del model
         release_memory()
-        judge_measured(result, judge, args.out)
+        judge_measured(result, judge)  # no folder: the summary and records are written just below
     summary, records = result.summary, result.records
     summary.update(model=args.model, gguf_file=args.gguf_file, adapter=args.adapter, limit=args.limit)
     if engine:
