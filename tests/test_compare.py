@@ -58,6 +58,20 @@ def test_the_table_reads_a_minus_b_and_the_aligned_base_is_a_run():
     assert refusal.endswith("| 0 / 40 |")
     # a run without a measure (no HumanEval items) leaves that line out rather than inventing one
     assert "HumanEval" not in compare_table(results, "unmeasured", "LoRA")
+    assert "Note:" not in table  # no row records its eval dtype: nothing to warn of
+
+
+def test_runs_evaluated_in_different_dtypes_are_noted():
+    """An unset eval dtype resolves per machine (float16 on a T4, bfloat16 on an H100): two runs evaluated on
+    different machines differ by rounding too, and the table says so; rows that agree (or record none) do not."""
+    results = _item_results()
+    rows = {r["name"]: r for r in results["rows"]}
+    rows["LoRA"]["eval_dtype"], results["base"]["eval_dtype"] = "float16", "bfloat16"
+    table = compare_table(results, "LoRA", "aligned base")
+    assert table.splitlines()[-1].startswith("Note: these rows were evaluated in bfloat16 and float16;")
+    rows["unclear"]["eval_dtype"] = "float16"
+    assert "Note:" not in compare_table(results, "LoRA", "unclear")
+    assert "Note:" not in compare_table(results, "LoRA", "unmeasured")  # the other records no dtype
 
 
 def test_cli_compares_a_results_file_and_refuses_bad_names_in_one_line(tmp_path, capsys):

@@ -432,6 +432,7 @@ def test_eval_cli_end_to_end(tmp_path, eval_model_dir, capsys):
     assert summary["keyword_list"] == "qi2024" and summary["counts"]["harmful"] == 3
     assert summary["counts"]["benign"] == 2 and summary["over_refusal_borderline"] is None
     assert summary["model"] == str(eval_model_dir) and summary["adapter"] is None
+    assert summary["dtype"] == "float32"  # what the unset --dtype resolved to on this CPU
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert [r["set"] for r in records] == ["harmful"] * 3 + ["benign"] * 2
     assert all(len(r["response"].split()) <= 10 for r in records if r["set"] == "harmful")

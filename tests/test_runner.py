@@ -180,6 +180,8 @@ def test_bench_run_resume_and_report(tmp_path, model_dir, monkeypatch):
     # where the evaluation's time went, per stage, beside the metrics (not in them)
     assert set(rows[0]["eval_stage_seconds"]) == set(base["eval_stage_seconds"]) == {"safety", "loss:chat"}
     assert "stage_seconds" not in rows[0]["metrics"]
+    # the dtype the unset eval dtype resolved to here, beside the metrics too (not in the key: it is per machine)
+    assert rows[0]["eval_dtype"] == base["eval_dtype"] == "float32" and "loaded_dtype" not in rows[0]["metrics"]
     assert rows[1]["safety_ids"] and rows[1]["final_reg"] is not None
     assert rows[0]["metrics"]["eval_loss"] != base["metrics"]["eval_loss"]  # training changed the model
     assert (tmp_path / "work" / "tiny" / "str-i" / "adapter_config.json").is_file()

@@ -11,7 +11,7 @@ import yaml
 from logitguard import stats
 from logitguard.config import ConfigError
 from logitguard.experiment import load_experiment
-from logitguard.report import experiment_table, group_rows, write_report
+from logitguard.report import experiment_section, experiment_table, group_rows, write_report
 from logitguard.verdict import Target, _items, compare, plot_trade, task_share, verdicts
 
 
@@ -68,6 +68,15 @@ def test_a_file_judged_on_refusal_alone_reports_without_a_frontier(tmp_path):
     report = write_report(tmp_path).read_text()
     assert "| keeps both | 1 | 88.5% |" in report and "scenario.frontier.png" not in report
     assert not (tmp_path / "scenario.frontier.png").exists()
+
+
+def test_a_file_evaluated_in_two_dtypes_says_so():
+    """Rows evaluated on different machines with the eval dtype unset (float16 on a T4, bfloat16 elsewhere) differ
+    by rounding as well as training: the file's section notes it; a file whose rows agree does not."""
+    results = _results()
+    assert "Note:" not in experiment_section(results, None)
+    results["base"]["eval_dtype"], results["rows"][0]["eval_dtype"] = "bfloat16", "float16"
+    assert "Note: these rows were evaluated in bfloat16 and float16;" in experiment_section(results, None)
 
 
 # Per-item outcomes as the evaluation records them (metrics["items"]): one char per item in a fixed order shared by

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import stats
 from .errors import ConfigError, suggest
-from .report import cell, columns, group_rows, signed
+from .report import cell, columns, group_rows, mixed_dtypes, signed
 from .verdict import RATES, compare, group_items
 
 
@@ -70,4 +70,6 @@ def compare_table(results: dict, a: str, b: str) -> str:
         p = "–" if d.p is None else f"{d.p:.2g}"
         counts = "–" if e["discordant"] is None else "{} / {}".format(*e["discordant"])
         lines.append(f"| {e['title']} | {e['a']} | {e['b']} | {diff} | {p} | {counts} |")
-    return "\n".join(lines)
+    groups = {g["name"]: g["rows"] for g in group_rows(results)}
+    note = mixed_dtypes(groups[a] + groups[b])
+    return "\n".join(lines + (["", note] if note else []))

@@ -76,6 +76,22 @@ def _fmt(value, kind: str) -> str:
     return f"{100 * value:.1f}%" if kind == "pct" else f"{value:.3f}"
 
 
+ROW_DTYPE = "eval_dtype"  # the dtype a row was evaluated in (runner); rows written before it record none
+
+
+def mixed_dtypes(rows: list[dict]) -> str | None:
+    """A note when these rows were evaluated in more than one dtype: an unset eval dtype resolves per machine
+    (float32 on CPU, the checkpoint's dtype on a GPU, float16 on a T4), and rounding then differs between rows
+    as well as training. None when they agree or record nothing."""
+    dtypes = sorted({r[ROW_DTYPE] for r in rows if r.get(ROW_DTYPE)})
+    if len(dtypes) < 2:
+        return None
+    return (
+        f"Note: these rows were evaluated in {' and '.join(dtypes)}; their differences include rounding. Set "
+        "eval.dtype in the experiment file to evaluate every row alike."
+    )
+
+
 def group_rows(results: dict) -> list[dict]:
     """The base row, then one entry per run name with its per-seed rows, in the file's order."""
     groups: dict[str, dict] = {}
@@ -270,6 +286,8 @@ def experiment_section(results: dict, png: str | None, command: str | None = Non
             + ". Verdict: meets / misses / unresolved at 95% (docs/statistics.md).",
             "",
         ]
+    note = mixed_dtypes([r for g in group_rows(results) for r in g["rows"]])
+    parts += [note, ""] if note else []
     ratios = step_ratios(results)
     if ratios:
         parts += ["Step time / LoRA step time: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), ""]

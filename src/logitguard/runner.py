@@ -21,6 +21,7 @@ from .config import TrainConfig, build_config
 from .errors import ConfigError, suggest
 from .experiment import EvalSpec, Experiment, Placeholders, RunSpec, packaged_name
 from .files import ContentHashes, read_results, write_json_atomic
+from .report import ROW_DTYPE
 from .result_keys import (
     TOY_MODELS,
     holdout_identity,
@@ -79,6 +80,7 @@ def evaluate(
     trust_code: the model folder's own code may run (train.trust_remote_code, which trained it).
     dtype_of: the checkpoint whose stored dtype an unset eval dtype follows (load_model_for_eval)."""
     from .eval import load_model_for_eval
+    from .eval.generate import loaded_dtype
     from .eval.pipeline import judge_measured, measure, read_inputs
     from .models import release_memory
 
@@ -94,12 +96,13 @@ def evaluate(
     )
     # writes the records to folder; the judge (Llama Guard, 8B at the paper's scale) loads once the model is gone
     result = measure(model, tokenizer, dataclasses.replace(spec, judge=None), inputs, folder, progress=progress)
+    dtype = {DTYPE: loaded_dtype(model)} if model is not None else {}
     del model
     if spec.judge:
         release_memory()
         judge_measured(result, spec.judge, folder, progress)
     # per-item outcomes (paired statistics, stats.py); the stage timings, which _row moves out of the metrics
-    return {**result.metrics, **({"items": result.items} if result.items else {}), STAGES: result.seconds}
+    return {**result.metrics, **({"items": result.items} if result.items else {}), STAGES: result.seconds, **dtype}
 
 
 def _evaluate_with_engine(
@@ -114,9 +117,11 @@ def _evaluate_with_engine(
     engine = parse_engine(spec.engine)
     # the server serves the aligned model; a run's adapter is loaded into it for this evaluation only
     with generation_engine(engine), engine.adapter(adapter) if adapter else contextlib.nullcontext():
-        return evaluate(
+        metrics = evaluate(
             model_dir, adapter, dataclasses.replace(spec, engine=None), folder, progress, trust_code, dtype_of
         )
+    metrics.pop(DTYPE, None)  # the loaded model's, not the dtype the server generated in (not known here)
+    return metrics
 
 
 def _needs_model(spec: EvalSpec) -> bool:
@@ -128,6 +133,8 @@ def _needs_model(spec: EvalSpec) -> bool:
 
 STAGES = "stage_seconds"  # evaluate()'s timings, carried in its metrics as far as _row
 ROW_STAGES = "eval_stage_seconds"  # where _row puts them, beside the metrics
+DTYPE = "loaded_dtype"  # the dtype evaluate() ran in (eval.generate.loaded_dtype), carried the same way to
+# report.ROW_DTYPE: an unset eval.dtype resolves per machine, and is not in the key
 
 
 class Runner:
@@ -280,9 +287,12 @@ class Runner:
                 return row
         print(f"\n== {self.exp.id} / {name}" + (f" (seed {seed})" if seed is not None else ""), flush=True)
         computed = compute()
-        stages = computed.get("metrics", {}).pop(STAGES, None)  # a time, not a measure: beside eval_seconds
+        metrics = computed.get("metrics", {})
+        # a time and a dtype, not measures: beside eval_seconds
+        stages, dtype = metrics.pop(STAGES, None), metrics.pop(DTYPE, None)
         row = {"name": name, "seed": seed, "key": result_key(settings), **computed, "settings": settings}
         row.update({ROW_STAGES: stages} if stages else {})
+        row.update({ROW_DTYPE: dtype} if dtype else {})
         self.done.setdefault(shape_key(settings), []).append(row)
         return row
 

@@ -87,7 +87,7 @@ def add_trust_remote_code(p) -> None:
 def run(args) -> int:
     from ..config import default_cache_dir
     from ..eval.endpoint import generation_engine, in_process_parts, parse_engine
-    from ..eval.generate import load_model_for_eval
+    from ..eval.generate import load_model_for_eval, loaded_dtype
     from ..eval.safety import write_eval
 
     if not args.harmful and not args.commonsense and not args.utility:
@@ -118,7 +118,7 @@ def run(args) -> int:
 
         options = {"timeout": args.judge_timeout} if args.judge.startswith("endpoint:") else {}
         judge = make_judge(args.judge, **options)
-    model, tokenizer = None, None  # an engine that generates everything needs no model here
+    model, tokenizer, dtype = None, None, None  # an engine that generates everything needs no model here
     if in_process:
         model_path = args.model
         if args.gguf_file:
@@ -128,6 +128,7 @@ def run(args) -> int:
         model, tokenizer = load_model_for_eval(
             model_path, args.adapter, args.dtype, trust_remote_code=args.trust_remote_code
         )
+        dtype = None if engine else loaded_dtype(model)  # with an engine its server generated, in a dtype not known
     with generation_engine(engine):  # inside, generate_responses posts to the engine's server (None: in-process)
         result = measure(model, tokenizer, spec, inputs, args.out)
     if judge is not None:  # Llama Guard loads into the memory the evaluated model held
@@ -136,6 +137,8 @@ def run(args) -> int:
         judge_measured(result, judge)  # no folder: the summary and records are written just below
     summary, records = result.summary, result.records
     summary.update(model=args.model, gguf_file=args.gguf_file, adapter=args.adapter, limit=args.limit)
+    if dtype:
+        summary["dtype"] = dtype  # what an unset --dtype resolved to on this machine
     if engine:
         summary["engine"] = engine.name
     sets = {name: getattr(args, name) for name in ("harmful", "benign", "borderline")}

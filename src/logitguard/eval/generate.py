@@ -246,6 +246,13 @@ def default_eval_dtype(checkpoint: str | Path, device: str | torch.device, trust
     return stored
 
 
+def loaded_dtype(model) -> str:
+    """The dtype a loaded model computes in, by name ("bfloat16"). An unset eval dtype resolves per machine
+    (default_eval_dtype: float32 on CPU, float16 on a T4), so what an evaluation ran in is recorded beside its
+    numbers: rows evaluated in different dtypes differ by rounding as well as by training."""
+    return str(model.dtype).removeprefix("torch.")
+
+
 def _rounded_copy(folded, model_path: str, dtype: str, trust_remote_code: bool):
     """The folded float32 weights copied into the model loaded in `dtype`: each weight rounded once. Not
     folded.to(dtype): that also rounds the buffers a half-precision load keeps in float32 (the rotary
