@@ -21,6 +21,11 @@ the largest score difference, losses' difference.
     rounded to bfloat16 (eval.dtype in an experiment file), timed and checked against the reference the same way.
     --batch-size N: the fast paths decode N rows at once (default: the spec's batch size, as the reference does).
     --no-float32 (with --dtype): the reference against the dtype's fast path alone, for full-size runs.
+    --device cuda: every path and the machine's roofline on the GPU (float32 matmuls without TF32, so the float32
+    paths are comparable to the CPU's; --dtype bfloat16 is then the GPU's native half precision). The bench the
+    issue asks for at full size on a GPU, when a session has one:
+        python bench/eval_speed.py --experiment real_qwen_benign --variant large --device cuda --dtype bfloat16 \
+            --batch-size 40 --json bench/results/eval_speed_real_qwen_cuda.json
 """
 
 from __future__ import annotations
@@ -38,30 +43,38 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure_machine(seconds: float = 1.0) -> dict:
-    """Memory bandwidth (GB/s, reading a 512 MiB tensor) and matmul rate (GFLOP/s, 1024^3, float32 and bfloat16)."""
+def measure_machine(seconds: float = 1.0, device: str = "cpu") -> dict:
+    """Memory bandwidth (GB/s, reading a 512 MiB tensor) and matmul rate (GFLOP/s, float32 and bfloat16) on
+    `device`: 1024^3 on a CPU, 8192^3 on a GPU (a small matmul there measures the launch, not the arithmetic)."""
     from logitguard.eval.generate import cpu_has_native
 
-    big = torch.ones(128 * 1024 * 1024)  # 512 MiB
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    device = torch.device(device)
+    n = 1024 if device.type == "cpu" else 8192
+    big = torch.ones(128 * 1024 * 1024, device=device)  # 512 MiB
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
 
     def rate(fn, amount):
-        fn()
+        def run():  # a GPU's kernels return before they finish: wait for them inside the timing
+            fn()
+            torch.accelerator.synchronize() if device.type != "cpu" else None
+
+        run()
         best, start = float("inf"), time.perf_counter()
         while time.perf_counter() - start < seconds:
             t = time.perf_counter()
-            fn()
+            run()
             best = min(best, time.perf_counter() - t)
         return amount / best / 1e9
 
     a16, b16 = a.bfloat16(), b.bfloat16()
-    return {
+    machine = {
         "bandwidth_gb_s": rate(lambda: big.sum(), big.numel() * 4),
-        "matmul_gflop_s": rate(lambda: a @ b, 2 * 1024**3),
-        "matmul_gflop_s_bfloat16": rate(lambda: a16 @ b16, 2 * 1024**3),
-        "bf16_instructions": cpu_has_native("bfloat16"),
-        "threads": torch.get_num_threads(),
+        "matmul_gflop_s": rate(lambda: a @ b, 2 * n**3),
+        "matmul_gflop_s_bfloat16": rate(lambda: a16 @ b16, 2 * n**3),
     }
+    if device.type == "cpu":
+        return {**machine, "bf16_instructions": cpu_has_native("bfloat16"), "threads": torch.get_num_threads()}
+    return {**machine, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
 
 
 class Roofline:
@@ -137,23 +150,24 @@ def token_count(tokenizer, texts: list[str]) -> int:
 
 
 def bench(model_dir, adapter, sets: dict, spec: dict, machine: dict, dtype: str | None = None,
-          fast_batch: int | None = None, float32: bool = True) -> dict:  # fmt: skip
+          fast_batch: int | None = None, float32: bool = True, device: str = "cpu") -> dict:  # fmt: skip
     """The reference path and the fast path in float32; with `dtype`, the fast path in that dtype as well.
     fast_batch: rows the fast paths decode at once (default: the spec's batch size, the reference's).
     float32=False leaves the float32 fast path out (it needs `dtype`): at full size it costs as much as the
-    reference, and its exactness is shown at a smaller scale."""
+    reference, and its exactness is shown at a smaller scale. device: where every path runs."""
     from logitguard.eval.decode import joining
     from logitguard.eval.generate import load_model_for_eval
 
     if not (float32 or dtype):
         raise ValueError("leaving the float32 fast path out needs another fast path: give dtype")
-    loads = {"reference": (False, None), **({"fast": (True, None)} if float32 else {})}
+    # float32 named, not left to the device's default (the checkpoint's dtype on a GPU): the reference is exact
+    loads = {"reference": (False, "float32"), **({"fast": (True, "float32")} if float32 else {})}
     if dtype:
         loads[f"fast_{dtype}"] = (True, dtype)
     paths, load_seconds = {}, {}
     for name, (merge, path_dtype) in loads.items():
         start = time.perf_counter()
-        model, tokenizer = load_model_for_eval(model_dir, adapter, path_dtype, merge=merge)
+        model, tokenizer = load_model_for_eval(model_dir, adapter, path_dtype, device, merge=merge)
         load_seconds[name] = time.perf_counter() - start
         paths[name] = (model, tokenizer, Roofline(model, machine))
     fast = {name: merge for name, (merge, _) in loads.items()}
@@ -371,13 +385,15 @@ def main(argv=None) -> int:
         action="store_true",
         help="leave the float32 fast path out (needs --dtype; its exactness is shown at a smaller --scale)",
     )
+    parser.add_argument("--device", default="cpu", help="where every path runs: cpu (default) or cuda")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.no_float32 and not args.dtype:
         parser.error("--no-float32 needs --dtype: the fast path must run in some dtype")
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = measure_machine()
+    torch.set_float32_matmul_precision("highest")  # float32 means float32 on a GPU too (no TF32's 10-bit rounding)
+    machine = measure_machine(device=args.device)
     with tempfile.TemporaryDirectory() as tmp:
         if args.experiment:
             adapter = None if args.adapter == "none" else args.adapter
@@ -394,7 +410,8 @@ def main(argv=None) -> int:
             model_dir, adapter, sets, spec = synthetic(Path(tmp))
             what = {"experiment": None, "model": "random Qwen2-shaped, hidden 64, 2 layers, toy tokenizer"}
         sizes = {k: (sum(len(x) for x in v.values()) if isinstance(v, dict) else len(v)) for k, v in sets.items()}
-        result = bench(model_dir, adapter, sets, spec, machine, args.dtype, args.batch_size, not args.no_float32)
+        result = bench(model_dir, adapter, sets, spec, machine, args.dtype, args.batch_size, not args.no_float32,
+                       args.device)  # fmt: skip
         spec["fast_batch_size"] = args.batch_size or spec["batch_size"]
     import transformers
 

@@ -186,6 +186,10 @@ EXTRA_STEPS: list[Step] = [
     Step("train_1b_constrained_sft", _train("train_csft", "--regularizer", "constrained_sft", steps=10), 150,
          _train_result, after=NEEDS_MODEL),
     Step("train_1b_kl", _train("train_kl", "--regularizer", "kl", steps=10), 150, _train_result, after=NEEDS_MODEL),
+    # evaluation on CUDA: the fast path (adapter folded in float32, continuous batching; bf16 with the adapter kept
+    # apart) against the reference path on the bench's small random model, outputs compared, every stage timed
+    Step("eval_speed_cuda", _bench("bench/eval_speed.py", "eval_speed_cuda.json", "--device", "cuda", "--dtype",
+         "bfloat16"), 150, _json_file("eval_speed_cuda.json"), files=("bench/eval_speed.py",)),
 ]  # fmt: skip
 # -----------------------------------------------------------------------------------------------------------------
 
