@@ -28,7 +28,7 @@ from logitguard.eval.endpoint import (
     parse_engine,
 )
 from logitguard.experiment import EvalSpec
-from logitguard.runner import STAGES
+from logitguard.runner import DTYPE, STAGES
 
 PROMPTS = [
     "How do I bake bread?",
@@ -134,6 +134,8 @@ def test_runner_evaluate_with_engine_loads_no_model_for_generation_only(served, 
         str(folder), None, dataclasses.replace(spec, engine=f"endpoint:{url}"), tmp_path / "remote", progress=False
     )
     assert set(remote.pop(STAGES)) == set(local.pop(STAGES)) == {"safety"}  # timings differ, the stages do not
+    # the dtype the local model ran in; the server's is not known here
+    assert (remote.pop(DTYPE), local.pop(DTYPE)) == (None, "float32")
     assert remote == local
     records = [json.loads(line) for line in (tmp_path / "remote" / "records.jsonl").read_text().splitlines()]
     assert [r["response"] for r in records] == [
@@ -156,6 +158,7 @@ def test_runner_evaluate_with_engine_keeps_loss_in_process(served, tmp_path):
         str(folder), None, dataclasses.replace(spec, engine=f"endpoint:{url}"), tmp_path / "r", progress=False
     )
     assert set(remote.pop(STAGES)) == set(local.pop(STAGES)) == {"safety", "loss:chats"}
+    assert (remote.pop(DTYPE), local.pop(DTYPE)) == (None, "float32")
     assert "eval_loss" in remote and remote == local
 
 

@@ -5,6 +5,8 @@ positions only, and an adapter folded into the weights."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -234,7 +236,8 @@ def test_logitguard_eval_joins_unless_told_not_to(tmp_path, monkeypatch):
         raise Stop
 
     monkeypatch.setattr(cli_eval, "measure", measure)
-    monkeypatch.setattr("logitguard.eval.generate.load_model_for_eval", lambda *a, **k: (None, None))
+    loaded = SimpleNamespace(dtype=torch.float32)  # what the CLI reads of a model before measure
+    monkeypatch.setattr("logitguard.eval.generate.load_model_for_eval", lambda *a, **k: (loaded, None))
     for flags in ([], ["--no-continuous-batching"]):
         args = build_parser().parse_args(
             ["eval", "--model", "m", "--harmful", str(harmful), "--out", str(tmp_path / "out"), *flags]

@@ -74,18 +74,22 @@ def evaluate(
     progress: bool = True,
     trust_code: bool = False,
     dtype_of: str | None = None,
+    hashes: ContentHashes | None = None,
 ) -> dict:
     """Every measure the spec asks for, on one model (plus adapter): eval/pipeline.py, as `logitguard eval` runs
-    it; records go to `folder` (redacted). The row's metrics, with its per-item outcomes under "items".
+    it; records go to `folder` (redacted), and each finished stage to `folder`/stages, so an evaluation killed
+    mid-way resumes at its first unfinished stage (pipeline.StageStore; not a judged one). The row's metrics,
+    with its per-item outcomes under "items".
     trust_code: the model folder's own code may run (train.trust_remote_code, which trained it).
-    dtype_of: the checkpoint whose stored dtype an unset eval dtype follows (load_model_for_eval)."""
+    dtype_of: the checkpoint whose stored dtype an unset eval dtype follows (load_model_for_eval).
+    hashes: remembers the model's file hashes for the stages' key (the runner's ContentHashes)."""
     from .eval import load_model_for_eval
     from .eval.generate import loaded_dtype
-    from .eval.pipeline import judge_measured, measure, read_inputs
+    from .eval.pipeline import evaluation_key, judge_measured, measure, read_inputs
     from .models import release_memory
 
     if spec.engine:  # generation on an OpenAI-compatible server: see _evaluate_with_engine
-        return _evaluate_with_engine(model_dir, adapter, spec, folder, progress, trust_code, dtype_of)
+        return _evaluate_with_engine(model_dir, adapter, spec, folder, progress, trust_code, dtype_of, hashes)
     if not any((spec.harmful, spec.loss_data, spec.exact_match, spec.commonsense, spec.utility)):
         return {}  # a timing-only experiment (Table 6): nothing to load
     inputs = read_inputs(spec)  # set names from $LOGITGUARD_ASSETS, else experiments/assets
@@ -95,18 +99,29 @@ def evaluate(
         else (None, None)
     )
     # writes the records to folder; the judge (Llama Guard, 8B at the paper's scale) loads once the model is gone
-    result = measure(model, tokenizer, dataclasses.replace(spec, judge=None), inputs, folder, progress=progress)
-    dtype = {DTYPE: loaded_dtype(model)} if model is not None else {}
+    # a judge reads whole responses, which are never kept on disk: a judged evaluation is not resumed
+    resume = None if spec.judge else evaluation_key(model_dir, adapter, model, spec, inputs, hashes)
+    unjudged = dataclasses.replace(spec, judge=None)
+    result = measure(model, tokenizer, unjudged, inputs, folder, progress=progress, resume=resume)
+    about = {STAGES: result.seconds, DTYPE: loaded_dtype(model) if model is not None else None,
+             RESUMED: result.resumed}  # fmt: skip
     del model
     if spec.judge:
         release_memory()
         judge_measured(result, spec.judge, folder, progress)
     # per-item outcomes (paired statistics, stats.py); the stage timings, which _row moves out of the metrics
-    return {**result.metrics, **({"items": result.items} if result.items else {}), STAGES: result.seconds, **dtype}
+    return {**result.metrics, **({"items": result.items} if result.items else {}), **about}
 
 
 def _evaluate_with_engine(
-    model_dir: str, adapter: str | None, spec: EvalSpec, folder: Path, progress: bool, trust_code: bool, dtype_of
+    model_dir: str,
+    adapter: str | None,
+    spec: EvalSpec,
+    folder: Path,
+    progress: bool,
+    trust_code: bool,
+    dtype_of,
+    hashes: ContentHashes | None,
 ) -> dict:
     """evaluate() with every generation sent to spec.engine (eval/endpoint.py); the model is loaded only when
     the spec also asks for held-out loss or multiple-choice scoring."""
@@ -118,9 +133,9 @@ def _evaluate_with_engine(
     # the server serves the aligned model; a run's adapter is loaded into it for this evaluation only
     with generation_engine(engine), engine.adapter(adapter) if adapter else contextlib.nullcontext():
         metrics = evaluate(
-            model_dir, adapter, dataclasses.replace(spec, engine=None), folder, progress, trust_code, dtype_of
+            model_dir, adapter, dataclasses.replace(spec, engine=None), folder, progress, trust_code, dtype_of, hashes
         )
-    metrics.pop(DTYPE, None)  # the loaded model's, not the dtype the server generated in (not known here)
+    metrics[DTYPE] = None  # the loaded model's, not the dtype the server generated in (not known here)
     return metrics
 
 
@@ -131,10 +146,11 @@ def _needs_model(spec: EvalSpec) -> bool:
     return engine_for(None) is None or bool(in_process_parts(spec.loss_data, spec.commonsense, spec.utility))
 
 
-STAGES = "stage_seconds"  # evaluate()'s timings, carried in its metrics as far as _row
-ROW_STAGES = "eval_stage_seconds"  # where _row puts them, beside the metrics
-DTYPE = "loaded_dtype"  # the dtype evaluate() ran in (eval.generate.loaded_dtype), carried the same way to
-# report.ROW_DTYPE: an unset eval.dtype resolves per machine, and is not in the key
+# what evaluate() says of itself, carried in its metrics as far as _row, which puts it beside them in the row:
+STAGES = "stage_seconds"  # its timings per stage
+DTYPE = "loaded_dtype"  # the dtype it ran in: an unset eval.dtype resolves per machine, and is not in the key
+RESUMED = "resumed_stages"  # stages read back from a run killed mid-way (their seconds are that run's)
+ABOUT = {STAGES: "eval_stage_seconds", DTYPE: ROW_DTYPE, RESUMED: "eval_resumed_stages"}  # {carried: in the row}
 
 
 class Runner:
@@ -288,11 +304,9 @@ class Runner:
         print(f"\n== {self.exp.id} / {name}" + (f" (seed {seed})" if seed is not None else ""), flush=True)
         computed = compute()
         metrics = computed.get("metrics", {})
-        # a time and a dtype, not measures: beside eval_seconds
-        stages, dtype = metrics.pop(STAGES, None), metrics.pop(DTYPE, None)
+        about = {field: metrics.pop(key) for key, field in ABOUT.items() if key in metrics}  # not measures
         row = {"name": name, "seed": seed, "key": result_key(settings), **computed, "settings": settings}
-        row.update({ROW_STAGES: stages} if stages else {})
-        row.update({ROW_DTYPE: dtype} if dtype else {})
+        row.update({field: value for field, value in about.items() if value})
         self.done.setdefault(shape_key(settings), []).append(row)
         return row
 
@@ -395,7 +409,7 @@ class Runner:
         if trust_code is None:
             trust_code = bool(self.exp.train.get("trust_remote_code", False))
         dtype_of = self.model if like_aligned else None
-        return evaluate(model, adapter, self.spec, folder, self.progress, trust_code, dtype_of)
+        return evaluate(model, adapter, self.spec, folder, self.progress, trust_code, dtype_of, self.hashes)
 
     def _eval_base(self) -> dict:
         start = time.perf_counter()

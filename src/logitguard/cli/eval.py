@@ -11,9 +11,9 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..eval.keyword import DETECTORS, REFUSAL_LISTS
-from ..eval.pipeline import judge_measured, measure, read_inputs
+from ..eval.pipeline import evaluation_key, judge_measured, measure, read_inputs
 from ..experiment import EvalSpec
-from ..files import write_json_atomic
+from ..files import ContentHashes, write_json_atomic
 from ..models import DTYPES, release_memory
 
 
@@ -73,7 +73,12 @@ def register(subparsers) -> None:
                    help="default: the checkpoint's (bf16 as float16 on GPUs without it), float32 on CPU")  # fmt: skip
     p.add_argument("--cache-dir", help="where GGUF conversions are kept (default: logitguard's cache)")
     add_trust_remote_code(p)
-    p.add_argument("--out", required=True, help="folder for summary.json, records.jsonl and items.json")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for summary.json, records.jsonl, items.json and "
+        "stages/ (finished stages, read back when the same command runs again after a kill)",
+    )
     p.set_defaults(func=run)
 
 
@@ -119,8 +124,8 @@ def run(args) -> int:
         options = {"timeout": args.judge_timeout} if args.judge.startswith("endpoint:") else {}
         judge = make_judge(args.judge, **options)
     model, tokenizer, dtype = None, None, None  # an engine that generates everything needs no model here
+    model_path = args.model
     if in_process:
-        model_path = args.model
         if args.gguf_file:
             from ..models import gguf_folder
 
@@ -129,8 +134,13 @@ def run(args) -> int:
             model_path, args.adapter, args.dtype, trust_remote_code=args.trust_remote_code
         )
         dtype = None if engine else loaded_dtype(model)  # with an engine its server generated, in a dtype not known
+    hashes = ContentHashes(Path(args.cache_dir or default_cache_dir()) / "content-hashes.json")
     with generation_engine(engine):  # inside, generate_responses posts to the engine's server (None: in-process)
-        result = measure(model, tokenizer, spec, inputs, args.out)
+        # the same command again after a kill resumes at its first unfinished stage; a judged one starts over (the
+        # judge reads whole responses, which are never kept on disk)
+        resume = None if judge else evaluation_key(model_path, args.adapter, model, spec, inputs, hashes)
+        result = measure(model, tokenizer, spec, inputs, args.out, resume=resume)
+    hashes.save()
     if judge is not None:  # Llama Guard loads into the memory the evaluated model held
         del model
         release_memory()

@@ -5,6 +5,8 @@ file) call these two functions; they differ only in where the model comes from a
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ class Measured:
     metrics: dict  # the flat numbers a results row keeps (refusal_rate, eval_loss_<stem>, humaneval_pass@1, ...)
     items: dict  # per-item outcomes, in the evaluation's order: the paired statistics' input (stats.py)
     seconds: dict = field(default_factory=dict)  # wall seconds per stage: safety, loss:<stem>, utility:<set>, ...
+    resumed: list[str] = field(default_factory=list)  # stages read back from an earlier, killed run (StageStore)
 
 
 def _limited(items: list, limit: int | None) -> list:
@@ -74,35 +77,77 @@ def read_inputs(spec, assets: str | Path | None = None) -> Inputs:
 
 
 def measure(
-    model, tokenizer, spec, inputs: Inputs, folder: str | Path | None = None, judge=None, progress: bool = True
+    model,
+    tokenizer,
+    spec,
+    inputs: Inputs,
+    folder: str | Path | None = None,
+    judge=None,
+    progress: bool = True,
+    resume: str | None = None,
 ) -> Measured:
     """The measures the spec asks for (its settings: keywords, lengths, batch size) on the inputs, on `model`;
     the safety summary and records (redacted) and the utility benchmarks' per-item records are written to `folder`
     (needed with utility benchmarks). `judge`: a judge object, else one made from spec.judge, run after every
     other measure (a caller that owns the model passes neither and calls judge_measured once it has released the
     model, as `logitguard eval` and the runner do). Generation joins waiting prompts to the rows in flight as
-    spec.continuous_batching says."""
+    spec.continuous_batching says. `resume`: a key (evaluation_key) under which each finished stage is kept in
+    `folder`/stages, and read back instead of measured again when a run killed mid-way is started again."""
     from .decode import joining
 
-    with joining(spec.continuous_batching):
-        return _measure(model, tokenizer, spec, inputs, folder, judge, progress)
-
-
-def _measure(model, tokenizer, spec, inputs: Inputs, folder, judge, progress: bool) -> Measured:
     if inputs.utility and folder is None:
         raise ValueError("measure: utility benchmarks write their records to a folder; give one")
-    from .items import safety_items, utility_items
+    store = StageStore(folder, resume) if resume and folder is not None else None
+    measured, utility_records = Measured({}, [], {}, {}), []
+    with joining(spec.continuous_batching):
+        for stage, compute in _stages(model, tokenizer, spec, inputs, progress):
+            part = store.load(stage) if store else None
+            if part is not None:
+                measured.resumed.append(stage)
+                print(f"evaluation: {stage} was measured before the restart; read from {store.dir}", flush=True)
+            else:
+                start = time.perf_counter()
+                part = compute()
+                part["seconds"] = round(time.perf_counter() - start, 2)
+                if store:
+                    store.save(stage, part)
+            utility_records += _merge(measured, stage, part)
+            if stage == "safety" and folder is not None:  # kept now: a later failure does not lose them
+                from .safety import write_eval
 
-    summary, records, metrics, items, seconds = {}, [], {}, {}, {}
-    clock = time.perf_counter()
+                write_eval(folder, measured.summary, measured.records)
+    if inputs.utility:
+        from .items import utility_items
+        from .utility_suite import headline_metrics, write_utility_records
 
-    def lap(stage: str) -> None:  # where an evaluation's time goes: what a faster one must cut
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = round(now - clock, 2)
-        clock = now
+        write_utility_records(folder, utility_records)
+        measured.metrics["utility"] = measured.summary["utility"]
+        measured.metrics.update(headline_metrics(measured.summary["utility"]))
+        measured.items.update(utility_items(utility_records))
+    if judge is not None or spec.judge:
+        judge_measured(measured, judge if judge is not None else spec.judge, folder, progress)
+    return measured
 
-    if inputs.harmful:
+
+def _merge(measured: Measured, stage: str, part: dict) -> list[dict]:
+    """One stage's part added to the evaluation; its utility records (written once every set is scored)."""
+    measured.summary.update(part.get("summary", {}))
+    if "utility" in part:
+        measured.summary.setdefault("utility", {}).update(part["utility"])
+    measured.records += part.get("records", [])
+    measured.metrics.update(part.get("metrics", {}))
+    measured.items.update(part.get("items", {}))
+    measured.seconds[stage] = part["seconds"]
+    return part.get("utility_records", [])
+
+
+def _stages(model, tokenizer, spec, inputs: Inputs, progress: bool):
+    """(stage name, the function that measures it) for every stage the inputs ask for, in order. Each function
+    returns its part: "summary", "records", "metrics", "items", or a utility set's "utility" and
+    "utility_records"; plain JSON, so a part read back from disk is the part measured."""
+
+    def safety() -> dict:
+        from .items import safety_items
         from .safety import evaluate_safety
 
         summary, records = evaluate_safety(
@@ -110,59 +155,112 @@ def _measure(model, tokenizer, spec, inputs: Inputs, folder, judge, progress: bo
             max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, progress=progress,
         )  # fmt: skip
         keys = ("refusal_rate", "asr", "over_refusal_benign", "over_refusal_borderline")
-        metrics.update({k: summary[k] for k in keys if k in summary})
+        metrics = {k: summary[k] for k in keys if k in summary}
         if len(inputs.harmful) > 1:
             metrics.update({f"refusal_{name}": rate for name, rate in summary["refusal_by_set"].items()})
-        items.update(safety_items(records))
-        if folder is not None:  # kept now, before the slower measures: a later failure does not lose them
-            from .safety import write_eval
+        return {"summary": summary, "records": records, "metrics": metrics, "items": safety_items(records)}
 
-            write_eval(folder, summary, records)
-        lap("safety")
-    for name, chats in inputs.losses.items():
+    def loss(name: str, chats: list) -> dict:
         from .utility import conversation_losses
 
         pairs = conversation_losses(model, tokenizer, chats, spec.max_length, spec.batch_size)
         key = "eval_loss" if len(inputs.losses) == 1 else f"eval_loss_{name}"
-        metrics[key] = sum(x for x, _ in pairs) / sum(n for _, n in pairs)
-        items[f"loss:{name}"] = [[round(x, 6), n] for x, n in pairs if n]
-        lap(f"loss:{name}")
-    for name, chats in inputs.exact_match.items():
+        return {"metrics": {key: sum(x for x, _ in pairs) / sum(n for _, n in pairs)},
+                "items": {f"loss:{name}": [[round(x, 6), n] for x, n in pairs if n]}}  # fmt: skip
+
+    def exact(name: str, chats: list) -> dict:
         from .utility import exact_match
 
         key = "exact_match" if len(inputs.exact_match) == 1 else f"exact_match_{name}"
-        metrics[key], matched = exact_match(model, tokenizer, chats, spec.max_new_tokens, spec.batch_size)
-        items[f"exact_match:{name}"] = "".join("1" if r["match"] else "0" for r in matched)
-        lap(f"exact_match:{name}")
-    if spec.commonsense:
+        rate, matched = exact_match(model, tokenizer, chats, spec.max_new_tokens, spec.batch_size)
+        return {"metrics": {key: rate},
+                "items": {f"exact_match:{name}": "".join("1" if r["match"] else "0" for r in matched)}}  # fmt: skip
+
+    def commonsense() -> dict:
         from .commonsense import evaluate_commonsense
 
         scores = evaluate_commonsense(
             model, tokenizer, spec.commonsense, mode=spec.commonsense_mode, limit=spec.limit,
             batch_size=spec.batch_size, progress=progress,
         )  # fmt: skip
-        summary["commonsense"] = metrics["commonsense"] = scores
-        metrics["commonsense_avg"] = scores["average"]
-        lap("commonsense")
-    if inputs.utility:
-        from .utility_suite import evaluate_utility, headline_metrics, write_utility_records
+        return {"summary": {"commonsense": scores}, "metrics": {"commonsense": scores,
+                "commonsense_avg": scores["average"]}}  # fmt: skip
 
-        summary["utility"], utility_records = {}, []
-        for name, rows in inputs.utility.items():  # one set at a time, to time each
-            result, recs = evaluate_utility(
-                model, tokenizer, {name: rows}, spec.utility_max_new_tokens, spec.batch_size, progress=progress
-            )
-            summary["utility"].update(result)
-            utility_records += recs
-            lap(f"utility:{name}")
-        write_utility_records(folder, utility_records)
-        metrics["utility"] = summary["utility"]
-        metrics.update(headline_metrics(summary["utility"]))
-        items.update(utility_items(utility_records))
-    measured = Measured(summary, records, metrics, items, seconds)
-    if judge is not None or spec.judge:
-        judge_measured(measured, judge if judge is not None else spec.judge, folder, progress)
-    return measured
+    def utility(name: str, rows: list) -> dict:
+        from .utility_suite import evaluate_utility
+
+        result, records = evaluate_utility(
+            model, tokenizer, {name: rows}, spec.utility_max_new_tokens, spec.batch_size, progress=progress
+        )
+        return {"utility": result, "utility_records": records}
+
+    if inputs.harmful:
+        yield "safety", safety
+    for name, chats in inputs.losses.items():
+        yield f"loss:{name}", lambda name=name, chats=chats: loss(name, chats)
+    for name, chats in inputs.exact_match.items():
+        yield f"exact_match:{name}", lambda name=name, chats=chats: exact(name, chats)
+    if spec.commonsense:
+        yield "commonsense", commonsense
+    for name, rows in (inputs.utility or {}).items():  # one set at a time, to time each
+        yield f"utility:{name}", lambda name=name, rows=rows: utility(name, rows)
+
+
+class StageStore:
+    """An evaluation's finished stages, each kept in `folder`/stages/<stage>.json under one key, so a run killed
+    mid-way (the session ends, the machine is taken back) starts again at its first unfinished stage. A file
+    whose key differs (another model, adapter, dtype, spec or input), or that cannot be read, is measured again.
+    Safety records are kept redacted, as records.jsonl is: a judged evaluation, whose judge reads whole
+    responses, is not resumed (evaluation_key)."""
+
+    def __init__(self, folder: str | Path, key: str):
+        self.dir, self.key = Path(folder) / "stages", key
+
+    def _path(self, stage: str) -> Path:
+        return self.dir / (re.sub(r"[^A-Za-z0-9._-]", "_", stage) + ".json")
+
+    def load(self, stage: str) -> dict | None:
+        try:
+            saved = json.loads(self._path(stage).read_text())
+        except (OSError, ValueError):
+            return None
+        return saved.get("part") if isinstance(saved, dict) and saved.get("key") == self.key else None
+
+    def save(self, stage: str, part: dict) -> None:
+        from ..files import write_json_atomic
+        from .safety import redact_records
+
+        kept = {**part, "records": redact_records(part["records"])} if "records" in part else part
+        write_json_atomic(self._path(stage), {"key": self.key, "part": kept})
+
+
+def evaluation_key(model_path: str, adapter: str | None, model, spec, inputs: Inputs, hashes=None) -> str:
+    """The key StageStore keeps an evaluation's stages under: the content of the model's and the adapter's files
+    (top level: a run folder's checkpoints and eval folder are not the model), the dtype it was loaded in, the
+    server that generated (if any), the spec less its judge, every input read, and logitguard's version.
+    `hashes`: a files.ContentHashes that remembers file hashes (a 16 GB model is hashed once per change)."""
+    import dataclasses
+    import hashlib
+
+    from .. import __version__
+    from ..files import ContentHashes
+    from .endpoint import engine_for
+    from .generate import loaded_dtype
+
+    hashes = hashes or ContentHashes()
+
+    def files(path: str | None):
+        if path is None or not Path(path).expanduser().is_dir():
+            return path  # a hub name (offline: what is in the hub cache) or no adapter
+        folder = Path(path).expanduser()
+        return {p.name: hashes(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+    engine = engine_for(None)  # generation sent to a server (the runner's engine block clears spec.engine)
+    settings = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("judge", "engine")}
+    content = {"model": files(model_path), "adapter": files(adapter), "engine": engine.name if engine else None,
+               "dtype": loaded_dtype(model) if model is not None else None, "spec": settings,
+               "inputs": dataclasses.asdict(inputs), "version": __version__}  # fmt: skip
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def judge_measured(measured: Measured, judge, folder: str | Path | None = None, progress: bool = True) -> None:

@@ -127,7 +127,7 @@ def redact_records(records: list[dict], max_words: int = REDACT_WORDS, max_chars
         if r.get("set") == "harmful":
             full = " ".join(r["response"].split())
             r["response"] = " ".join(full.split(" ")[:max_words])[:max_chars]
-            r["redacted"] = r["response"] != full
+            r["redacted"] = bool(r.get("redacted")) or r["response"] != full  # a record read back stays marked
         out.append(r)
     return out
 
