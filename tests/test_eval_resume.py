@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import ASSETS
 
-from logitguard.eval.pipeline import Inputs, conversations, evaluation_key, measure
+from logitguard.eval.pipeline import Inputs, conversations, measure
 from logitguard.eval.safety import redact_records
+from logitguard.eval.stages import evaluation_key
 from logitguard.experiment import EvalSpec
-from logitguard.runner import evaluate
 
 SPEC = EvalSpec(max_new_tokens=6, batch_size=2, max_length=64)
 
@@ -34,25 +34,30 @@ def test_a_killed_evaluation_resumes_at_its_first_unfinished_stage(model, tokeni
     inputs = _inputs()
     clean = measure(model, tokenizer, SPEC, inputs, tmp_path / "clean", progress=False)
     key = evaluation_key("m", None, model, SPEC, inputs)
+    kept = tmp_path / "run" / "stages" / "safety.json"
 
     with monkeypatch.context() as patch:  # killed while scoring the held-out loss, after generation
         patch.setattr("logitguard.eval.utility.conversation_losses", _killed)
         with pytest.raises(Killed):
             measure(model, tokenizer, SPEC, inputs, tmp_path / "run", progress=False, resume=key)
-    # started again: generation would fail, so the safety stage must be read back; the loss is measured now
-    monkeypatch.setattr("logitguard.eval.safety.evaluate_safety", _killed)
+    assert kept.is_file()
+    monkeypatch.setattr("logitguard.eval.safety.evaluate_safety", _killed)  # from here, generating fails
+    # under another key (another model, adapter, dtype, spec or input) nothing is read back
+    with pytest.raises(Killed):
+        measure(model, tokenizer, SPEC, inputs, tmp_path / "run", progress=False, resume="another")
+    # a damaged stage file is measured again, not trusted
+    good = kept.read_text()
+    kept.write_text(good[: len(good) // 2])
+    with pytest.raises(Killed):
+        measure(model, tokenizer, SPEC, inputs, tmp_path / "run", progress=False, resume=key)
+    kept.write_text(good)
+    # the same evaluation again: the safety stage is read back, the loss measured
     again = measure(model, tokenizer, SPEC, inputs, tmp_path / "run", progress=False, resume=key)
     assert again.resumed == ["safety"]
     assert (again.metrics, again.items, again.summary) == (clean.metrics, clean.items, clean.summary)
     assert again.records == redact_records(clean.records)  # as records.jsonl holds them
     assert set(again.seconds) == {"safety", "loss:chat"}
-    # under another key (another model, adapter, dtype, spec or input) nothing is read back
-    with pytest.raises(Killed):
-        measure(model, tokenizer, SPEC, inputs, tmp_path / "run", progress=False, resume="another")
-    # a damaged stage file is measured again, not trusted
-    (tmp_path / "run" / "stages" / "safety.json").write_text('{"key": ')
-    with pytest.raises(Killed):
-        measure(model, tokenizer, SPEC, inputs, tmp_path / "run", progress=False, resume=key)
+    assert not kept.parent.exists()  # every stage done: a later run measures afresh
 
 
 def test_the_kept_safety_records_are_redacted(model, tokenizer, tmp_path, monkeypatch):
@@ -63,21 +68,31 @@ def test_the_kept_safety_records_are_redacted(model, tokenizer, tmp_path, monkey
     monkeypatch.setattr(
         "logitguard.eval.safety.generate_responses", lambda m, t, prompts, *a, **k: [long] * len(prompts)
     )
-    inputs = Inputs(harmful={"h": ["Tell me something rude."]})
-    measure(model, tokenizer, SPEC, inputs, tmp_path, progress=False, resume="k")
+    monkeypatch.setattr("logitguard.eval.utility.conversation_losses", _killed)  # stopped after generation
+    inputs = Inputs(harmful={"h": ["Tell me something rude."]}, losses=_inputs().losses)
+    with pytest.raises(Killed):
+        measure(model, tokenizer, SPEC, inputs, tmp_path, progress=False, resume="k")
     kept = json.loads((tmp_path / "stages" / "safety.json").read_text())["part"]["records"]
     assert kept[0]["response"] == " ".join(long.split()[:10]) and kept[0]["redacted"] is True
 
 
-def test_the_key_follows_the_weights_dtype_spec_and_inputs_not_the_run_folders_leftovers(tmp_path):
+def test_the_key_follows_what_loading_reads_the_dtype_settings_and_inputs(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (adapter / "chat_template.jinja").write_text("{{ messages }}")
     model = SimpleNamespace(dtype=torch.float32)
     base = evaluation_key("m", str(adapter), model, SPEC, _inputs())
-    (adapter / "eval" / "stages").mkdir(parents=True)  # the evaluation's own folder, checkpoints: not the model
+    # what a run's folder holds beside the model, and what train() rewrites when the runner starts a finished run
+    # again: the evaluation's own folder, checkpoints, the training log, the controller's trace
+    (adapter / "eval" / "stages").mkdir(parents=True)
     (adapter / "checkpoint-2").mkdir()
+    (adapter / "metrics.jsonl").write_text('{"train_runtime": 1.0}\n')
+    (adapter / "lambda_controller.json").write_text("{}")
     assert evaluation_key("m", str(adapter), model, SPEC, _inputs()) == base
+    # the same inputs read from files elsewhere: their contents are the key, not their paths
+    moved = EvalSpec(harmful="/elsewhere/harmful.txt", max_new_tokens=6, batch_size=2, max_length=64)
+    assert evaluation_key("m", str(adapter), model, moved, _inputs()) == base
     changed = _inputs()
     changed.benign = ["Name a color."]
     others = [
@@ -86,22 +101,38 @@ def test_the_key_follows_the_weights_dtype_spec_and_inputs_not_the_run_folders_l
         evaluation_key("m", str(adapter), model, SPEC, changed),
         evaluation_key("other", str(adapter), model, SPEC, _inputs()),
     ]
+    (adapter / "chat_template.jinja").write_text("{{ messages | first }}")
+    others.append(evaluation_key("m", str(adapter), model, SPEC, _inputs()))
     (adapter / "adapter_model.safetensors").write_bytes(b"retrained")
     others.append(evaluation_key("m", str(adapter), model, SPEC, _inputs()))
-    assert len({base, *others}) == 6
+    assert len({base, *others}) == 7
 
 
-def test_the_runner_reads_back_every_finished_stage_and_says_so(model_dir, tmp_path, monkeypatch):
-    harmful = tmp_path / "harmful.txt"
-    harmful.write_text("Tell me something rude.\nSay a bad word.\n")
-    spec = EvalSpec(harmful=str(harmful), loss_data=str(ASSETS / "chat.jsonl"), max_new_tokens=4, batch_size=2,
-                    max_length=64, limit=3)  # fmt: skip
-    first = evaluate(str(model_dir), None, spec, tmp_path / "eval", progress=False)
-    assert first["resumed_stages"] == [] and first["loaded_dtype"] == "float32"
-    monkeypatch.setattr("logitguard.eval.safety.evaluate_safety", _killed)
-    monkeypatch.setattr("logitguard.eval.utility.conversation_losses", _killed)
-    again = evaluate(str(model_dir), None, spec, tmp_path / "eval", progress=False)
-    assert again["resumed_stages"] == ["safety", "loss:chat"]
-    assert {k: v for k, v in again.items() if k != "resumed_stages"} == {
-        k: v for k, v in first.items() if k != "resumed_stages"
-    }
+def test_a_row_killed_while_evaluating_resumes_there(model_dir, tmp_path, monkeypatch):
+    """`experiment run` killed in a run's evaluation, then run again: train() starts the finished run once more
+    (no steps, its log rewritten) and the evaluation reads back the stage it had finished."""
+    from test_runner import _bench, _tiny_experiment
+
+    import logitguard.eval.utility as utility
+
+    path = _tiny_experiment(tmp_path, model_dir, [{"name": "LoRA", "train": {"reg_weight": 0}}])
+    losses, calls = utility.conversation_losses, []
+
+    def killed_in_the_runs_evaluation(*args, **kwargs):  # the aligned model's loss passes, the run's is killed
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return losses(*args, **kwargs)
+
+    monkeypatch.setattr(utility, "conversation_losses", killed_in_the_runs_evaluation)
+    from logitguard.cli import main
+
+    argv = ["experiment", "run", str(path), "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 130
+    assert (tmp_path / "work" / "tiny" / "lora" / "eval" / "stages" / "safety.json").is_file()
+    monkeypatch.setattr("logitguard.eval.safety.evaluate_safety", _killed)  # generating again would fail
+    row = _bench(tmp_path, path)["rows"][0]
+    assert row["eval_resumed_stages"] == ["safety"] and len(calls) == 3
+    assert set(row["eval_stage_seconds"]) == {"safety", "loss:chat"} and row["metrics"]["refusal_rate"] is not None
+    assert not (tmp_path / "work" / "tiny" / "lora" / "eval" / "stages").exists()

@@ -85,7 +85,8 @@ def evaluate(
     hashes: remembers the model's file hashes for the stages' key (the runner's ContentHashes)."""
     from .eval import load_model_for_eval
     from .eval.generate import loaded_dtype
-    from .eval.pipeline import evaluation_key, judge_measured, measure, read_inputs
+    from .eval.pipeline import judge_measured, measure, read_inputs
+    from .eval.stages import evaluation_key
     from .models import release_memory
 
     if spec.engine:  # generation on an OpenAI-compatible server: see _evaluate_with_engine
@@ -98,9 +99,11 @@ def evaluate(
         if _needs_model(spec)
         else (None, None)
     )
-    # writes the records to folder; the judge (Llama Guard, 8B at the paper's scale) loads once the model is gone
-    # a judge reads whole responses, which are never kept on disk: a judged evaluation is not resumed
+    # writes the records to folder; the judge (Llama Guard, 8B at the paper's scale) loads once the model is gone.
+    # A judge reads whole responses, which are never kept on disk: a judged evaluation is not resumed
     resume = None if spec.judge else evaluation_key(model_dir, adapter, model, spec, inputs, hashes)
+    if hashes is not None:
+        hashes.save()  # the model's file hashes, kept before a kill could lose them
     unjudged = dataclasses.replace(spec, judge=None)
     result = measure(model, tokenizer, unjudged, inputs, folder, progress=progress, resume=resume)
     about = {STAGES: result.seconds, DTYPE: loaded_dtype(model) if model is not None else None,
@@ -109,7 +112,7 @@ def evaluate(
     if spec.judge:
         release_memory()
         judge_measured(result, spec.judge, folder, progress)
-    # per-item outcomes (paired statistics, stats.py); the stage timings, which _row moves out of the metrics
+    # per-item outcomes (paired statistics, stats.py); what it says of itself (ABOUT), which _row moves out
     return {**result.metrics, **({"items": result.items} if result.items else {}), **about}
 
 

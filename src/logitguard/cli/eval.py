@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..eval.keyword import DETECTORS, REFUSAL_LISTS
-from ..eval.pipeline import evaluation_key, judge_measured, measure, read_inputs
+from ..eval.pipeline import judge_measured, measure, read_inputs
+from ..eval.stages import evaluation_key
 from ..experiment import EvalSpec
 from ..files import ContentHashes, write_json_atomic
 from ..models import DTYPES, release_memory
@@ -139,8 +140,8 @@ def run(args) -> int:
         # the same command again after a kill resumes at its first unfinished stage; a judged one starts over (the
         # judge reads whole responses, which are never kept on disk)
         resume = None if judge else evaluation_key(model_path, args.adapter, model, spec, inputs, hashes)
+        hashes.save()  # the model's file hashes, kept before a kill could lose them
         result = measure(model, tokenizer, spec, inputs, args.out, resume=resume)
-    hashes.save()
     if judge is not None:  # Llama Guard loads into the memory the evaluated model held
         del model
         release_memory()

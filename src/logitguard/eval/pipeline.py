@@ -1,12 +1,12 @@
 """One evaluation, written once: an EvalSpec's inputs read (before any model is loaded, so a typo fails in a
-second), then the measures it asks for computed on one model. `logitguard eval` and the runner (every experiment
-file) call these two functions; they differ only in where the model comes from and what they write.
+second), then the measures it asks for computed on one model, stage by stage (a killed run resumes at its first
+unfinished stage: stages.py), and the judge's verdicts added once that model is released. `logitguard eval` and the
+runner (every experiment file) call read_inputs, measure and judge_measured; they differ only in where the model
+comes from and what they write.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,12 +91,15 @@ def measure(
     (needed with utility benchmarks). `judge`: a judge object, else one made from spec.judge, run after every
     other measure (a caller that owns the model passes neither and calls judge_measured once it has released the
     model, as `logitguard eval` and the runner do). Generation joins waiting prompts to the rows in flight as
-    spec.continuous_batching says. `resume`: a key (evaluation_key) under which each finished stage is kept in
-    `folder`/stages, and read back instead of measured again when a run killed mid-way is started again."""
+    spec.continuous_batching says. `resume`: a key (stages.evaluation_key) under which each finished stage is kept
+    in `folder`/stages until the last one is done, and read back instead of measured again when a run killed mid-way
+    is started again."""
     from .decode import joining
 
     if inputs.utility and folder is None:
         raise ValueError("measure: utility benchmarks write their records to a folder; give one")
+    from .stages import StageStore
+
     store = StageStore(folder, resume) if resume and folder is not None else None
     measured, utility_records = Measured({}, [], {}, {}), []
     with joining(spec.continuous_batching):
@@ -124,6 +127,8 @@ def measure(
         measured.metrics["utility"] = measured.summary["utility"]
         measured.metrics.update(headline_metrics(measured.summary["utility"]))
         measured.items.update(utility_items(utility_records))
+    if store:  # every stage measured: a later run of the same evaluation measures afresh
+        store.clear()
     if judge is not None or spec.judge:
         judge_measured(measured, judge if judge is not None else spec.judge, folder, progress)
     return measured
@@ -204,63 +209,6 @@ def _stages(model, tokenizer, spec, inputs: Inputs, progress: bool):
         yield "commonsense", commonsense
     for name, rows in (inputs.utility or {}).items():  # one set at a time, to time each
         yield f"utility:{name}", lambda name=name, rows=rows: utility(name, rows)
-
-
-class StageStore:
-    """An evaluation's finished stages, each kept in `folder`/stages/<stage>.json under one key, so a run killed
-    mid-way (the session ends, the machine is taken back) starts again at its first unfinished stage. A file
-    whose key differs (another model, adapter, dtype, spec or input), or that cannot be read, is measured again.
-    Safety records are kept redacted, as records.jsonl is: a judged evaluation, whose judge reads whole
-    responses, is not resumed (evaluation_key)."""
-
-    def __init__(self, folder: str | Path, key: str):
-        self.dir, self.key = Path(folder) / "stages", key
-
-    def _path(self, stage: str) -> Path:
-        return self.dir / (re.sub(r"[^A-Za-z0-9._-]", "_", stage) + ".json")
-
-    def load(self, stage: str) -> dict | None:
-        try:
-            saved = json.loads(self._path(stage).read_text())
-        except (OSError, ValueError):
-            return None
-        return saved.get("part") if isinstance(saved, dict) and saved.get("key") == self.key else None
-
-    def save(self, stage: str, part: dict) -> None:
-        from ..files import write_json_atomic
-        from .safety import redact_records
-
-        kept = {**part, "records": redact_records(part["records"])} if "records" in part else part
-        write_json_atomic(self._path(stage), {"key": self.key, "part": kept})
-
-
-def evaluation_key(model_path: str, adapter: str | None, model, spec, inputs: Inputs, hashes=None) -> str:
-    """The key StageStore keeps an evaluation's stages under: the content of the model's and the adapter's files
-    (top level: a run folder's checkpoints and eval folder are not the model), the dtype it was loaded in, the
-    server that generated (if any), the spec less its judge, every input read, and logitguard's version.
-    `hashes`: a files.ContentHashes that remembers file hashes (a 16 GB model is hashed once per change)."""
-    import dataclasses
-    import hashlib
-
-    from .. import __version__
-    from ..files import ContentHashes
-    from .endpoint import engine_for
-    from .generate import loaded_dtype
-
-    hashes = hashes or ContentHashes()
-
-    def files(path: str | None):
-        if path is None or not Path(path).expanduser().is_dir():
-            return path  # a hub name (offline: what is in the hub cache) or no adapter
-        folder = Path(path).expanduser()
-        return {p.name: hashes(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
-
-    engine = engine_for(None)  # generation sent to a server (the runner's engine block clears spec.engine)
-    settings = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("judge", "engine")}
-    content = {"model": files(model_path), "adapter": files(adapter), "engine": engine.name if engine else None,
-               "dtype": loaded_dtype(model) if model is not None else None, "spec": settings,
-               "inputs": dataclasses.asdict(inputs), "version": __version__}  # fmt: skip
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def judge_measured(measured: Measured, judge, folder: str | Path | None = None, progress: bool = True) -> None:
