@@ -84,7 +84,6 @@ def evaluate(
     dtype_of: the checkpoint whose stored dtype an unset eval dtype follows (load_model_for_eval).
     hashes: remembers the model's file hashes for the stages' key (the runner's ContentHashes)."""
     from .eval import load_model_for_eval
-    from .eval.generate import loaded_dtype
     from .eval.pipeline import judge_measured, measure, read_inputs
     from .eval.stages import evaluation_key
     from .models import release_memory
@@ -106,8 +105,7 @@ def evaluate(
         hashes.save()  # the model's file hashes, kept before a kill could lose them
     unjudged = dataclasses.replace(spec, judge=None)
     result = measure(model, tokenizer, unjudged, inputs, folder, progress=progress, resume=resume)
-    about = {STAGES: result.seconds, DTYPE: loaded_dtype(model) if model is not None else None,
-             RESUMED: result.resumed}  # fmt: skip
+    about = {STAGES: result.seconds, DTYPE: result.dtype, RESUMED: result.resumed}
     del model
     if spec.judge:
         release_memory()
@@ -135,11 +133,9 @@ def _evaluate_with_engine(
     engine = parse_engine(spec.engine)
     # the server serves the aligned model; a run's adapter is loaded into it for this evaluation only
     with generation_engine(engine), engine.adapter(adapter) if adapter else contextlib.nullcontext():
-        metrics = evaluate(
+        return evaluate(
             model_dir, adapter, dataclasses.replace(spec, engine=None), folder, progress, trust_code, dtype_of, hashes
         )
-    metrics[DTYPE] = None  # the loaded model's, not the dtype the server generated in (not known here)
-    return metrics
 
 
 def _needs_model(spec: EvalSpec) -> bool:

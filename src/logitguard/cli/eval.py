@@ -93,7 +93,7 @@ def add_trust_remote_code(p) -> None:
 def run(args) -> int:
     from ..config import default_cache_dir
     from ..eval.endpoint import generation_engine, in_process_parts, parse_engine
-    from ..eval.generate import load_model_for_eval, loaded_dtype
+    from ..eval.generate import load_model_for_eval
     from ..eval.safety import write_eval
 
     if not args.harmful and not args.commonsense and not args.utility:
@@ -124,7 +124,7 @@ def run(args) -> int:
 
         options = {"timeout": args.judge_timeout} if args.judge.startswith("endpoint:") else {}
         judge = make_judge(args.judge, **options)
-    model, tokenizer, dtype = None, None, None  # an engine that generates everything needs no model here
+    model, tokenizer = None, None  # an engine that generates everything needs no model here
     model_path = args.model
     if in_process:
         if args.gguf_file:
@@ -134,7 +134,6 @@ def run(args) -> int:
         model, tokenizer = load_model_for_eval(
             model_path, args.adapter, args.dtype, trust_remote_code=args.trust_remote_code
         )
-        dtype = None if engine else loaded_dtype(model)  # with an engine its server generated, in a dtype not known
     hashes = ContentHashes(Path(args.cache_dir or default_cache_dir()) / "content-hashes.json")
     with generation_engine(engine):  # inside, generate_responses posts to the engine's server (None: in-process)
         # the same command again after a kill resumes at its first unfinished stage; a judged one starts over (the
@@ -148,8 +147,8 @@ def run(args) -> int:
         judge_measured(result, judge)  # no folder: the summary and records are written just below
     summary, records = result.summary, result.records
     summary.update(model=args.model, gguf_file=args.gguf_file, adapter=args.adapter, limit=args.limit)
-    if dtype:
-        summary["dtype"] = dtype  # what an unset --dtype resolved to on this machine
+    if result.dtype:
+        summary["dtype"] = result.dtype  # what an unset --dtype resolved to on this machine
     if engine:
         summary["engine"] = engine.name
     sets = {name: getattr(args, name) for name in ("harmful", "benign", "borderline")}

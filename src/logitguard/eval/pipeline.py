@@ -32,6 +32,8 @@ class Measured:
     items: dict  # per-item outcomes, in the evaluation's order: the paired statistics' input (stats.py)
     seconds: dict = field(default_factory=dict)  # wall seconds per stage: safety, loss:<stem>, utility:<set>, ...
     resumed: list[str] = field(default_factory=list)  # stages read back from an earlier, killed run (StageStore)
+    # the dtype the model computed in (an unset eval dtype resolves per machine); None when a server generated
+    dtype: str | None = None
 
 
 def _limited(items: list, limit: int | None) -> list:
@@ -95,6 +97,8 @@ def measure(
     in `folder`/stages until the last one is done, and read back instead of measured again when a run killed mid-way
     is started again."""
     from .decode import joining
+    from .endpoint import engine_for
+    from .generate import loaded_dtype
 
     if inputs.utility and folder is None:
         raise ValueError("measure: utility benchmarks write their records to a folder; give one")
@@ -102,6 +106,7 @@ def measure(
 
     store = StageStore(folder, resume) if resume and folder is not None else None
     measured, utility_records = Measured({}, [], {}, {}), []
+    measured.dtype = loaded_dtype(model) if model is not None and engine_for(None) is None else None
     with joining(spec.continuous_batching):
         for stage, compute in _stages(model, tokenizer, spec, inputs, progress):
             part = store.load(stage) if store else None
