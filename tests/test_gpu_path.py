@@ -456,7 +456,7 @@ def test_a_full_fine_tune_is_evaluated_in_the_aligned_checkpoints_dtype_on_an_ac
     exp_file.write_text(yaml.safe_dump({"description": "d", "model": str(aligned), "runs": [{"name": "full"}]}))
     runner = runner_module.Runner(load_experiment(str(exp_file)), tmp_path / "r", tmp_path / "w", progress=False)
     seen = []
-    monkeypatch.setattr(runner_module, "evaluate", lambda *args: seen.append(args[-1]))
+    monkeypatch.setattr(runner_module, "evaluate", lambda *args: seen.append(args[6]))  # dtype_of
     runner._evaluate(str(full), None, tmp_path, like_aligned=True)
     runner._evaluate(str(aligned), "adapter", tmp_path)
     assert seen == [runner.model, None]

@@ -21,7 +21,7 @@ from logitguard.compare import compare_runs, results_file
 from logitguard.experiment import load_experiment
 from logitguard.files import read_results
 from logitguard.report import group_rows
-from logitguard.runner import ROW_STAGES, STAGES, Runner, evaluate, slug
+from logitguard.runner import ABOUT, STAGES, Runner, evaluate, slug
 from logitguard.stats import bits
 from logitguard.verdict import compare
 
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         print(f"== {name}: evaluating in {args.dtype}", flush=True)
         start = time.perf_counter()
         metrics = evaluate(runner.model, adapter, spec, Path(args.work) / slug(name))
-        seconds[name] = {"eval_seconds": round(time.perf_counter() - start, 1), "stages": metrics.pop(STAGES)}
+        about = {key: metrics.pop(key, None) for key in ABOUT}  # what evaluate says of itself: not measures
+        seconds[name] = {"eval_seconds": round(time.perf_counter() - start, 1), "stages": about[STAGES]}
         rows += [{**fp32, "name": name}, {"name": name + tag, "metrics": metrics}]
     results = {"rows": rows}
     by_name = {g["name"]: g["rows"] for g in group_rows(results)}
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
         entry = {
             "seconds": seconds[name],
             # the committed row's own timing, from whichever machine ran it (compare seconds on one machine only)
-            "float32_row_seconds": {"eval_seconds": fp32.get("eval_seconds"), "stages": fp32.get(ROW_STAGES)},
+            "float32_row_seconds": {"eval_seconds": fp32.get("eval_seconds"), "stages": fp32.get(ABOUT[STAGES])},
             "items": differing(by_name[name + tag][0]["metrics"]["items"], fp32["metrics"]["items"]),
             "dtype_minus_float32": {e["metric"]: interval(e["difference"]) for e in pairs},
         }
