@@ -78,7 +78,7 @@ def evaluate(
 ) -> dict:
     """Every measure the spec asks for, on one model (plus adapter): eval/pipeline.py, as `logitguard eval` runs
     it; records go to `folder` (redacted), and each finished stage to `folder`/stages, so an evaluation killed
-    mid-way resumes at its first unfinished stage (pipeline.StageStore; not a judged one). The row's metrics,
+    mid-way resumes at its first unfinished stage (eval/stages.py; not a judged one). The row's metrics,
     with its per-item outcomes under "items".
     trust_code: the model folder's own code may run (train.trust_remote_code, which trained it).
     dtype_of: the checkpoint whose stored dtype an unset eval dtype follows (load_model_for_eval).
@@ -101,8 +101,6 @@ def evaluate(
     # writes the records to folder; the judge (Llama Guard, 8B at the paper's scale) loads once the model is gone.
     # A judge reads whole responses, which are never kept on disk: a judged evaluation is not resumed
     resume = None if spec.judge else evaluation_key(model_dir, adapter, model, spec, inputs, hashes)
-    if hashes is not None:
-        hashes.save()  # the model's file hashes, kept before a kill could lose them
     unjudged = dataclasses.replace(spec, judge=None)
     result = measure(model, tokenizer, unjudged, inputs, folder, progress=progress, resume=resume)
     about = {STAGES: result.seconds, DTYPE: result.dtype, RESUMED: result.resumed}

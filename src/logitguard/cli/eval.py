@@ -134,12 +134,11 @@ def run(args) -> int:
         model, tokenizer = load_model_for_eval(
             model_path, args.adapter, args.dtype, trust_remote_code=args.trust_remote_code
         )
-    hashes = ContentHashes(Path(args.cache_dir or default_cache_dir()) / "content-hashes.json")
+    hashes = ContentHashes(Path(args.cache_dir or default_cache_dir()) / "content-hashes.json")  # kept across runs
     with generation_engine(engine):  # inside, generate_responses posts to the engine's server (None: in-process)
         # the same command again after a kill resumes at its first unfinished stage; a judged one starts over (the
         # judge reads whole responses, which are never kept on disk)
         resume = None if judge else evaluation_key(model_path, args.adapter, model, spec, inputs, hashes)
-        hashes.save()  # the model's file hashes, kept before a kill could lose them
         result = measure(model, tokenizer, spec, inputs, args.out, resume=resume)
     if judge is not None:  # Llama Guard loads into the memory the evaluated model held
         del model

@@ -99,11 +99,10 @@ def measure(
     from .decode import joining
     from .endpoint import engine_for
     from .generate import loaded_dtype
+    from .stages import StageStore
 
     if inputs.utility and folder is None:
         raise ValueError("measure: utility benchmarks write their records to a folder; give one")
-    from .stages import StageStore
-
     store = StageStore(folder, resume) if resume and folder is not None else None
     measured, utility_records = Measured({}, [], {}, {}), []
     measured.dtype = loaded_dtype(model) if model is not None and engine_for(None) is None else None

@@ -64,7 +64,8 @@ def evaluation_key(
     model_path: str | None, adapter: str | None, model, spec, inputs, hashes: ContentHashes | None = None
 ) -> str | None:
     """The key an evaluation's stages are kept under (module docstring); None when generation goes to a server.
-    `hashes`: remembers file hashes across runs (a 16 GB model is hashed once per change, not once per run)."""
+    `hashes`: remembers file hashes across runs (a 16 GB model is hashed once per change, not once per run); its
+    store is saved here, before the evaluation a kill could interrupt."""
     import torch
     import transformers
 
@@ -84,6 +85,7 @@ def evaluation_key(
         "code": _source_hash(),
         "versions": [torch.__version__, transformers.__version__],
     }
+    hashes.save()
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
